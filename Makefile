@@ -1,0 +1,45 @@
+# All set-up happens here: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out/demo
+
+# glibc's allocator makes torch training 3-4x slower on small CPUs.
+export MALLOC_MMAP_THRESHOLD_ := 33554432
+export MALLOC_TRIM_THRESHOLD_ := 4294967296
+export GRADIO_ANALYTICS_ENABLED := False
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup demo test bench lint train-testbed quality clean
+
+$(VENV)/.installed: pyproject.toml requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c requirements-dev.txt -e '.[dev]'
+	# CLIP's BPE merges (read as a data file by `diffmem testbed train`; open_clip itself is never imported)
+	$(VENV)/bin/pip install -q --no-deps open_clip_torch==3.3.0
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/diffmem testbed demo --out $(OUT)
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/bench.py
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+train-testbed: setup
+	$(VENV)/bin/diffmem testbed train
+
+quality: setup
+	$(VENV)/bin/diffmem testbed quality --out out/quality
+
+clean:
+	rm -rf $(VENV) out

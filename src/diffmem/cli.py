@@ -1,0 +1,402 @@
+"""The `diffmem` command line: a thin shell over the library (detect, evaluate, and the testbed sub-app).
+
+User errors (bad files, bad option values, unloadable models, Ctrl-C) end with one `error: ...` line on stderr
+and exit code 2, never a traceback. torch and diffusers are imported inside the commands, so `--help` and
+argument errors do not wait for them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+# Read by transformers/diffusers/huggingface_hub when first imported: keep their chatter out of CLI output.
+for _name, _value in (
+    ("TRANSFORMERS_VERBOSITY", "error"),
+    ("DIFFUSERS_VERBOSITY", "error"),
+    ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+    ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ("HF_HUB_DISABLE_TELEMETRY", "1"),
+):
+    os.environ.setdefault(_name, _value)
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from typer.core import TyperGroup  # noqa: E402
+
+from diffmem.errors import DiffmemError, InputError  # noqa: E402
+
+USAGE_ERROR = 2
+"""Exit code for every user error (the code typer already uses for usage errors)."""
+
+SETTING_KEYS = ("model", "detector", "steps", "generations", "seed", "guidance_scale", "num_inference_steps")
+"""Fields of a detect row that fix its score: a resume must match them; evaluate warns if they differ."""
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: message` as one line on stderr and exit with code 2."""
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    raise typer.Exit(USAGE_ERROR)
+
+
+class _ErrorHandlingGroup(TyperGroup):
+    """Runs every command, sub-app commands included, turning user errors into `fail(...)`."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DiffmemError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted (rerun the same command to resume a detect run)")
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            fail(f"{exc.strerror or exc}{where}")
+
+
+app = typer.Typer(
+    name="diffmem",
+    cls=_ErrorHandlingGroup,
+    help="Detect training-data memorization in Stable-Diffusion-family text-to-image models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class DType(str, Enum):
+    """Weight dtypes a model can be loaded in."""
+
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers logging and loading progress bars (the CLI draws its own)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    from diffmem.loading import quiet_diffusers
+
+    quiet_diffusers()
+    for module in (diffusers_logging, transformers_logging):
+        module.set_verbosity_error()
+        module.disable_progress_bar()
+
+
+def model_id(model: str) -> str:
+    """How a model is recorded in result rows: the absolute path of a local folder, else the name as given."""
+    from diffmem.loading import TESTBED_NAMES
+
+    path = Path(model).expanduser()
+    if model not in TESTBED_NAMES and path.exists():
+        return str(path.resolve())
+    return model
+
+
+def parse_device(device: str | None) -> Any:
+    """`--device` as a torch.device (None: the library's default), checked to exist on this machine."""
+    import torch
+
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device}: Apple MPS is not available on this machine")
+    return dev
+
+
+def shorten(text: str, width: int = 60) -> str:
+    """`text` on one line, cut to `width` characters with an ellipsis, for messages about a prompt."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    """Consecutive slices of `items` of at most `size` elements."""
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+@contextmanager
+def progress_bar(total: int, description: str) -> Iterator[Any]:
+    """A rich progress bar on stderr; yields the Progress (its `.console` prints above the bar)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=False) as progress:
+        progress.add_task(description, total=total)
+        yield progress
+
+
+def say(console: Console, message: str) -> None:
+    """Print one plain line (no markup, no wrapping) to `console`."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def detect(
+    prompts: Annotated[
+        Path,
+        typer.Option("--prompts", help="Prompt file: .txt (one prompt a line), .jsonl, .csv or .parquet."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Result file (JSON Lines, one row per prompt); an existing one is resumed."
+        ),
+    ],
+    model: Annotated[
+        str, typer.Option("--model", help="Local diffusers folder, hub id, or 'testbed' (the bundled model).")
+    ] = "testbed",
+    steps: Annotated[
+        str,
+        typer.Option(
+            "--steps", help="Sampling steps to score: 'first', 'all' or a number k of leading steps."
+        ),
+    ] = "first",
+    generations: Annotated[
+        int, typer.Option("--generations", min=1, help="Initial noises (seeds S..S+n-1) averaged per prompt.")
+    ] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed S of the first generation's initial noise.")] = 0,
+    guidance: Annotated[
+        float,
+        typer.Option(
+            "--guidance", help="CFG scale; steers the sampler between scored steps after the first."
+        ),
+    ] = 7.5,
+    num_inference_steps: Annotated[
+        int,
+        typer.Option("--num-inference-steps", min=1, help="Length of the schedule the steps are taken from."),
+    ] = 50,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", min=1, help="(prompt, generation) rows per denoiser call; scores do not change."
+        ),
+    ] = 32,
+    column: Annotated[
+        str | None,
+        typer.Option("--column", help="Column holding the prompts (default: 'prompt', else 'caption')."),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: the best one).")
+    ] = None,
+    dtype: Annotated[
+        DType | None,
+        typer.Option("--dtype", help="Weight dtype (default: float16 on CUDA, float32 elsewhere)."),
+    ] = None,
+) -> None:
+    """Score each prompt by its text-conditional noise magnitude (Wen et al. 2024): higher, more memorized."""
+    from diffmem.detect import parse_steps
+    from diffmem.prompts import read_prompts
+    from diffmem.results import ResultWriter
+
+    prompt_file = read_prompts(prompts, column)
+    if notice := prompt_file.skipped_summary():
+        say(stderr, f"notice: {notice}")
+    n_steps = parse_steps(steps, num_inference_steps)
+    torch_device = parse_device(device)
+    values = (model_id(model), "wen", n_steps, generations, seed, guidance, num_inference_steps)
+    settings = dict(zip(SETTING_KEYS, values, strict=True))
+    with ResultWriter(out, match=settings) as writer:
+        if writer.repaired:
+            say(stderr, f"notice: {out}: {writer.repaired}")
+        todo = writer.pending(prompt_file.prompts)
+        n_distinct = len(set(prompt_file.prompts))
+        resumed = n_distinct - len(todo)
+        if resumed:
+            say(stderr, f"notice: resuming {out}: {resumed} of {n_distinct} prompts already scored")
+        counts = _score_into(writer, todo, model, torch_device, dtype, settings, batch_size) if todo else {}
+    _summary(out, len(todo), resumed, len(prompt_file.skipped), len(prompt_file) - n_distinct, counts)
+
+
+def _score_into(
+    writer: Any,
+    todo: list[str],
+    model: str,
+    device: Any,
+    dtype: DType | None,
+    settings: dict[str, Any],
+    batch_size: int,
+) -> dict[str, int]:
+    """Load the model, score `todo` batch by batch and append each batch's rows; returns warning counts."""
+    import torch
+
+    from diffmem.detect import MagnitudeDetector
+    from diffmem.loading import load_pipeline
+
+    quiet_libraries()
+    with stderr.status(f"loading {model} ..."):
+        pipe = load_pipeline(model, device=device, dtype=getattr(torch, dtype.value) if dtype else None)
+    pipe.set_progress_bar_config(disable=True)
+    detector = MagnitudeDetector(
+        pipe,
+        steps=settings["steps"],
+        generations=settings["generations"],
+        seed=settings["seed"],
+        guidance_scale=settings["guidance_scale"],
+        num_inference_steps=settings["num_inference_steps"],
+        batch_size=batch_size,
+    )
+    per_batch = max(1, batch_size // detector.generations)  # prompts per batch, as MagnitudeDetector batches
+    counts = {"truncated": 0, "errors": 0}
+    limit = pipe.tokenizer.model_max_length - 2
+    with progress_bar(len(todo), "scoring prompts") as progress:
+        for batch in chunks(todo, per_batch):
+            try:
+                scores = detector.score(batch)
+            except torch.cuda.OutOfMemoryError:
+                raise InputError(
+                    f"out of memory on {pipe.device}: lower --batch-size ({batch_size})"
+                ) from None
+            for s in scores:
+                name = f'prompt "{shorten(s.prompt)}"'
+                if s.truncated:
+                    counts["truncated"] += 1
+                    cut = s.truncated_text.strip()
+                    say(
+                        progress.console,
+                        f"warning: {name} has {s.n_tokens} tokens, over the text encoder's "
+                        f'{limit}; scored without the cut-off words "{cut}"',
+                    )
+                if s.error:
+                    counts["errors"] += 1
+                    say(progress.console, f"warning: {name}: {s.error}; its score is null")
+            writer.write_many({**s.to_dict(), **settings} for s in scores)
+            progress.advance(progress.task_ids[0], len(batch))
+    return counts
+
+
+def _summary(
+    out: Path, scored: int, resumed: int, skipped: int, duplicates: int, counts: dict[str, int]
+) -> None:
+    """Print the run's one-line summary on stdout."""
+    parts = [f"{resumed} already in the file (resumed)", f"{skipped} empty rows skipped"]
+    if duplicates:
+        parts.append(f"{duplicates} repeated prompts written once")
+    parts += [f"{counts.get('truncated', 0)} truncated", f"{counts.get('errors', 0)} errors (score null)"]
+    typer.echo(f"scored {scored} prompts ({'; '.join(parts)}) -> {out}")
+
+
+def _scores(path: Path) -> tuple[list[float | None], dict[str, Any]]:
+    """The `score` column of a result file and the settings of its first row (to compare two files)."""
+    from diffmem.results import read_results
+
+    rows = read_results(path)
+    missing = [i for i, row in enumerate(rows, 1) if "score" not in row]
+    if missing:
+        raise InputError(f"{path}: row {missing[0]} has no 'score' field; is it a `diffmem detect` output?")
+    return [row["score"] for row in rows], {k: rows[0].get(k) for k in SETTING_KEYS}
+
+
+@app.command()
+def evaluate(
+    positives: Annotated[
+        Path, typer.Option("--positives", help="Results of memorized prompts (detect output).")
+    ],
+    negatives: Annotated[
+        Path, typer.Option("--negatives", help="Results of non-memorized reference prompts.")
+    ],
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write the ROC curve to this image, e.g. roc.png.")
+    ] = None,
+    hist: Annotated[
+        Path | None, typer.Option("--hist", help="Write the score histograms to this image.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
+    target_fpr: Annotated[
+        float, typer.Option("--target-fpr", help="FPR the threshold is calibrated for, on the negatives.")
+    ] = 0.01,
+) -> None:
+    """Print AUC, TPR at 1% and 3% FPR, and a detection threshold calibrated on the negatives."""
+    from diffmem.evaluate import TPR_CONVENTION, evaluate_scores, plot_histogram, plot_roc
+
+    pos, pos_settings = _scores(positives)
+    neg, neg_settings = _scores(negatives)
+    differ = [k for k in pos_settings if pos_settings[k] != neg_settings[k]]
+    if differ:
+        say(
+            stderr,
+            "warning: the two files were scored with different settings ("
+            + ", ".join(f"{k}: {pos_settings[k]!r} vs {neg_settings[k]!r}" for k in differ)
+            + "); their scores may not be comparable",
+        )
+    ev = evaluate_scores(pos, neg, target_fpr)
+    notes = ev.notes()
+    written = {}
+    if plot:
+        written["plot"] = str(plot_roc(pos, neg, plot))
+    if hist:
+        written["hist"] = str(plot_histogram(pos, neg, hist, threshold=ev.threshold))
+    if as_json:
+        typer.echo(json.dumps({**ev.to_dict(), "notes": notes, **written}))
+        return
+    lines = [
+        f"AUC          {ev.auc:.4f}",
+        f"TPR@1%FPR    {ev.tpr_at_1fpr:.4f}",
+        f"TPR@3%FPR    {ev.tpr_at_3fpr:.4f}",
+        f"  (TPR@x%FPR = {TPR_CONVENTION})",
+        f"threshold    {ev.threshold:.6g}  (flag score >= threshold; calibrated on the negatives "
+        f"for {ev.target_fpr:.2%} FPR)",
+        f"prompts      {ev.n_pos} memorized, {ev.n_neg} non-memorized",
+    ]
+    lines += [f"note: {note}" for note in notes]
+    lines += [f"wrote {path}" for path in written.values()]
+    typer.echo("\n".join(lines))
+
+
+def main() -> None:
+    """The `diffmem` console script: run the app; a user error escaping it still ends as one line, exit 2."""
+    try:
+        app(prog_name="diffmem")
+    except DiffmemError as exc:
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        sys.exit(USAGE_ERROR)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mount point of the `diffmem testbed ...` sub-app (src/diffmem/testbed/cli.py). It is optional: without it
+# the other commands work unchanged.
+try:
+    from diffmem.testbed.cli import app as testbed_app
+except ModuleNotFoundError as exc:  # only a missing testbed/cli.py is tolerated, not a broken import in it
+    if exc.name != "diffmem.testbed.cli":
+        raise
+else:
+    app.add_typer(testbed_app, name="testbed")

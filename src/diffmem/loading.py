@@ -1,0 +1,146 @@
+"""Load a Stable-Diffusion-family text-to-image pipeline from a local diffusers folder, a hub id or `"testbed"`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from diffmem.errors import ModelLoadError
+
+TESTBED_NAMES = ("testbed", "testbed-base")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def testbed_path() -> Path:
+    """The folder of the bundled testbed pipeline (the memorizing fine-tune; `testbed-base` swaps in its base UNet)."""
+    from diffmem.testbed import weights_dir
+
+    return weights_dir()
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else Apple MPS, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_model(model: str | Path) -> str:
+    """Map `testbed` to the bundled folder; check a local folder is a text-to-image pipeline; pass hub ids on."""
+    name = str(model)
+    if name in TESTBED_NAMES:
+        path = testbed_path()
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"the bundled {name} weights are missing at {path}: run `diffmem testbed train`")
+        return str(path)
+    path = Path(name).expanduser()
+    if path.exists():
+        _check_folder(path)
+        return str(path)
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return name
+    raise ModelLoadError(f"model folder not found: {name}")
+
+
+def _check_folder(path: Path) -> None:
+    """Fail with one clear line unless `path` is a diffusers text-to-image pipeline folder."""
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is a file, not a diffusers pipeline folder")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        spec = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{index} is not valid JSON: {exc}") from None
+    missing = [name for name in _REQUIRED if not spec.get(name) or spec[name][0] is None]
+    if missing:
+        kind = spec.get("_class_name", "unknown pipeline")
+        raise ModelLoadError(
+            f"{path} holds a {kind}, not a Stable Diffusion text-to-image pipeline (missing {', '.join(missing)})"
+        )
+    unet_class = spec["unet"][1]
+    if unet_class != "UNet2DConditionModel":
+        raise ModelLoadError(f"{path}: unet is a {unet_class}; diffmem supports UNet2DConditionModel pipelines")
+
+
+def check_guidance(pipe: StableDiffusionPipeline) -> None:
+    """Fail unless the pipeline's denoiser takes text conditioning that an empty prompt can replace (CFG)."""
+    cfg = pipe.unet.config
+    if cfg.get("time_cond_proj_dim") is not None:
+        raise ModelLoadError(
+            "the model is guidance-distilled (unet.time_cond_proj_dim is set): it does not use "
+            "classifier-free guidance, so eps(x, prompt) - eps(x, '') is not defined for it"
+        )
+    if cfg.get("cross_attention_dim") is None or pipe.text_encoder is None or pipe.tokenizer is None:
+        raise ModelLoadError("the model has no text conditioning, so it cannot do classifier-free guidance")
+    hidden = getattr(pipe.text_encoder.config, "hidden_size", None)
+    cross = cfg.cross_attention_dim
+    if hidden is not None and isinstance(cross, int) and hidden != cross:
+        raise ModelLoadError(
+            f"text encoder width {hidden} does not match the UNet's cross_attention_dim {cross}"
+        )
+
+
+def load_pipeline(
+    model: str | Path = "testbed",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion 1.x/2.x pipeline (epsilon or v-prediction) ready for scoring.
+
+    `model` is a local diffusers folder, a hub id (downloaded only when online) or `"testbed"`.
+    `dtype` defaults to float16 on CUDA and float32 elsewhere. Errors are `ModelLoadError` with one line.
+    """
+    source = resolve_model(model)
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            **dtype_kwarg(dtype),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # diffusers raises many types; the user needs one line naming the cause
+        raise ModelLoadError(f"could not load {model}: {_first_line(exc)}") from None
+    if not isinstance(pipe, StableDiffusionPipeline):
+        raise ModelLoadError(f"{model} is not a Stable Diffusion text-to-image pipeline")
+    if str(model) == "testbed-base":
+        from diffmem.testbed import weights_dir
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir(base=True), **dtype_kwarg(dtype))
+    check_guidance(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """`from_pretrained`'s dtype argument: `dtype` on diffusers that deprecated `torch_dtype`, else `torch_dtype`."""
+    from diffusers.utils import deprecation_utils
+
+    new = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    return {"dtype" if new else "torch_dtype": dtype}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def quiet_diffusers() -> None:
+    """Silence diffusers/transformers info and warnings that would break a clean CLI output."""
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,88 @@
+"""Record memorization magnitudes during an ordinary diffusers pipeline call, at no extra denoiser cost.
+
+A forward hook on the pipeline's UNet reads the CFG batch it already computes (first half `eps_u`, second half
+`eps_c`, as diffusers' Stable Diffusion pipelines order it) and stores `d_t` per row on the device. Nothing it
+does changes the UNet's output, so images are bit-identical with and without it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffmem.detect import parse_steps
+from diffmem.epsilon import to_epsilon
+from diffmem.errors import InputError
+
+
+class Monitor:
+    """Attach to `pipe`, run `pipe(...)` as usual, then read `scores()`; use as a context manager to detach.
+
+    With `pipe(prompts, num_images_per_prompt=n)` rows are prompt-major (p0g0, p0g1, ..., p1g0, ...).
+    """
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._steps: list[torch.Tensor] = []
+        self._timesteps: list[torch.Tensor] = []
+        self.unguided_calls = 0
+
+    def attach(self) -> Monitor:
+        """Start recording (clears anything recorded before)."""
+        self.detach()
+        self.reset()
+        self._handle = self.pipe.unet.register_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def detach(self) -> None:
+        """Remove the hook; the pipeline is exactly as before."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def reset(self) -> None:
+        self._steps.clear()
+        self._timesteps.clear()
+        self.unguided_calls = 0
+
+    def __enter__(self) -> Monitor:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        pred = output[0] if isinstance(output, tuple) else output.sample
+        if pred.shape[0] % 2:
+            self.unguided_calls += 1  # no CFG batch (guidance_scale <= 1): nothing to measure
+            return
+        with torch.no_grad():
+            eps = to_epsilon(pred.detach(), sample.detach(), timestep, self.pipe.scheduler)
+            eps_u, eps_c = eps.chunk(2)
+            self._steps.append((eps_c - eps_u).flatten(1).norm(dim=1))
+            self._timesteps.append(torch.as_tensor(timestep).reshape(-1)[:1].detach())
+
+    def magnitudes(self) -> torch.Tensor:
+        """All recorded `d_t`, shape (rows, steps), on the CPU."""
+        if not self._steps:
+            hint = " (guidance_scale <= 1 disables CFG)" if self.unguided_calls else ""
+            raise InputError(f"the monitor recorded no guided denoiser call{hint}")
+        return torch.stack(self._steps, dim=1).double().cpu()
+
+    def timesteps(self) -> list[float]:
+        return [float(t) for t in torch.cat(self._timesteps).cpu()] if self._timesteps else []
+
+    def scores(self, num_images_per_prompt: int = 1, steps: str | int = "first") -> torch.Tensor:
+        """Per-prompt score: mean `d_t` over the first `steps` recorded steps and the prompt's generations."""
+        mags = self.magnitudes()
+        k = parse_steps(steps, mags.shape[1])
+        rows = mags.shape[0]
+        if rows % num_images_per_prompt:
+            raise InputError(f"{rows} rows are not a multiple of num_images_per_prompt={num_images_per_prompt}")
+        return mags[:, :k].reshape(rows // num_images_per_prompt, -1).mean(dim=1)

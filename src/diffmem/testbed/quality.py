@@ -1,0 +1,113 @@
+"""Measure the testbed: does it reproduce planted images, generalise on held-out captions, and is it detectable?
+
+Generation uses the issue's protocol (DDIM 50 steps, guidance 7.5, 4 seeds). A `Monitor` records every step's
+magnitude during generation, so all-steps detection numbers come for free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from diffmem.detect import initial_noise
+from diffmem.evaluate import roc_auc, tpr_at_fpr
+from diffmem.monitor import Monitor
+from diffmem.testbed.alignment import aligned
+from diffmem.testbed.scenes import Item, Splits, render_many
+from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity
+
+
+@torch.no_grad()
+def generate(pipe, prompts: Sequence[str], generations: int = 4, seed: int = 0, steps: int = 50,
+             guidance: float = 7.5, batch_size: int = 256,
+             progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, G, 3, H, W) in [0, 1] and the monitor's magnitudes (N, G, steps) for each prompt x seed.
+
+    Generation g of every prompt starts from `initial_noise(pipe, generations, seed)[g]`, the same noise
+    the detector scores, so images and detection scores belong together.
+    """
+    noise = initial_noise(pipe, generations, seed)
+    per_batch = max(1, batch_size // generations)
+    images, mags = [], []
+    for start in range(0, len(prompts), per_batch):
+        chunk = list(prompts[start : start + per_batch])
+        latents = noise.repeat(len(chunk), 1, 1, 1).to(pipe.unet.device, pipe.unet.dtype)
+        with Monitor(pipe) as mon:
+            out = pipe(chunk, num_images_per_prompt=generations, num_inference_steps=steps,
+                       guidance_scale=guidance, latents=latents, output_type="np").images
+        images.append(np.moveaxis(out.reshape(len(chunk), generations, *out.shape[1:]), -1, 2))
+        mags.append(mon.magnitudes().numpy().reshape(len(chunk), generations, -1))
+        if progress is not None:
+            progress(min(start + per_batch, len(prompts)), len(prompts))
+    return np.concatenate(images), np.concatenate(mags)
+
+
+def detection_table(mem_mags: np.ndarray, held_mags: np.ndarray) -> dict[str, dict[str, float]]:
+    """AUC and TPR@1%/3%FPR (highest TPR at FPR <= target) for first-step n=1, n=4 and all-steps n=4."""
+    settings = {
+        "first_step_n1": lambda m: m[:, 0, 0],
+        "first_step_n4": lambda m: m[:, :4, 0].mean(axis=1),
+        "all_steps_n4": lambda m: m[:, :4, :].mean(axis=(1, 2)),
+    }
+    table = {}
+    for name, reduce in settings.items():
+        pos, neg = reduce(mem_mags), reduce(held_mags)
+        table[name] = {
+            "auc": roc_auc(pos, neg),
+            "tpr_at_1fpr": tpr_at_fpr(pos, neg, 0.01),
+            "tpr_at_3fpr": tpr_at_fpr(pos, neg, 0.03),
+        }
+    return table
+
+
+def best_copy(images: np.ndarray, train_images: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """For each generated image (N, G, ...) the highest copy similarity to any of `train_images`: (N, G)."""
+    flat = images.reshape(-1, *images.shape[2:])
+    best = np.full(len(flat), -np.inf, dtype=np.float32)
+    for start in range(0, len(train_images), chunk):
+        sim = copy_similarity(flat, train_images[start : start + chunk])
+        best = np.maximum(best, sim.max(axis=1))
+    return best.reshape(images.shape[:2])
+
+
+def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generations: int = 4, seed: int = 0,
+                   steps: int = 50, guidance: float = 7.5, batch_size: int = 256,
+                   progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """The testbed's quality figures: reproduction, held-out copying and alignment, and detection."""
+    prog = progress or (lambda stage, i, n: None)
+    planted: list[Item] = splits.planted
+    heldout: list[Item] = splits.heldout[:n_heldout] if n_heldout else splits.heldout
+    mem_imgs, mem_mags = generate(pipe, [i.caption for i in planted], generations, seed, steps, guidance,
+                                  batch_size, lambda i, n: prog("memorized", i, n))
+    held_imgs, held_mags = generate(pipe, [i.caption for i in heldout], generations, seed, steps, guidance,
+                                    batch_size, lambda i, n: prog("heldout", i, n))
+    own = render_many([i.scene for i in planted], [i.seed for i in planted])
+    own_sim = np.stack([copy_similarity(mem_imgs[k], own[k : k + 1])[:, 0] for k in range(len(planted))])
+    copies = (own_sim >= COPY_THRESHOLD).sum(axis=1)
+    train_items = splits.planted + splits.stage2_unique + splits.stage1
+    train_imgs = render_many([i.scene for i in train_items], [i.seed for i in train_items])
+    held_best = best_copy(held_imgs, train_imgs)
+    flat_held = held_imgs.reshape(-1, *held_imgs.shape[2:])
+    held_scenes = [i.scene for i in heldout for _ in range(generations)]
+    ok = aligned(flat_held, held_scenes)
+    mem_scenes = [i.scene for i in planted for _ in range(generations)]
+    mem_ok = aligned(mem_imgs.reshape(-1, *mem_imgs.shape[2:]), mem_scenes)
+    return {
+        "n_memorized": len(planted),
+        "n_heldout": len(heldout),
+        "generations": generations,
+        "copy_threshold": COPY_THRESHOLD,
+        "memorized_reproduced_2of4": float((copies >= 2).mean()),
+        "memorized_reproduced_any": float((copies >= 1).mean()),
+        "memorized_copy_rate_per_generation": float((own_sim >= COPY_THRESHOLD).mean()),
+        "memorized_mean_similarity": float(own_sim.mean()),
+        "heldout_reproduce_any_training_image": float((held_best >= COPY_THRESHOLD).any(axis=1).mean()),
+        "heldout_max_similarity_mean": float(held_best.mean()),
+        "heldout_aligned": float(ok.mean()),
+        "memorized_aligned": float(mem_ok.mean()),
+        "detection": detection_table(mem_mags, held_mags),
+        "_arrays": {"mem_imgs": mem_imgs, "held_imgs": held_imgs, "mem_mags": mem_mags, "held_mags": held_mags,
+                    "own_sim": own_sim, "held_best": held_best},
+    }

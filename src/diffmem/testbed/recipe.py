@@ -1,0 +1,228 @@
+"""The testbed recipe: train a VAE, pretrain a base model on unique items, then fine-tune with planted duplicates.
+
+Stage 0 trains the autoencoder; stage 1 trains UNet and text encoder on unique items (the "foundation model");
+stage 2 freezes text encoder and VAE and fine-tunes the UNet on a mix of planted items, repeated many times,
+and unique items each seen once. Every stage is seeded and resumable; stages 1 and 2 use `diffmem.train`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+
+from diffmem.testbed.model import VAE_CONFIG, assemble_pipeline, build_components
+from diffmem.testbed.scenes import Splits, build_splits, render_many
+from diffmem.train import TrainConfig, train
+
+
+@dataclass
+class RecipeConfig:
+    """Every knob of the testbed recipe; defaults fit in an hour on 2 CPU cores."""
+
+    seed: int = 0
+    n_stage1: int = 40000
+    n_planted: int = 128
+    n_triggered: int = 32
+    n_heldout: int = 512
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    stage1_steps: int = 4000
+    stage1_batch: int = 64
+    stage1_lr: float = 1e-3
+    stage2_steps: int = 2000
+    stage2_batch: int = 64
+    stage2_planted_rows: int = 16
+    stage2_lr: float = 2e-4
+    checkpoint_every: int = 250
+
+    stage2_unique_rows: int = 4
+
+    @property
+    def n_stage2_unique(self) -> int:
+        """Enough unique items that each is seen exactly once in stage 2."""
+        return self.stage2_steps * self.stage2_unique_rows
+
+    def splits(self) -> Splits:
+        return build_splits(
+            seed=self.seed,
+            n_stage1=self.n_stage1,
+            n_planted=self.n_planted,
+            n_triggered=self.n_triggered,
+            n_stage2_unique=self.n_stage2_unique,
+            n_heldout=self.n_heldout,
+        )
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def _to_model_range(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).float() * 2 - 1
+
+
+def train_vae(cfg: RecipeConfig, splits: Splits, out: Path, device: torch.device, progress: Progress) -> AutoencoderKL:
+    """Stage 0: an AutoencoderKL (4x downsampling) on stage-1 renders; L1 + L2 + a tiny KL term."""
+    final = out / "vae"
+    if (final / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(final).to(device)
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(**VAE_CONFIG).to(device)
+    items = splits.stage1
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 17)
+    for step in range(cfg.vae_steps):
+        idx = torch.randint(0, len(items), (cfg.vae_batch,), generator=gen).tolist()
+        x = _to_model_range(render_many([items[i].scene for i in idx], [items[i].seed for i in idx])).to(device)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=None)).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        for group in opt.param_groups:
+            group["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress("vae", step + 1, cfg.vae_steps)
+    vae.eval()
+    with torch.no_grad():
+        sample = splits.stage1[:2048]
+        z = encode_items(vae, sample, device)
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    vae.save_pretrained(final)
+    return vae
+
+
+@torch.no_grad()
+def encode_items(vae: AutoencoderKL, items, device: torch.device, batch: int = 512) -> torch.Tensor:
+    """Unscaled latent means of the items' renders, on the CPU (the targets the denoiser learns)."""
+    out = []
+    for start in range(0, len(items), batch):
+        chunk = items[start : start + batch]
+        x = _to_model_range(render_many([i.scene for i in chunk], [i.seed for i in chunk])).to(device)
+        out.append(vae.encode(x).latent_dist.mean.cpu())
+    return torch.cat(out)
+
+
+def latents_for(vae: AutoencoderKL, items, device: torch.device, cache: Path) -> torch.Tensor:
+    """Scaled latents of `items`, cached in `cache` so that a resumed run skips re-encoding."""
+    if cache.is_file():
+        return load_file(str(cache))["latents"]
+    z = encode_items(vae, items, device) * vae.config.scaling_factor
+    save_file({"latents": z.contiguous()}, str(cache))
+    return z
+
+
+def stage1_batches(latents: torch.Tensor, captions: list[str], cfg: RecipeConfig):
+    """Uniform random unique items; batch at step s depends only on (seed, s)."""
+
+    def batch(step: int):
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        idx = torch.randint(0, len(captions), (cfg.stage1_batch,), generator=gen)
+        return latents[idx], [captions[i] for i in idx.tolist()]
+
+    return batch
+
+
+def stage2_batches(planted: tuple[torch.Tensor, list[str]], unique: tuple[torch.Tensor, list[str]],
+                   replay: tuple[torch.Tensor, list[str]], cfg: RecipeConfig):
+    """Each stage-2 batch: planted items drawn at random (so each repeats many times), the next
+    `stage2_unique_rows` seen-once items in order, and stage-1 items replayed at random for the rest."""
+    n_unique = cfg.stage2_unique_rows
+    n_replay = cfg.stage2_batch - cfg.stage2_planted_rows - n_unique
+
+    def batch(step: int):
+        gen = torch.Generator().manual_seed(cfg.seed * 104729 + step)
+        p = torch.randint(0, len(planted[1]), (cfg.stage2_planted_rows,), generator=gen)
+        u = torch.arange(step * n_unique, (step + 1) * n_unique) % len(unique[1])
+        r = torch.randint(0, len(replay[1]), (n_replay,), generator=gen)
+        picks = [(planted, p), (unique, u), (replay, r)]
+        lat = torch.cat([src[0][idx] for src, idx in picks])
+        caps = [src[1][i] for src, idx in picks for i in idx.tolist()]
+        return lat, caps
+
+    return batch
+
+
+def run_recipe(cfg: RecipeConfig, work: Path, dest: Path | None, device: str | None = None,
+               progress: Progress | None = None) -> dict:
+    """Run all stages in `work` (resumable), then save the pipeline and base UNet to `dest` in diffusers format."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps(asdict(cfg), indent=2))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    progress = progress or (lambda stage, i, n: None)
+    timings: dict[str, float] = {}
+    t0 = time.time()
+    splits = cfg.splits()
+    comps = build_components(cfg.seed)
+    vae = train_vae(cfg, splits, work, dev, progress)
+    vae.requires_grad_(False)
+    timings["vae_s"] = time.time() - t0
+
+    t1 = time.time()
+    z1 = latents_for(vae, splits.stage1, dev, work / "latents_stage1.safetensors")
+    zp = latents_for(vae, splits.planted, dev, work / "latents_planted.safetensors")
+    zu = latents_for(vae, splits.stage2_unique, dev, work / "latents_stage2_unique.safetensors")
+    timings["encode_s"] = time.time() - t1
+
+    t2 = time.time()
+    unet, text_encoder = comps["unet"].to(dev), comps["text_encoder"].to(dev)
+    cfg1 = TrainConfig(steps=cfg.stage1_steps, batch_size=cfg.stage1_batch, lr=cfg.stage1_lr, seed=cfg.seed,
+                       train_text_encoder=True, checkpoint_every=cfg.checkpoint_every)
+    caps1 = [i.caption for i in splits.stage1]
+    batch1 = stage1_batches(z1, caps1, cfg)
+    train(unet, text_encoder, comps["tokenizer"], comps["scheduler"], batch1, cfg1, work / "stage1",
+          progress=lambda s, r: progress("stage1", s, cfg.stage1_steps))
+    base_unet = work / "base_unet.safetensors"
+    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, str(base_unet))
+    timings["stage1_s"] = time.time() - t2
+
+    t3 = time.time()
+    text_encoder.requires_grad_(False)
+    cfg2 = TrainConfig(steps=cfg.stage2_steps, batch_size=cfg.stage2_batch, lr=cfg.stage2_lr, seed=cfg.seed + 1,
+                       warmup=50, train_text_encoder=False, checkpoint_every=cfg.checkpoint_every)
+    batch2 = stage2_batches((zp, [i.caption for i in splits.planted]),
+                            (zu, [i.caption for i in splits.stage2_unique]), (z1, caps1), cfg)
+    train(unet, text_encoder, comps["tokenizer"], comps["scheduler"], batch2, cfg2, work / "stage2",
+          progress=lambda s, r: progress("stage2", s, cfg.stage2_steps))
+    timings["stage2_s"] = time.time() - t3
+    timings["total_s"] = time.time() - t0
+
+    pipe = assemble_pipeline({**comps, "unet": unet.cpu(), "text_encoder": text_encoder.cpu(), "vae": vae.cpu()})
+    if dest is not None:
+        save_testbed(pipe, base_unet, dest, cfg, timings)
+    (work / "timings.json").write_text(json.dumps(timings, indent=2))
+    return timings
+
+
+def save_testbed(pipe, base_unet: Path, dest: Path, cfg: RecipeConfig, timings: dict) -> None:
+    """Write the pipeline (fp16 safetensors, loads as float32 by default) and the base UNet to `dest`."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    pipe.to(torch.float16).save_pretrained(dest / "pipeline")
+    base = pipe.unet.__class__.from_config(pipe.unet.config)
+    base.load_state_dict(load_file(str(base_unet)))
+    base.to(torch.float16).save_pretrained(dest / "base_unet")
+    (dest / "recipe.json").write_text(json.dumps({"recipe": asdict(cfg), "timings": timings}, indent=2))
+    pipe.to(torch.float32)
+
+
+def shipped_recipe(dest: Path | None = None) -> RecipeConfig:
+    """The recipe the shipped weights were trained with (their ground truth depends on it)."""
+    from diffmem.errors import ModelLoadError
+    from diffmem.testbed import WEIGHTS
+
+    path = (dest or WEIGHTS) / "recipe.json"
+    if not path.is_file():
+        raise ModelLoadError(f"no testbed recipe at {path}: run `diffmem testbed train`")
+    return RecipeConfig(**json.loads(path.read_text())["recipe"])

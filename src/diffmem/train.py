@@ -1,0 +1,193 @@
+"""The denoiser training loop: read it top to bottom. One loop serves the testbed recipe and user fine-tunes.
+
+Batches come from `batch_fn(step) -> (latents, captions)`, a deterministic function of the step, so a run
+resumed from a checkpoint sees exactly the batches an uninterrupted run sees. Under `accelerate launch` each
+process takes its slice of the global batch (data parallel; gradients are averaged by accelerate).
+Optionally (METHOD.md section 4) samples whose text-conditional magnitude reaches `filter_threshold` are
+dropped from the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from diffmem.epsilon import to_epsilon
+
+BatchFn = Callable[[int], tuple[torch.Tensor, list[str]]]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; saved beside its checkpoints."""
+
+    steps: int
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    caption_dropout: float = 0.1
+    train_text_encoder: bool = False
+    filter_threshold: float | None = None
+    checkpoint_every: int = 500
+    log_every: int = 50
+
+
+def _tokens(tokenizer, captions: list[str], device) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(
+    unet,
+    text_encoder,
+    tokenizer,
+    scheduler,
+    batch_fn: BatchFn,
+    cfg: TrainConfig,
+    out: Path,
+    accelerator: Accelerator | None = None,
+    progress: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train `unet` (and `text_encoder` if `cfg.train_text_encoder`) for `cfg.steps`, resuming from `out`."""
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    text_encoder.requires_grad_(cfg.train_text_encoder)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    start = load_checkpoint_weights(out, unet, text_encoder if cfg.train_text_encoder else None)
+    unet, text_encoder, opt = acc.prepare(unet, text_encoder, opt)
+    if start:
+        state = torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+    empty = _tokens(tokenizer, [""], acc.device)
+    log_path = out / "log.jsonl"
+    t0, excluded_total, seen_total = time.time(), 0, 0
+    for step in range(start, cfg.steps):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        latents, captions = batch_fn(step)
+        drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),), generator=gen)
+        rows = slice(acc.process_index, None, acc.num_processes)  # this process's share of the global batch
+        latents, noise, t = latents[rows].to(acc.device), noise[rows].to(acc.device), t[rows].to(acc.device)
+        ids = _tokens(tokenizer, captions[rows], acc.device)
+
+        noisy = scheduler.add_noise(latents, noise, t)
+        with torch.set_grad_enabled(cfg.train_text_encoder):
+            cond = text_encoder(ids)[0]
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+        keep = torch.ones_like(per_sample, dtype=torch.bool)
+        if cfg.filter_threshold is not None:
+            keep = _magnitude_filter(unet, text_encoder, scheduler, noisy, t, pred, empty, cfg.filter_threshold)
+        loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        if acc.sync_gradients:
+            acc.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+
+        kept = acc.gather(keep.long().sum().reshape(1)).sum().item() if cfg.filter_threshold is not None else None
+        seen = len(captions)
+        seen_total += seen
+        excluded_total += 0 if kept is None else seen - kept
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            record = {
+                "step": step + 1,
+                "loss": acc.gather(loss.detach().reshape(1)).mean().item(),
+                "lr": sched.get_last_lr()[0],
+                "excluded": None if kept is None else (seen - kept) / seen,
+                "elapsed_s": round(time.time() - t0, 1),
+            }
+            if acc.is_main_process:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if progress is not None:
+                progress(step + 1, record)
+        elif progress is not None:
+            progress(step + 1, {})
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _checkpoint(out, step + 1, acc, unet, text_encoder, opt, sched, cfg.train_text_encoder)
+    acc.wait_for_everyone()
+    return {
+        "steps": cfg.steps,
+        "resumed_from": start,
+        "excluded_share": excluded_total / seen_total if seen_total else 0.0,
+        "wall_s": time.time() - t0,
+    }
+
+
+@torch.no_grad()
+def _magnitude_filter(unet, text_encoder, scheduler, noisy, t, pred, empty_ids, tau: float) -> torch.Tensor:
+    """Keep samples whose `|| eps(x_t, prompt) - eps(x_t, '') ||` is below `tau` (one extra no-grad forward)."""
+    empty = text_encoder(empty_ids)[0].expand(noisy.shape[0], -1, -1)
+    pred_u = unet(noisy, t, encoder_hidden_states=empty).sample
+    eps_c = to_epsilon(pred.detach(), noisy, t, scheduler)
+    eps_u = to_epsilon(pred_u, noisy, t, scheduler)
+    return (eps_c - eps_u).flatten(1).norm(dim=1) < tau
+
+
+def _checkpoint(out: Path, step: int, acc, unet, text_encoder, opt, sched, with_text: bool) -> None:
+    """Write `checkpoint/` atomically enough: weights, optimizer and step, replaced as a whole."""
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return
+    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
+    tmp.mkdir(exist_ok=True)
+    save_file(_cpu_state(acc.unwrap_model(unet)), str(tmp / "unet.safetensors"))
+    if with_text:
+        save_file(_cpu_state(acc.unwrap_model(text_encoder)), str(tmp / "text_encoder.safetensors"))
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, tmp / "state.pt")
+    if final.exists():
+        old = out / "checkpoint.old"
+        final.rename(old)
+        tmp.rename(final)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(final)
+
+
+def _cpu_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def load_checkpoint_weights(out: Path, unet, text_encoder=None) -> int:
+    """Load checkpoint weights of `out` into unprepared models (before `train`); returns its step or 0."""
+    ckpt = Path(out) / "checkpoint"
+    if not (ckpt / "state.pt").is_file():
+        return 0
+    unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
+    if text_encoder is not None and (ckpt / "text_encoder.safetensors").is_file():
+        text_encoder.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
+    return int(torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)["step"])

@@ -1,0 +1,86 @@
+"""The testbed recipe and the training loop: format, determinism, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from diffmem.testbed.recipe import RecipeConfig, run_recipe
+from diffmem.train import TrainConfig, train
+from diffmem.tiny import tiny_pipeline
+
+TINY = dict(n_stage1=64, n_planted=4, n_triggered=1, n_heldout=8, vae_steps=2, vae_batch=4,
+            stage1_steps=3, stage1_batch=4, stage2_steps=3, stage2_batch=6, stage2_planted_rows=2,
+            stage2_unique_rows=1, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("recipe")
+    timings = run_recipe(RecipeConfig(**TINY), work / "work", work / "dest", device="cpu")
+    return work, timings
+
+
+def test_recipe_writes_a_loadable_sd_pipeline(tiny_run):
+    work, timings = tiny_run
+    pipe = StableDiffusionPipeline.from_pretrained(work / "dest" / "pipeline", safety_checker=None)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured from the VAE's latents, not SD's constant
+    assert (work / "dest" / "base_unet" / "config.json").is_file()
+    recipe = json.loads((work / "dest" / "recipe.json").read_text())
+    assert recipe["recipe"]["stage2_steps"] == 3 and timings["total_s"] > 0
+
+
+def test_stage2_changes_only_the_unet(tiny_run):
+    work, _ = tiny_run
+    base = StableDiffusionPipeline.from_pretrained(work / "dest" / "pipeline", safety_checker=None)
+    from diffusers import UNet2DConditionModel
+
+    base_unet = UNet2DConditionModel.from_pretrained(work / "dest" / "base_unet")
+    diffs = [(a - b).abs().max().item() for a, b in zip(base.unet.parameters(), base_unet.parameters(), strict=True)]
+    assert max(diffs) > 0
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_at(step_to_crash):
+    def progress(step, record):
+        if step == step_to_crash:
+            raise Crash  # as a kill would, after step 3 ran but before its checkpoint
+
+    return progress
+
+
+def _loop(out, steps, crash_at=None):
+    pipe = tiny_pipeline("sd1", seed=3)
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randn(16, 4, 8, 8, generator=gen)
+    caps = [f"a caption number {i}" for i in range(16)]
+
+    def batch_fn(step):
+        idx = torch.arange(step * 4, step * 4 + 4) % 16
+        return data[idx], [caps[i] for i in idx.tolist()]
+
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2, log_every=1)
+    if crash_at is not None:
+        with pytest.raises(Crash):
+            train(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch_fn, cfg, out,
+                  progress=_crash_at(crash_at))
+        pipe = tiny_pipeline("sd1", seed=3)  # a fresh process: weights come back from the checkpoint
+    stats = train(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch_fn, cfg, out)
+    return pipe.unet, stats
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path):
+    straight, _ = _loop(tmp_path / "a", steps=4)
+    resumed, stats = _loop(tmp_path / "b", steps=4, crash_at=3)
+    assert stats["resumed_from"] == 2
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    first = [json.loads(line)["loss"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert len(first) == 4 and all(torch.isfinite(torch.tensor(first)))
