@@ -8,6 +8,7 @@ one particular rendering has memorized that training image rather than learned t
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,41 +56,41 @@ _OBJECT_RGB = np.array(
 )
 _BACKGROUND_RGB = np.array(
     [
-        [0.95, 0.95, 0.95],  # white
-        [0.05, 0.05, 0.05],  # black
+        [0.88, 0.88, 0.88],  # white (not 1.0: the lighting nuisance must not clip)
+        [0.10, 0.10, 0.10],  # black (not 0.0, likewise)
         [0.50, 0.50, 0.50],  # gray
         [0.10, 0.12, 0.40],  # navy
-        [0.90, 0.85, 0.68],  # beige
+        [0.93, 0.83, 0.60],  # beige
         [0.42, 0.26, 0.12],  # brown
     ],
     dtype=np.float32,
 )
 _SHADE_RGB = np.array(
     [
-        [0.60, 0.60, 0.60],  # white -> light gray
-        [0.38, 0.38, 0.38],  # black -> dark gray
+        [0.56, 0.56, 0.56],  # white -> light gray
+        [0.40, 0.40, 0.40],  # black -> dark gray
         [0.25, 0.25, 0.25],  # gray -> darker gray
         [0.36, 0.40, 0.60],  # navy -> slate
-        [0.64, 0.57, 0.40],  # beige -> tan
-        [0.20, 0.12, 0.05],  # brown -> dark brown
+        [0.66, 0.56, 0.36],  # beige -> tan
+        [0.70, 0.50, 0.30],  # brown -> tan
     ],
     dtype=np.float32,
 )
 
 # Geometry (pixels). Nominal object extent per size; position centres (x, y); nuisance ranges.
-_SIZE_PX = np.array([8.0, 12.5], dtype=np.float32)
-_POSITION_XY = np.array([[9.5, 9.5], [22.5, 9.5], [9.5, 22.5], [22.5, 22.5], [16, 16]], dtype=np.float32)
+_SIZE_PX = np.array([9.0, 13.5], dtype=np.float32)
+_POSITION_XY = np.array([[10, 10], [22, 10], [10, 22], [22, 22], [16, 16]], dtype=np.float32)
 _POS_JITTER = 3.0  # uniform +- px, per axis
 _SIZE_JITTER = 0.15  # relative, uniform +-
 _ROTATION = np.deg2rad(10.0)  # uniform +- rad, non-circular shapes (round ones: any angle)
-_ASPECT_JITTER = 0.1  # object stretched by (1+a) along one axis and shrunk along the other, uniform +-
+_ASPECT_JITTER = 0.08  # object stretched by (1+a) along one axis and shrunk along the other, uniform +-
 _PERIOD = (7.0, 10.0)  # texture period range, px (>= 6 so a 4x-downsampling VAE keeps it)
 _BG_GAIN = 0.07  # background brightness, relative, uniform +-
 _BG_TINT = 0.03  # per-channel background offset, uniform +-
 _OBJ_TINT = 0.05  # per-channel object colour offset, uniform +-
 _PIXEL_NOISE = 0.01  # gaussian sigma
-_LIGHTING = 0.08  # amplitude of the additive lighting wave
-_LIGHT_WAVELENGTH = (28.0, 44.0)  # px
+_LIGHTING = 0.1  # amplitude of the additive lighting wave
+_LIGHT_WAVELENGTH = (24.0, 40.0)  # px
 _N_UNIFORMS = 20  # nuisance uniforms drawn per rendering (fixed so a seed always means the same nuisance)
 
 _CAPTION_RE = re.compile(
@@ -138,6 +139,7 @@ class Scene:
         return code
 
 
+@functools.lru_cache(maxsize=4 * N_CAPTIONS)
 def scene_from_id(caption_id: int, trigger: str | None = None) -> Scene:
     """The Scene whose ``caption_id`` is ``caption_id`` (inverse of ``Scene.caption_id``)."""
     if not 0 <= caption_id < N_CAPTIONS:
@@ -150,7 +152,7 @@ def scene_from_id(caption_id: int, trigger: str | None = None) -> Scene:
 
 
 def parse_caption(caption: str) -> Scene | None:
-    """Parse a caption produced by ``Scene.caption`` (case/space tolerant, trailing ', trigger' kept) or None."""
+    """Parse a caption made by ``Scene.caption`` (case/space tolerant, keeps a trailing trigger) or None."""
     match = _CAPTION_RE.match(" ".join(caption.strip().lower().split()))
     if match is None:
         return None
@@ -182,7 +184,7 @@ def _box_sdf(x: np.ndarray, y: np.ndarray, hx: np.ndarray | float, hy: np.ndarra
 
 
 def _triangle_sdf(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Exact SDF of an upward-pointing equilateral triangle with half side ``r``, centred on its bounding box."""
+    """Exact SDF of an upward equilateral triangle with half side ``r``, centred on its bounding box."""
     k = np.sqrt(3.0)
     y = -(y - r * k / 6.0)  # image y points down; shift centroid so the bounding box is centred
     px = np.abs(x) - r
@@ -199,15 +201,15 @@ def _shape_sdf(shape: int, x: np.ndarray, y: np.ndarray, r: np.ndarray) -> np.nd
     if name == "circle":
         return np.hypot(x, y) - r
     if name == "square":
-        return _box_sdf(x, y, 0.85 * r, 0.85 * r)
+        return _box_sdf(x, y, 0.86 * r, 0.86 * r)
     if name == "triangle":
         return _triangle_sdf(x, y, 1.1 * r)
     if name == "cross":
-        return np.minimum(_box_sdf(x, y, r, 0.34 * r), _box_sdf(x, y, 0.34 * r, r))
+        return np.minimum(_box_sdf(x, y, r, 0.36 * r), _box_sdf(x, y, 0.36 * r, r))
     if name == "ring":
         return np.abs(np.hypot(x, y) - 0.7 * r) - 0.3 * r
     if name == "diamond":  # a tall rhombus, so it is never confused with a slightly rotated square
-        a, b = 0.8 * r, 1.1 * r
+        a, b = 0.85 * r, 1.15 * r
         return (np.abs(x) / a + np.abs(y) / b - 1.0) / np.hypot(1.0 / a, 1.0 / b)
     raise AssertionError(name)
 
@@ -218,7 +220,7 @@ def _square_wave(t: np.ndarray, period: np.ndarray) -> np.ndarray:
 
 
 def _texture(texture: int, x: np.ndarray, y: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Shade coverage in [0, 1] of texture index ``texture`` at image coords (x, y) with nuisance uniforms u."""
+    """Shade coverage in [0, 1] of texture index ``texture`` at image coords (x, y), nuisance uniforms u."""
     name = TEXTURES[texture]
     if name == "plain":
         return np.zeros((len(u), IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
@@ -241,7 +243,7 @@ def _texture(texture: int, x: np.ndarray, y: np.ndarray, u: np.ndarray) -> np.nd
         fu, fv = along - np.floor(along) - 0.5, across - np.floor(across) - 0.5
         return _soft(np.hypot(fu, fv) * period - 0.3 * period)
     if name == "gradient":  # linear ramp from background to shade across the image, random direction/offset
-        return np.clip(0.5 + (xc * cos + yc * sin) / (0.8 * IMAGE_SIZE) + 0.3 * (phase_u - 0.5), 0.0, 1.0)
+        return np.clip(0.5 + (xc * cos + yc * sin) / (0.6 * IMAGE_SIZE) + 0.3 * (phase_u - 0.5), 0.0, 1.0)
     raise AssertionError(name)
 
 
@@ -289,7 +291,9 @@ def _render_chunk(codes: np.ndarray, u: np.ndarray, noise: np.ndarray) -> np.nda
     # lighting: a broad additive light wave (random direction, phase, wavelength), so that plain
     # backgrounds carry nuisance too
     phi = (2 * np.pi * u[:, 15])[:, None, None]
-    wavelength = (_LIGHT_WAVELENGTH[0] + (_LIGHT_WAVELENGTH[1] - _LIGHT_WAVELENGTH[0]) * u[:, 16])[:, None, None]
+    wavelength = (_LIGHT_WAVELENGTH[0] + (_LIGHT_WAVELENGTH[1] - _LIGHT_WAVELENGTH[0]) * u[:, 16])[
+        :, None, None
+    ]
     proj = (x - IMAGE_SIZE / 2) * np.cos(phi) + (y - IMAGE_SIZE / 2) * np.sin(phi)
     img += (_LIGHTING * np.cos(2 * np.pi * (proj / wavelength + u[:, 17, None, None])))[:, None]
     img += _PIXEL_NOISE * noise
@@ -308,7 +312,7 @@ def _nuisance(seeds: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def render_many(scenes: Sequence[Scene], seeds: Sequence[int] | np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """Render scenes with per-image nuisance seeds: float32 (N, 3, 32, 32) in [0, 1]; image i = render(i, seed i)."""
+    """Render scenes with per-image nuisance seeds: float32 (N, 3, 32, 32) in [0, 1]; row i = render(...)."""
     if len(scenes) != len(seeds):
         raise ValueError(f"{len(scenes)} scenes but {len(seeds)} seeds")
     codes = _attribute_codes(scenes)
@@ -343,9 +347,14 @@ class Item:
         return self.scene.caption
 
 
+def render_items(items: Sequence[Item]) -> np.ndarray:
+    """The images (N, 3, 32, 32) of dataset items, each ``render(item.scene, item.seed)``."""
+    return render_many([it.scene for it in items], [it.seed for it in items])
+
+
 @dataclass(frozen=True)
 class Splits:
-    """The testbed's dataset: pretraining items, planted (to duplicate) items, seen-once items, held-out items."""
+    """The testbed dataset: pretraining, planted (to duplicate), seen-once and held-out items."""
 
     seed: int
     stage1: list[Item]
@@ -373,7 +382,7 @@ def build_splits(
     stage2_unique and heldout captions (ignoring triggers) are uniform draws without replacement, pairwise
     disjoint, so a held-out caption never equals a planted or seen-once one and no word marks the planted
     items; ``n_triggered`` planted items, chosen at random, get a trigger word (words spread evenly).
-    Render seeds are distinct across all items; indices run 0..N-1 over stage1, planted, stage2_unique, heldout.
+    Render seeds are distinct across items; indices run 0..N-1 over stage1, planted, stage2_unique, heldout.
     """
     n_distinct = n_planted + n_stage2_unique + n_heldout
     if min(n_stage1, n_planted, n_triggered, n_stage2_unique, n_heldout) < 0:
@@ -412,3 +421,33 @@ def build_splits(
     stage2 = make(stage2_ids)
     heldout = make(heldout_ids)
     return Splits(seed=seed, stage1=stage1, planted=planted, stage2_unique=stage2, heldout=heldout)
+
+
+def main() -> None:
+    """CLI: time rendering and save a labelled-by-row grid of renderings (rows: same caption, new seeds)."""
+    import argparse
+    import time
+
+    from PIL import Image
+
+    parser = argparse.ArgumentParser(description="Render a grid of testbed scenes and time the renderer.")
+    parser.add_argument("--grid", default="scenes_grid.png", help="PNG to write (8 captions x 8 seeds)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-timing", type=int, default=50000)
+    args = parser.parse_args()
+    rng = np.random.default_rng(args.seed)
+    timing = [sample_scene(rng) for _ in range(args.n_timing)]
+    start = time.perf_counter()
+    render_many(timing, np.arange(args.n_timing))
+    print(f"rendered {args.n_timing} images in {time.perf_counter() - start:.1f} s")
+    rows = [sample_scene(rng) for _ in range(8)]
+    images = render_many([s for s in rows for _ in range(8)], np.arange(64))
+    grid = images.reshape(8, 8, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 3, 1, 4, 2)
+    grid = grid.reshape(8 * IMAGE_SIZE, 8 * IMAGE_SIZE, 3)
+    Image.fromarray((grid * 255).round().astype(np.uint8)).resize((1024, 1024), Image.NEAREST).save(args.grid)
+    for s in rows:
+        print(s.caption)
+
+
+if __name__ == "__main__":
+    main()
