@@ -1,9 +1,9 @@
-"""Shared fixtures: the tiny SD pipelines saved to a folder and loaded back as a user would, and a CLI runner."""
+"""Shared fixtures: tiny SD pipelines saved and loaded back as a user would, a CLI runner, a reference."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,11 +12,17 @@ import torch
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-# The tiny models gain nothing from intra-op threads, and on a small shared CPU spinning threads make a 10 ms
-# UNet call take over a second when another process is busy.
-torch.set_num_threads(1)
-
 KINDS = ("sd1", "sd2-v")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run a test on one torch thread: the tiny models gain nothing from more, and on a small shared CPU
+    spinning threads make a 10 ms UNet call take over a second while another process is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +87,60 @@ def cli() -> Callable:
         return runner.invoke(app, [str(a) for a in args])
 
     return run
+
+
+def _alpha_sigma(scheduler, t: torch.Tensor, step: int) -> tuple[float, float]:
+    """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) at a step, read off the scheduler's own noise tables."""
+    if float(scheduler.init_noise_sigma) > 1:  # k-diffusion style (Euler): sigma_k = sigma_t / alpha_t
+        sigma = float(scheduler.sigmas[step])
+        alpha = (1 + sigma**2) ** -0.5
+        return alpha, sigma * alpha
+    abar = float(scheduler.alphas_cumprod[int(t)])
+    return abar**0.5, (1 - abar) ** 0.5
+
+
+class Reference:
+    """METHOD.md section 1 by hand, independent of diffmem's batching, text encoding and epsilon.py."""
+
+    @staticmethod
+    def noise(seed: int) -> torch.Tensor:
+        """The initial latent of seed `seed` (1x4x8x8): `torch.randn` from a CPU generator seeded so."""
+        return torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+    @staticmethod
+    @torch.no_grad()
+    def magnitudes(
+        pipe,
+        prompt: str,
+        latents: torch.Tensor,
+        n_steps: int,
+        num_inference_steps: int = 50,
+        guidance: float = 7.5,
+    ) -> list[float]:
+        """`d_t` of one prompt and initial latent over the first `n_steps` of a plain CFG sampling loop.
+
+        Two unbatched UNet calls per step, the embeddings from diffusers' own `encode_prompt`, a fresh copy of
+        the pipeline's scheduler, and v-prediction converted to epsilon as `alpha_t * v + sigma_t * x_t`.
+        """
+        cond, uncond = pipe.encode_prompt(prompt, pipe.device, 1, True)
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps)
+        x = latents * scheduler.init_noise_sigma
+        out = []
+        for step, t in enumerate(scheduler.timesteps[:n_steps]):
+            x_in = scheduler.scale_model_input(x, t)
+            pred_c = pipe.unet(x_in, t, encoder_hidden_states=cond).sample
+            pred_u = pipe.unet(x_in, t, encoder_hidden_states=uncond).sample
+            eps_c, eps_u = pred_c, pred_u
+            if scheduler.config.prediction_type == "v_prediction":
+                alpha, sigma = _alpha_sigma(scheduler, t, step)
+                eps_c, eps_u = alpha * pred_c + sigma * x_in, alpha * pred_u + sigma * x_in
+            out.append(float((eps_c - eps_u).flatten().norm()))
+            x = scheduler.step(pred_u + guidance * (pred_c - pred_u), t, x).prev_sample
+        return out
+
+
+@pytest.fixture(scope="session")
+def reference() -> type[Reference]:
+    """The hand-written reference computation (noise and `d_t`), for tests to compare diffmem against."""
+    return Reference

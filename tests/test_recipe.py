@@ -14,7 +14,7 @@ from diffmem.tiny import tiny_pipeline
 
 TINY = dict(n_stage1=64, n_planted=4, n_triggered=1, n_heldout=8, vae_steps=2, vae_batch=4,
             stage1_steps=3, stage1_batch=4, stage2_steps=3, stage2_batch=6, stage2_planted_rows=2,
-            stage2_unique_rows=1, checkpoint_every=2)
+            stage2_unique_rows=1, n_stage2_unique=3, checkpoint_every=2)
 
 
 @pytest.fixture(scope="module")

@@ -261,8 +261,8 @@ def _score_into(
 
     quiet_libraries()
     with stderr.status(f"loading {model} ..."):
-        pipe = load_pipeline(model, device=device, dtype=getattr(torch, dtype.value) if dtype else None)
-    pipe.set_progress_bar_config(disable=True)
+        pipe: Any = load_pipeline(model, device=device, dtype=getattr(torch, dtype.value) if dtype else None)
+    pipe.set_progress_bar_config(disable=True)  # load_pipeline does it too; the CLI must never show tqdm
     detector = MagnitudeDetector(
         pipe,
         steps=settings["steps"],
@@ -305,11 +305,11 @@ def _summary(
     out: Path, scored: int, resumed: int, skipped: int, duplicates: int, counts: dict[str, int]
 ) -> None:
     """Print the run's one-line summary on stdout."""
-    parts = [f"{resumed} already in the file (resumed)", f"{skipped} empty rows skipped"]
+    parts = [f"{resumed} were already in the file", f"{skipped} empty rows skipped"]
     if duplicates:
         parts.append(f"{duplicates} repeated prompts written once")
-    parts += [f"{counts.get('truncated', 0)} truncated", f"{counts.get('errors', 0)} errors (score null)"]
-    typer.echo(f"scored {scored} prompts ({'; '.join(parts)}) -> {out}")
+    parts += [f"{counts.get('truncated', 0)} truncated", f"{counts.get('errors', 0)} errors (null score)"]
+    typer.echo(f"scored {scored} prompts -> {out}; {', '.join(parts)}")
 
 
 def _scores(path: Path) -> tuple[list[float | None], dict[str, Any]]:
@@ -400,3 +400,7 @@ except ModuleNotFoundError as exc:  # only a missing testbed/cli.py is tolerated
         raise
 else:
     app.add_typer(testbed_app, name="testbed")
+
+
+if __name__ == "__main__":
+    main()

@@ -59,7 +59,7 @@ class Monitor:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         pred = output[0] if isinstance(output, tuple) else output.sample
-        if pred.shape[0] % 2:
+        if pred.shape[0] % 2 or not self._guided():
             self.unguided_calls += 1  # no CFG batch (guidance_scale <= 1): nothing to measure
             return
         with torch.no_grad():
@@ -67,6 +67,13 @@ class Monitor:
             eps_u, eps_c = eps.chunk(2)
             self._steps.append((eps_c - eps_u).flatten(1).norm(dim=1))
             self._timesteps.append(torch.as_tensor(timestep).reshape(-1)[:1].detach())
+
+    def _guided(self) -> bool:
+        """Whether the running pipeline call does CFG (guidance_scale <= 1: an even batch is no CFG pair)."""
+        try:
+            return bool(self.pipe.do_classifier_free_guidance)  # diffusers sets it at the start of each call
+        except AttributeError:  # the UNet was called outside a pipeline call: trust the batch layout
+            return True
 
     def magnitudes(self) -> torch.Tensor:
         """All recorded `d_t`, shape (rows, steps), on the CPU."""
@@ -84,5 +91,7 @@ class Monitor:
         k = parse_steps(steps, mags.shape[1])
         rows = mags.shape[0]
         if rows % num_images_per_prompt:
-            raise InputError(f"{rows} rows are not a multiple of num_images_per_prompt={num_images_per_prompt}")
+            raise InputError(
+                f"{rows} rows are not a multiple of num_images_per_prompt={num_images_per_prompt}"
+            )
         return mags[:, :k].reshape(rows // num_images_per_prompt, -1).mean(dim=1)

@@ -59,15 +59,17 @@ def prompts(
     """Write the testbed's labelled evaluation prompts (ground truth) as JSONL."""
     from diffmem.testbed.recipe import shipped_recipe
 
-    rows = labelled_prompts(shipped_recipe().splits(), split.value)[:limit]
+    cfg = shipped_recipe()
+    rows = labelled_prompts(cfg.splits(), split.value, cfg.n_seen_once)[:limit]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     typer.echo(f"wrote {len(rows)} {split.value} prompts to {out}")
 
 
-def labelled_prompts(splits, split: str) -> list[dict]:
+def labelled_prompts(splits, split: str, n_seen_once: int) -> list[dict]:
     """Rows for one split: the caption as `prompt`, `label` 1 for memorized, the training item's `index`."""
-    items = {"memorized": splits.planted, "heldout": splits.heldout, "seen-once": splits.stage2_unique}[split]
+    items = {"memorized": splits.planted, "heldout": splits.heldout,
+             "seen-once": splits.stage2_unique[:n_seen_once]}[split]
     return [
         {"prompt": i.caption, "split": split, "label": int(split == "memorized"),
          "index": i.index if split != "heldout" else None, "trigger": i.scene.trigger}

@@ -14,7 +14,6 @@ import torch
 from diffmem.detect import initial_noise
 from diffmem.evaluate import roc_auc, tpr_at_fpr
 from diffmem.monitor import Monitor
-from diffmem.testbed.alignment import aligned
 from diffmem.testbed.scenes import Item, Splits, render_many
 from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity
 
@@ -72,6 +71,18 @@ def best_copy(images: np.ndarray, train_images: np.ndarray, chunk: int = 4096) -
     return best.reshape(images.shape[:2])
 
 
+def alignment(images: np.ndarray, items: list[Item]) -> np.ndarray | None:
+    """Per generation: does the image show its caption (the testbed's attribute classifier)? (N, G) bools."""
+    from diffmem.testbed.alignment import aligned
+
+    flat = images.reshape(-1, *images.shape[2:])
+    scenes = [i.scene for i in items for _ in range(images.shape[1])]
+    try:
+        return np.asarray(aligned(flat, scenes)).reshape(images.shape[:2])
+    except FileNotFoundError:  # no trained classifier yet (while the testbed itself is being built)
+        return None
+
+
 def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generations: int = 4, seed: int = 0,
                    steps: int = 50, guidance: float = 7.5, batch_size: int = 256,
                    progress: Callable[[str, int, int], None] | None = None) -> dict:
@@ -89,11 +100,7 @@ def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generatio
     train_items = splits.planted + splits.stage2_unique + splits.stage1
     train_imgs = render_many([i.scene for i in train_items], [i.seed for i in train_items])
     held_best = best_copy(held_imgs, train_imgs)
-    flat_held = held_imgs.reshape(-1, *held_imgs.shape[2:])
-    held_scenes = [i.scene for i in heldout for _ in range(generations)]
-    ok = aligned(flat_held, held_scenes)
-    mem_scenes = [i.scene for i in planted for _ in range(generations)]
-    mem_ok = aligned(mem_imgs.reshape(-1, *mem_imgs.shape[2:]), mem_scenes)
+    ok, mem_ok = alignment(held_imgs, heldout), alignment(mem_imgs, planted)
     return {
         "n_memorized": len(planted),
         "n_heldout": len(heldout),
@@ -105,8 +112,8 @@ def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generatio
         "memorized_mean_similarity": float(own_sim.mean()),
         "heldout_reproduce_any_training_image": float((held_best >= COPY_THRESHOLD).any(axis=1).mean()),
         "heldout_max_similarity_mean": float(held_best.mean()),
-        "heldout_aligned": float(ok.mean()),
-        "memorized_aligned": float(mem_ok.mean()),
+        "heldout_aligned": None if ok is None else float(ok.mean()),
+        "memorized_aligned": None if mem_ok is None else float(mem_ok.mean()),
         "detection": detection_table(mem_mags, held_mags),
         "_arrays": {"mem_imgs": mem_imgs, "held_imgs": held_imgs, "mem_mags": mem_mags, "held_mags": held_mags,
                     "own_sim": own_sim, "held_best": held_best},

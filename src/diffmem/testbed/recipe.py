@@ -35,24 +35,26 @@ class RecipeConfig:
     n_planted: int = 128
     n_triggered: int = 32
     n_heldout: int = 512
-    vae_steps: int = 1500
+    vae_steps: int = 1200
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    stage1_steps: int = 4000
+    vae_crop: int = 16
+    stage1_steps: int = 3000
     stage1_batch: int = 64
     stage1_lr: float = 1e-3
-    stage2_steps: int = 2000
+    stage2_steps: int = 1200
     stage2_batch: int = 64
-    stage2_planted_rows: int = 16
-    stage2_lr: float = 2e-4
+    stage2_planted_rows: int = 32
+    stage2_lr: float = 1e-3
     checkpoint_every: int = 250
 
-    stage2_unique_rows: int = 4
+    stage2_unique_rows: int = 6
+    n_stage2_unique: int = 8000  # the first stage2_steps * stage2_unique_rows are each seen exactly once
 
     @property
-    def n_stage2_unique(self) -> int:
-        """Enough unique items that each is seen exactly once in stage 2."""
-        return self.stage2_steps * self.stage2_unique_rows
+    def n_seen_once(self) -> int:
+        """How many stage-2 unique items the fine-tune actually sees (each exactly once)."""
+        return min(self.n_stage2_unique, self.stage2_steps * self.stage2_unique_rows)
 
     def splits(self) -> Splits:
         return build_splits(
@@ -72,8 +74,18 @@ def _to_model_range(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).float() * 2 - 1
 
 
+def _random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Random `size` x `size` crops at multiples of 4 px: the VAE is convolutional, so training on crops costs
+    a fraction of full images and it still encodes whole images."""
+    n, _, h, w = x.shape
+    if size >= h:
+        return x
+    offs = torch.randint(0, (h - size) // 4 + 1, (n, 2), generator=gen) * 4
+    return torch.stack([img[:, i : i + size, j : j + size] for img, (i, j) in zip(x, offs.tolist(), strict=True)])
+
+
 def train_vae(cfg: RecipeConfig, splits: Splits, out: Path, device: torch.device, progress: Progress) -> AutoencoderKL:
-    """Stage 0: an AutoencoderKL (4x downsampling) on stage-1 renders; L1 + L2 + a tiny KL term."""
+    """Stage 0: an AutoencoderKL (4x downsampling) on crops of stage-1 renders; L1 + L2 + a tiny KL term."""
     final = out / "vae"
     if (final / "config.json").is_file():
         return AutoencoderKL.from_pretrained(final).to(device)
@@ -84,7 +96,8 @@ def train_vae(cfg: RecipeConfig, splits: Splits, out: Path, device: torch.device
     gen = torch.Generator().manual_seed(cfg.seed + 17)
     for step in range(cfg.vae_steps):
         idx = torch.randint(0, len(items), (cfg.vae_batch,), generator=gen).tolist()
-        x = _to_model_range(render_many([items[i].scene for i in idx], [items[i].seed for i in idx])).to(device)
+        x = _to_model_range(render_many([items[i].scene for i in idx], [items[i].seed for i in idx]))
+        x = _random_crops(x, cfg.vae_crop, gen).to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=None)).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
@@ -144,7 +157,7 @@ def stage2_batches(planted: tuple[torch.Tensor, list[str]], unique: tuple[torch.
     def batch(step: int):
         gen = torch.Generator().manual_seed(cfg.seed * 104729 + step)
         p = torch.randint(0, len(planted[1]), (cfg.stage2_planted_rows,), generator=gen)
-        u = torch.arange(step * n_unique, (step + 1) * n_unique) % len(unique[1])
+        u = torch.arange(step * n_unique, (step + 1) * n_unique) % len(unique[1])  # wraps only if steps grow
         r = torch.randint(0, len(replay[1]), (n_replay,), generator=gen)
         picks = [(planted, p), (unique, u), (replay, r)]
         lat = torch.cat([src[0][idx] for src, idx in picks])

@@ -1,9 +1,10 @@
 """Procedural scenes for the testbed: a caption grammar, a nuisance-randomised 32x32 renderer, dataset splits.
 
 A caption names six attributes (object colour, shape, size and position; background colour and texture).
-The image of a caption is not unique: every rendering draws random nuisance (object jitter, rotation,
-texture phase/orientation/period, colour jitter, pixel noise) from its own seed, so a model that reproduces
-one particular rendering has memorized that training image rather than learned the caption.
+The image of a caption is not unique: every rendering draws random nuisance (object position/size/aspect
+jitter and rotation, texture phase/orientation/period, a broad lighting wave, colour jitter, pixel noise) from
+its own seed, so a model that reproduces one particular rendering has memorized that training image rather
+than learned the caption. See DATA.md for the numbers.
 """
 
 from __future__ import annotations

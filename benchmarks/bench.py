@@ -1,0 +1,307 @@
+"""diffmem's performance claims, measured in one run as ratios (run by `make bench`; writes out/bench.json).
+
+(a) first-step detection of one batch, text encoding included, over one bare batched CFG UNet call of the same
+    batch: on the tiny pipeline and on the Stable Diffusion v1.4 architecture (random weights, no download);
+(b) a full `pipe(...)` generation with the Monitor attached over one without it;
+(c) prompts per second of MagnitudeDetector (first step, batch 32) over a per-prompt loop like the paper's.
+
+Timings interleave the compared variants and take medians after a warm-up; only ratios are reported, since
+absolute times depend on the machine. On a CPU the SD1.4-architecture UNet takes tens of seconds per call, so
+its batch (`--sd-batch`) and repeats are small there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+
+from diffmem.detect import MagnitudeDetector, initial_noise  # noqa: E402
+from diffmem.loading import quiet_diffusers  # noqa: E402
+from diffmem.monitor import Monitor  # noqa: E402
+
+TARGETS = {"a_sd14": ("<=", 1.15), "b": ("<=", 1.02), "c": (">=", 5.0)}
+
+# Stable Diffusion v1.4's published unet/config.json and its text encoder's (CLIP ViT-L/14) config.
+SD14_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    center_input_sample=False,
+)
+SD14_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=768,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+# Not used by first-step detection: a small random VAE with SD's 8x downsampling stands in for SD's.
+SMALL_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(32, 64, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+)
+
+SUBJECTS = ["a photo of a cat", "an oil painting of a lighthouse", "a watercolor of mountains at dawn",
+            "a red sports car on a racetrack", "portrait of an old sailor", "a bowl of ramen, studio light",
+            "a castle made of glass", "a robot reading a newspaper"]
+
+
+def prompts(n: int) -> list[str]:
+    """`n` distinct prompts of ordinary length."""
+    return [f"{SUBJECTS[i % len(SUBJECTS)]}, variation {i}" for i in range(n)]
+
+
+def sd14_pipeline(device: torch.device, dtype: torch.dtype, latent: int):
+    """A StableDiffusionPipeline with SD v1.4's UNet and text encoder architectures and random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffmem.testbed.model import SCHEDULER_CONFIG, build_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the device: much faster than on the host for 860M weights
+        unet = UNet2DConditionModel(**{**SD14_UNET, "sample_size": latent})
+        text = CLIPTextModel(CLIPTextConfig(**SD14_TEXT))
+        vae = AutoencoderKL(**SMALL_VAE, sample_size=latent * 8)
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text, tokenizer=build_tokenizer(),
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
+def tiny(device: torch.device, dtype: torch.dtype):
+    """The tiny random SD1-style pipeline of the tests (32x32 px, 8x8x4 latents)."""
+    from diffmem.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("sd1").to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def clock(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of one call of `fn`, the device synchronised before and after."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+Variants = dict[str, Callable[[], object]]
+
+
+def interleaved(variants: Variants, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each variant over `repeats` rounds, alternating their order round by round."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(clock(variants[name], device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@torch.no_grad()
+def first_step_overhead(pipe, batch: int, repeats: int, device: torch.device) -> dict:
+    """(a) `MagnitudeDetector._score_batch` on one batch over one bare CFG UNet call of the same batch."""
+    detector = MagnitudeDetector(pipe, batch_size=batch)
+    batch_prompts = prompts(batch)
+    x = initial_noise(pipe, 1, 0).to(device, pipe.unet.dtype).repeat(batch, 1, 1, 1)
+    x2 = torch.cat([x, x])
+    width = pipe.unet.config.cross_attention_dim
+    embeds = torch.randn(2 * batch, 77, width, device=device, dtype=pipe.unet.dtype)
+    t = torch.tensor(981, device=device)
+    variants = {
+        "bare": lambda: pipe.unet(x2, t, encoder_hidden_states=embeds, return_dict=False),
+        "detect": lambda: detector._score_batch(batch_prompts),
+    }
+    for fn in variants.values():  # warm-up; also fills the detector's cached empty-prompt embedding and noise
+        fn()
+    med = interleaved(variants, repeats, device)
+    return {"batch": batch, "repeats": repeats, "seconds": med, "ratio": med["detect"] / med["bare"]}
+
+
+def monitor_overhead(pipe, n_prompts: int, steps: int, repeats: int, device: torch.device) -> dict:
+    """(b) a full `pipe(...)` call (CFG sampling, VAE decode) with the Monitor attached over one without."""
+    batch_prompts = prompts(n_prompts)
+
+    def generate() -> object:
+        generator = torch.Generator().manual_seed(0)
+        return pipe(batch_prompts, num_inference_steps=steps, generator=generator, output_type="np").images
+
+    def monitored() -> object:
+        with Monitor(pipe) as monitor:
+            images = generate()
+        monitor.scores()  # reading the scores (one host copy) is part of the cost
+        return images
+
+    variants = {"plain": generate, "monitor": monitored}
+    for fn in variants.values():
+        fn()
+    med = interleaved(variants, repeats, device)
+    return {"prompts": n_prompts, "steps": steps, "repeats": repeats, "seconds": med,
+            "ratio": med["monitor"] / med["plain"]}
+
+
+@torch.no_grad()
+def per_prompt_loop(pipe, batch_prompts: list[str], device: torch.device) -> list[float]:
+    """The paper-style baseline: one prompt at a time, `encode_prompt`, one CFG UNet call, `.item()`."""
+    scores = []
+    for prompt in batch_prompts:
+        cond, uncond = pipe.encode_prompt(prompt, device, 1, True)
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(50, device=device)
+        t = scheduler.timesteps[0]
+        latents = initial_noise(pipe, 1, 0).to(device, pipe.unet.dtype) * scheduler.init_noise_sigma
+        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        pred = pipe.unet(model_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        eps_u, eps_c = pred.chunk(2)
+        scores.append((eps_c - eps_u).float().norm().item())
+    return scores
+
+
+def throughput(pipe, n_prompts: int, batch: int, repeats: int, device: torch.device) -> dict:
+    """(c) prompts per second of MagnitudeDetector (first step) over the per-prompt loop, same noise."""
+    batch_prompts = prompts(n_prompts)
+    detector = MagnitudeDetector(pipe, batch_size=batch)
+    fast = [s.score for s in detector.score(batch_prompts)]  # the warm-up runs double as a check
+    slow = per_prompt_loop(pipe, batch_prompts, device)
+    worst = max(abs(a - b) / abs(b) for a, b in zip(fast, slow, strict=True))
+    if worst > 1e-2:  # both must compute the same scores, or the comparison means nothing
+        raise SystemExit(f"the per-prompt loop disagrees with MagnitudeDetector (relative error {worst:.2g})")
+    variants = {"per_prompt": lambda: per_prompt_loop(pipe, batch_prompts, device),
+                "detector": lambda: detector.score(batch_prompts)}
+    med = interleaved(variants, repeats, device)
+    rates = {name: n_prompts / sec for name, sec in med.items()}
+    return {"prompts": n_prompts, "batch": batch, "repeats": repeats, "prompts_per_second": rates,
+            "max_relative_score_difference": worst, "ratio": rates["detector"] / rates["per_prompt"]}
+
+
+def verdict(key: str, value: float) -> str:
+    """`value` against its target: e.g. `<= 1.15: ok`."""
+    op, target = TARGETS[key]
+    ok = value <= target if op == "<=" else value >= target
+    return f"{op} {target:g}: {'ok' if ok else 'MISSED'}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmarks, print the table and write the JSON report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="default: float16 on CUDA, float32 elsewhere")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--tiny-batch", type=int, default=32)
+    parser.add_argument("--tiny-repeats", type=int, default=7)
+    parser.add_argument("--sd-batch", type=int, default=None, help="default: 2 on CPU, 32 on CUDA")
+    parser.add_argument("--sd-latent", type=int, default=64, help="latent side (64 = 512 px, SD v1.4's)")
+    parser.add_argument("--sd-repeats", type=int, default=None, help="default: 3 on CPU, 10 on CUDA")
+    parser.add_argument("--skip-sd", action="store_true", help="leave out the SD1.4-architecture model")
+    parser.add_argument("--monitor-prompts", type=int, default=8)
+    parser.add_argument("--monitor-steps", type=int, default=20)
+    parser.add_argument("--sd-monitor-steps", type=int, default=0,
+                        help="also time the monitor on the SD1.4-architecture model, this many steps (0: no)")
+    parser.add_argument("--prompts", type=int, default=128, help="prompts for the throughput comparison (c)")
+    parser.add_argument("--out", type=Path, default=Path("out/bench.json"))
+    args = parser.parse_args(argv)
+
+    quiet_diffusers()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if cuda else torch.float32)
+    sd_batch = args.sd_batch or (32 if cuda else 2)
+    sd_repeats = args.sd_repeats or (10 if cuda else 3)
+    name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine())
+    env = {"device": f"{device} ({name})", "dtype": str(dtype).removeprefix("torch."),
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    print(f"device {env['device']}, {env['dtype']}, torch {env['torch']}, "
+          f"{env['torch_threads']} torch threads ({env['cpu_count']} CPUs)", flush=True)
+
+    report: dict = {"environment": env}
+    small = tiny(device, dtype)
+    print("(a) tiny ...", flush=True)
+    report["a_tiny"] = first_step_overhead(small, args.tiny_batch, args.tiny_repeats, device)
+    print("(b) tiny ...", flush=True)
+    report["b"] = monitor_overhead(small, args.monitor_prompts, args.monitor_steps, args.tiny_repeats, device)
+    print("(c) tiny ...", flush=True)
+    report["c"] = throughput(small, args.prompts, args.tiny_batch, max(3, args.tiny_repeats // 3), device)
+    if not args.skip_sd:
+        print(f"(a) SD1.4 architecture, batch {sd_batch}, {args.sd_latent}x{args.sd_latent} latents ...",
+              flush=True)
+        sd = sd14_pipeline(device, dtype, args.sd_latent)
+        report["a_sd14"] = first_step_overhead(sd, sd_batch, sd_repeats, device)
+        report["a_sd14"]["latent"] = args.sd_latent
+        if args.sd_monitor_steps:
+            print("(b) SD1.4 architecture ...", flush=True)
+            report["b_sd14"] = monitor_overhead(sd, 1, args.sd_monitor_steps, sd_repeats, device)
+
+    rows = [
+        ("(a) first-step detection / bare CFG UNet call, tiny", "a_tiny", None),
+        ("(a) first-step detection / bare CFG UNet call, SD1.4 arch", "a_sd14", "a_sd14"),
+        ("(b) pipe() with Monitor / without, tiny", "b", "b"),
+        ("(b) pipe() with Monitor / without, SD1.4 arch", "b_sd14", "b"),
+        ("(c) MagnitudeDetector / per-prompt loop, prompts/s, tiny", "c", "c"),
+    ]
+    print(f"\n{'measurement':60} {'ratio':>8}  target")
+    for label, key, target in rows:
+        if key in report:
+            value = report[key]["ratio"]
+            report[key]["target"] = verdict(target, value) if target else "none (informative)"
+            print(f"{label:60} {value:8.3f}  {report[key]['target']}")
+    details = [f"(a) tiny batch {report['a_tiny']['batch']}"]
+    if "a_sd14" in report:
+        details.append(f"SD1.4 batch {report['a_sd14']['batch']} ({report['a_sd14']['repeats']} repeats)")
+    details.append(f"(b) {report['b']['prompts']} prompts x {report['b']['steps']} steps")
+    details.append(f"(c) {report['c']['prompts']} prompts, batch {report['c']['batch']}")
+    print("; ".join(details))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,210 @@
+"""Which words of a prompt drive memorization: token significance (METHOD.md section 2) and its checks.
+
+`explain` returns an `Attribution` (tensors and numbers, no rendering); `diffmem.render` draws it.
+The gradient method costs one forward and one backward pass of the denoiser per generation and step; the
+leave-one-out method scores the prompt with each word deleted, all variants in one batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from diffmem.detect import MagnitudeDetector, Steps, encode_text, initial_noise, parse_steps
+from diffmem.epsilon import to_epsilon
+from diffmem.errors import InputError
+
+METHODS = ("gradient", "leave-one-out")
+
+
+@dataclass
+class Word:
+    """A whitespace-separated word of the prompt, its BPE token positions and its significance."""
+
+    text: str
+    tokens: list[int]
+    significance: float
+    truncated: bool = False
+
+
+@dataclass
+class Attribution:
+    """Per-token and per-word significance of one prompt, with the score and the settings that produced them."""
+
+    prompt: str
+    method: str
+    tokens: list[str]
+    token_significance: torch.Tensor
+    words: list[Word]
+    score: float
+    padding_significance: float | None
+    settings: dict = field(default_factory=dict)
+    cut_off: str = ""
+
+    def ranking(self) -> list[int]:
+        """Indices of the (untruncated) words, most significant first."""
+        live = [i for i, w in enumerate(self.words) if not w.truncated]
+        return sorted(live, key=lambda i: -self.words[i].significance)
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "method": self.method,
+            "score": self.score,
+            "tokens": [{"text": t, "significance": float(s)} for t, s in zip(self.tokens, self.token_significance,
+                                                                              strict=True)],
+            "words": [{"text": w.text, "significance": w.significance, "truncated": w.truncated}
+                      for w in self.words],
+            "padding_significance": self.padding_significance,
+            "cut_off": self.cut_off,
+            "settings": self.settings,
+        }
+
+
+def split_words(tokenizer, prompt: str) -> tuple[list[str], list[list[str]]]:
+    """Whitespace words and each word's BPE pieces; CLIP pre-tokenizes within words, so these concatenate
+    to the prompt's own tokenization."""
+    words = prompt.split()
+    pieces = [tokenizer.tokenize(w) for w in words]
+    return words, pieces
+
+
+def _words(tokenizer, prompt: str, per_token: torch.Tensor) -> tuple[list[Word], list[str], str]:
+    """Group token significances into words; tokens past the encoder's length mark their words truncated."""
+    limit = tokenizer.model_max_length - 2
+    words, pieces = split_words(tokenizer, prompt)
+    out, tokens, pos, cut = [], [], 0, []
+    for text, ps in zip(words, pieces, strict=True):
+        idx = [p for p in range(pos, pos + len(ps)) if p < limit]
+        truncated = len(idx) < len(ps)
+        out.append(Word(text, idx, float(per_token[idx].sum()) if idx else 0.0, truncated))
+        tokens.extend(ps[: len(idx)])
+        if truncated:
+            cut.append(text)
+        pos += len(ps)
+    return out, tokens, " ".join(cut)
+
+
+def _check_prompt(prompt: str) -> None:
+    if not prompt.strip():
+        raise InputError("the prompt is empty: there is nothing to explain")
+
+
+def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int = 1, seed: int = 0,
+                          num_inference_steps: int = 50, guidance_scale: float = 7.5
+                          ) -> tuple[torch.Tensor, float]:
+    """`|| dL / d e_p[i] ||_2` for every conditioning position, and L (the detection score).
+
+    L = mean over generations and the first `n_steps` steps of `d_t`. Beyond the first step the sampled
+    trajectory is held fixed (latents detached), so each step contributes its own gradient.
+    """
+    device = pipe.unet.device
+    with torch.no_grad():
+        cond = encode_text(pipe, [prompt])
+        uncond = encode_text(pipe, [""])
+    e = cond.detach().float().requires_grad_(True)
+    noise = initial_noise(pipe, generations, seed).to(device, pipe.unet.dtype)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    latents = noise * scheduler.init_noise_sigma
+    total = torch.zeros((), device=device)
+    for k, t in enumerate(scheduler.timesteps[:n_steps]):
+        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        embeds = torch.cat([uncond.expand(generations, -1, -1), e.to(pipe.unet.dtype).expand(generations, -1, -1)])
+        pred = pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        eps_u, eps_c = to_epsilon(pred, model_in, t, scheduler).chunk(2)
+        total = total + (eps_c - eps_u).flatten(1).norm(dim=1).mean()
+        if k + 1 < n_steps:
+            with torch.no_grad():
+                pred_u, pred_c = pred.detach().chunk(2)
+                latents = scheduler.step(pred_u + guidance_scale * (pred_c - pred_u), t, latents,
+                                         return_dict=False)[0]
+    loss = total / n_steps
+    (grad,) = torch.autograd.grad(loss, e)
+    return grad[0].float().norm(dim=-1).cpu(), float(loss.detach())
+
+
+def explain(pipe, prompt: str, method: str = "gradient", steps: Steps = "first", generations: int = 1,
+            seed: int = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5) -> Attribution:
+    """Significance of each token and word of `prompt` for its memorization score."""
+    _check_prompt(prompt)
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    n_steps = parse_steps(steps, num_inference_steps)
+    settings = dict(steps=steps, generations=generations, seed=seed, num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale)
+    tok = pipe.tokenizer
+    n_real = min(len(tok.tokenize(prompt)), tok.model_max_length - 2)
+    if method == "gradient":
+        per_pos, score = gradient_significance(pipe, prompt, n_steps, generations, seed, num_inference_steps,
+                                               guidance_scale)
+        per_token = per_pos[1 : 1 + n_real]
+        padding = float(per_pos[1 + n_real :].norm())
+        words, tokens, cut = _words(tok, prompt, per_token)
+        return Attribution(prompt, method, tokens, per_token, words, score, padding, settings, cut)
+    words, pieces = split_words(tok, prompt)
+    variants = [prompt] + [" ".join(words[:i] + words[i + 1 :]) for i in range(len(words))]
+    det = MagnitudeDetector(pipe, steps=steps, generations=generations, seed=seed,
+                            guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                            batch_size=max(1, len(variants)) * generations)
+    scores = [r.score for r in det.score(variants)]
+    drops = [scores[0] - s for s in scores[1:]]
+    per_token = torch.cat([torch.full((len(p),), d / len(p)) for p, d in zip(pieces, drops, strict=True)])
+    word_objs, tokens, cut = _words(tok, prompt, per_token[:n_real])
+    for w, d in zip(word_objs, drops, strict=True):
+        w.significance = 0.0 if w.truncated else d
+    return Attribution(prompt, method, tokens, per_token[:n_real], word_objs, scores[0], None, settings, cut)
+
+
+@dataclass
+class Suggestion:
+    """An edited prompt, what was changed and its detection score."""
+
+    prompt: str
+    change: str
+    n_changed: int
+    score: float
+
+
+GENERIC_WORDS = ("thing", "object", "picture", "scene", "item", "shape")
+
+
+def candidate_edits(attr: Attribution, top: int = 3, seed: int = 0) -> list[tuple[str, str, int]]:
+    """Drop the top-1..top-k words, drop each of the top words alone, or replace one with a generic word."""
+    words = [w.text for w in attr.words]
+    ranked = attr.ranking()[:top]
+    rng = random.Random(seed)
+    edits = []
+    for k in range(1, len(ranked) + 1):
+        gone = set(ranked[:k])
+        edits.append((" ".join(w for i, w in enumerate(words) if i not in gone),
+                      "drop " + ", ".join(repr(words[i]) for i in ranked[:k]), k))
+    for i in ranked[1:]:
+        edits.append((" ".join(w for j, w in enumerate(words) if j != i), f"drop {words[i]!r}", 1))
+    for i in ranked:
+        new = rng.choice(GENERIC_WORDS)
+        edits.append((" ".join(new if j == i else w for j, w in enumerate(words)), f"{words[i]!r} -> {new!r}", 1))
+    seen, unique = set(), []
+    for prompt, change, n in edits:
+        if prompt.strip() and prompt not in seen and prompt != attr.prompt:
+            seen.add(prompt)
+            unique.append((prompt, change, n))
+    return unique
+
+
+def suggest_edits(pipe, attr: Attribution, threshold: float, top: int = 3, max_results: int = 5) -> list[Suggestion]:
+    """Edited prompts scoring below `threshold`, scored in one batch; least change first, then lowest score."""
+    edits = candidate_edits(attr, top=top, seed=attr.settings.get("seed", 0))
+    if not edits:
+        return []
+    s = attr.settings
+    gens = s.get("generations", 1)
+    det = MagnitudeDetector(pipe, steps=s.get("steps", "first"), generations=gens, seed=s.get("seed", 0),
+                            guidance_scale=s.get("guidance_scale", 7.5),
+                            num_inference_steps=s.get("num_inference_steps", 50), batch_size=len(edits) * gens)
+    scored = det.score([p for p, _, _ in edits])
+    keep = [Suggestion(p, c, n, r.score) for (p, c, n), r in zip(edits, scored, strict=True)
+            if r.score is not None and r.score < threshold]
+    return sorted(keep, key=lambda x: (x.n_changed, x.score))[:max_results]

@@ -1,0 +1,116 @@
+"""MagnitudeDetector against a hand-written CFG loop, for epsilon and v-prediction models (METHOD.md 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffmem.detect import MagnitudeDetector
+from diffmem.errors import InputError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["a red cube on a wooden table", "a blue ball", "portrait of a smiling old man, oil painting"]
+REL = 1e-4  # batched vs unbatched float32 UNet calls differ in the last bits
+
+
+def test_first_step_score_is_the_norm_of_eps_c_minus_eps_u(pipe, reference) -> None:
+    results = MagnitudeDetector(pipe, generations=2, seed=3).score(PROMPTS)
+    for prompt, res in zip(PROMPTS, results, strict=True):
+        hand = [reference.magnitudes(pipe, prompt, reference.noise(3 + g), n_steps=1)[0] for g in range(2)]
+        assert res.prompt == prompt and res.error is None
+        assert [m[0] for m in res.magnitudes] == pytest.approx(hand, rel=REL)
+        assert res.score == pytest.approx(sum(hand) / 2, rel=REL)
+        assert res.timesteps == [981.0]  # SD's DDIM schedule: 50 "leading" steps with offset 1 start at 981
+
+
+def test_v_prediction_is_scored_in_epsilon_space(sd2v_pipe, reference) -> None:
+    # The raw v-space difference is a different number: scoring it would fail the test above for sd2-v.
+    pipe = sd2v_pipe
+    latent = reference.noise(0)
+    cond, uncond = pipe.encode_prompt(PROMPTS[0], "cpu", 1, True)
+    t = torch.tensor(981)
+    with torch.no_grad():
+        raw = (pipe.unet(latent, t, cond).sample - pipe.unet(latent, t, uncond).sample).norm()
+    score = MagnitudeDetector(pipe).score(PROMPTS[:1])[0].score
+    assert score == pytest.approx(reference.magnitudes(pipe, PROMPTS[0], latent, 1)[0], rel=REL)
+    assert abs(score - float(raw)) > 0.05 * score
+
+
+@pytest.mark.parametrize("steps", ["all", 3])
+def test_multi_step_scores_follow_the_guided_trajectory(pipe, reference, steps: str | int) -> None:
+    detector = MagnitudeDetector(pipe, steps=steps, num_inference_steps=5, guidance_scale=5.0, generations=2)
+    n_steps = 5 if steps == "all" else steps
+    for prompt, res in zip(PROMPTS[:2], detector.score(PROMPTS[:2]), strict=True):
+        hand = [reference.magnitudes(pipe, prompt, reference.noise(g), n_steps, 5, 5.0) for g in range(2)]
+        assert res.magnitudes == [pytest.approx(h, rel=REL) for h in hand]
+        assert res.score == pytest.approx(sum(map(sum, hand)) / (2 * n_steps), rel=REL)
+        assert len(res.timesteps) == n_steps and res.timesteps == sorted(res.timesteps, reverse=True)
+
+
+def test_score_does_not_depend_on_batch_size_or_neighbours(sd1_pipe) -> None:
+    prompts = [f"a photo of object number {i} in a garden" for i in range(7)]
+
+    def scores(batch: list[str], batch_size: int) -> dict[str, list[list[float]]]:
+        found = MagnitudeDetector(sd1_pipe, generations=2, batch_size=batch_size).score(batch)
+        return {r.prompt: r.magnitudes for r in found}
+
+    alone = {p: scores([p], 1)[p] for p in prompts}
+    for batch, batch_size in ((prompts, 1), (prompts, 3), (prompts, 32), (prompts[::-1], 5)):
+        got = scores(batch, batch_size)
+        for p in prompts:
+            assert got[p] == [pytest.approx(g, rel=1e-5) for g in alone[p]]
+
+
+def test_seed_sets_the_noise_of_each_generation(sd1_pipe) -> None:
+    two = MagnitudeDetector(sd1_pipe, generations=2, seed=0).score(PROMPTS)
+    again = MagnitudeDetector(sd1_pipe, generations=2, seed=0).score(PROMPTS)
+    seed0 = MagnitudeDetector(sd1_pipe, seed=0).score(PROMPTS)
+    seed1 = MagnitudeDetector(sd1_pipe, seed=1).score(PROMPTS)
+    for a, b, s0, s1 in zip(two, again, seed0, seed1, strict=True):
+        expected = [s0.magnitudes[0], s1.magnitudes[0]]  # generation g uses seed + g
+        assert a.magnitudes == [pytest.approx(m, rel=1e-5) for m in expected]
+        assert s0.score != pytest.approx(s1.score, rel=1e-3)  # another seed, another noise, another score
+        assert a.score == b.score and (s0.seed, s1.seed) == (0, 1)
+
+
+def test_truncated_prompt_is_flagged_with_the_cut_text(sd1_pipe) -> None:
+    kept = " ".join(["cat"] * 75)  # 75 tokens: exactly what fits between BOS and EOS
+    long = kept + " dog bird fish"
+    fits, cut, short = MagnitudeDetector(sd1_pipe).score([kept, long, "a cat"])
+    assert (fits.truncated, fits.n_tokens, fits.truncated_text) == (False, 75, "")
+    assert (cut.truncated, cut.n_tokens, cut.truncated_text.strip()) == (True, 78, "dog bird fish")
+    assert not short.truncated and short.n_tokens == 2
+    assert cut.score == pytest.approx(fits.score, rel=1e-6)  # what is scored is the kept part
+
+
+def test_non_finite_denoiser_output_gives_null_score_for_that_prompt_only(
+    pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clean = MagnitudeDetector(pipe).score(PROMPTS)
+    poison, _ = pipe.encode_prompt(PROMPTS[1], "cpu", 1, False)
+    forward = pipe.unet.forward
+
+    def nan_for_poison(sample, timestep, encoder_hidden_states, **kwargs):
+        out = forward(sample, timestep, encoder_hidden_states, **kwargs)
+        rows = (encoder_hidden_states - poison).abs().flatten(1).amax(dim=1) < 1e-4
+        (out[0] if isinstance(out, tuple) else out.sample)[rows] = float("nan")
+        return out
+
+    monkeypatch.setattr(pipe.unet, "forward", nan_for_poison)
+    results = MagnitudeDetector(pipe).score(PROMPTS)
+    assert results[1].score is None and results[1].magnitudes == [[None]]
+    assert results[1].error and "non-finite" in results[1].error
+    for i in (0, 2):
+        assert results[i].error is None
+        assert results[i].score == pytest.approx(clean[i].score, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"steps": "bad"}, {"steps": 0}, {"steps": 51}, {"generations": 0}, {"batch_size": 0},
+     {"guidance_scale": float("nan")}],
+)
+def test_bad_settings_are_input_errors(sd1_pipe, settings: dict) -> None:
+    with pytest.raises(InputError):
+        MagnitudeDetector(sd1_pipe, **settings)

@@ -1,0 +1,103 @@
+"""Token significance: the gradient matches a finite difference, words group BPE pieces, edits are scored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffmem.detect import MagnitudeDetector, encode_text
+from diffmem.errors import InputError
+from diffmem.explain import candidate_edits, explain, gradient_significance, suggest_edits
+from diffmem.render import html_highlight, png_chart, terminal_chart
+
+PROMPT = "a large red-circle at the top, left"
+
+
+def test_gradient_score_equals_detector_score(pipe) -> None:
+    _, score = gradient_significance(pipe, PROMPT, generations=2, seed=1)
+    assert score == pytest.approx(MagnitudeDetector(pipe, generations=2, seed=1).score([PROMPT])[0].score, rel=1e-4)
+
+
+def test_gradient_matches_a_finite_difference(sd1_pipe) -> None:
+    """Moving the conditioning along its gradient changes the loss by grad . step (to first order)."""
+    pipe = sd1_pipe
+    per_pos, _ = gradient_significance(pipe, PROMPT)
+    pos = int(per_pos[1:10].argmax()) + 1
+    cond = encode_text(pipe, [PROMPT]).detach().requires_grad_(True)
+    uncond = encode_text(pipe, [""]).detach()
+    from diffmem.detect import initial_noise
+
+    x = initial_noise(pipe, 1, 0)
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sched.set_timesteps(50)
+    t = sched.timesteps[0]
+
+    def loss(c):
+        out = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, c])).sample
+        return (out[1] - out[0]).norm()
+
+    (g,) = torch.autograd.grad(loss(cond), cond)
+    assert float(g[0, pos].norm()) == pytest.approx(float(per_pos[pos]), rel=1e-3)
+    h = 1e-3 * g / g.norm()
+    with torch.no_grad():
+        fd = (loss(cond + h) - loss(cond - h)) / 2
+    assert float(fd) == pytest.approx(float((g * h).sum()), rel=2e-2)
+
+
+def test_words_merge_bpe_pieces(pipe) -> None:
+    attr = explain(pipe, PROMPT)
+    assert [w.text for w in attr.words] == PROMPT.split()
+    red = attr.words[2]
+    assert len(red.tokens) == 3  # red, -, circle
+    assert red.significance == pytest.approx(float(attr.token_significance[red.tokens].sum()), rel=1e-5)
+    assert len(attr.tokens) == len(attr.token_significance) == sum(len(w.tokens) for w in attr.words)
+    assert attr.padding_significance is not None and attr.padding_significance > 0
+    assert set(attr.to_dict()) >= {"tokens", "words", "score"}
+
+
+def test_leave_one_out_is_the_score_drop(pipe) -> None:
+    attr = explain(pipe, PROMPT, method="leave-one-out")
+    words = PROMPT.split()
+    det = MagnitudeDetector(pipe)
+    for i in (0, 3):
+        variant = " ".join(words[:i] + words[i + 1 :])
+        drop = attr.score - det.score([variant])[0].score
+        assert attr.words[i].significance == pytest.approx(drop, abs=1e-4)
+
+
+def test_truncated_words_are_reported(pipe) -> None:
+    long = " ".join(["dog"] * 80) + " tail"
+    attr = explain(pipe, long)
+    assert attr.words[-1].truncated and attr.cut_off.endswith("tail")
+    assert len(attr.token_significance) == pipe.tokenizer.model_max_length - 2
+
+
+@pytest.mark.parametrize("bad", ["", "   "])
+def test_empty_prompt_is_an_input_error(pipe, bad: str) -> None:
+    with pytest.raises(InputError, match="empty"):
+        explain(pipe, bad)
+
+
+def test_unknown_method(pipe) -> None:
+    with pytest.raises(InputError, match="unknown method"):
+        explain(pipe, PROMPT, method="magic")
+
+
+def test_suggestions_are_below_threshold_least_change_first(pipe) -> None:
+    attr = explain(pipe, PROMPT)
+    edits = candidate_edits(attr)
+    assert edits and all(p != PROMPT for p, _, _ in edits)
+    threshold = attr.score  # anything that lowers the score qualifies
+    found = suggest_edits(pipe, attr, threshold, max_results=10)
+    assert found and all(s.score < threshold for s in found)
+    assert [s.n_changed for s in found] == sorted(s.n_changed for s in found)
+    rescored = MagnitudeDetector(pipe).score([found[0].prompt])[0].score
+    assert rescored == pytest.approx(found[0].score, rel=1e-4)
+
+
+def test_renderers(pipe, tmp_path) -> None:
+    attr = explain(pipe, PROMPT)
+    html = html_highlight(attr)
+    assert html.count("diffmem-word") == len(attr.words) and "red-circle" in html
+    assert png_chart(attr, tmp_path / "a.png").stat().st_size > 1000
+    assert terminal_chart(attr).row_count == len(attr.words)
