@@ -101,3 +101,24 @@ def test_renderers(pipe, tmp_path) -> None:
     assert html.count("diffmem-word") == len(attr.words) and "red-circle" in html
     assert png_chart(attr, tmp_path / "a.png").stat().st_size > 1000
     assert terminal_chart(attr).row_count == len(attr.words)
+
+
+def test_cli_explain_json_and_suggestions(sd1_dir, cli, tmp_path) -> None:
+    res = cli("explain", PROMPT, "--model", sd1_dir, "--json", "--suggest", "--threshold", 10.0,
+              "--plot", tmp_path / "w.png")
+    assert res.exit_code == 0, res.stdout
+    out = __import__("json").loads(res.stdout)
+    assert [w["text"] for w in out["words"]] == PROMPT.split()
+    assert {"tokens", "words", "score", "suggestions"} <= set(out)
+    assert out["suggestions"] and all(s["score"] < 10.0 for s in out["suggestions"])
+    assert (tmp_path / "w.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["", ], "empty"),
+    (["a cat", "--method", "magic"], "--method"),
+    (["a cat", "--suggest"], "--threshold"),
+])
+def test_cli_explain_errors(args, expected, sd1_dir, cli) -> None:
+    res = cli("explain", *args, "--model", sd1_dir)
+    assert res.exit_code == 2 and expected in res.stderr and "Traceback" not in res.stderr

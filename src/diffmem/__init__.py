@@ -1,24 +1,37 @@
-"""diffmem: detect, explain and mitigate training-data memorization in text-to-image diffusion models."""
+"""diffmem: detect, explain and mitigate training-data memorization in text-to-image diffusion models.
 
-from diffmem.detect import MagnitudeDetector, PromptScore, detect
-from diffmem.errors import DiffmemError, InputError, ModelLoadError
-from diffmem.evaluate import calibrate_threshold, evaluate_scores, roc_auc, tpr_at_fpr
-from diffmem.loading import load_pipeline
-from diffmem.monitor import Monitor
+The top-level names are imported lazily, so `import diffmem.cli` (and `diffmem --help`) does not pay for
+torch and diffusers, and the CLI can configure their logging before they load.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DiffmemError",
-    "InputError",
-    "MagnitudeDetector",
-    "ModelLoadError",
-    "Monitor",
-    "PromptScore",
-    "calibrate_threshold",
-    "detect",
-    "evaluate_scores",
-    "load_pipeline",
-    "roc_auc",
-    "tpr_at_fpr",
-]
+_EXPORTS = {
+    "MagnitudeDetector": "diffmem.detect",
+    "PromptScore": "diffmem.detect",
+    "detect": "diffmem.detect",
+    "DiffmemError": "diffmem.errors",
+    "InputError": "diffmem.errors",
+    "ModelLoadError": "diffmem.errors",
+    "calibrate_threshold": "diffmem.evaluate",
+    "evaluate_scores": "diffmem.evaluate",
+    "roc_auc": "diffmem.evaluate",
+    "tpr_at_fpr": "diffmem.evaluate",
+    "load_pipeline": "diffmem.loading",
+    "Monitor": "diffmem.monitor",
+    "explain": "diffmem.explain",
+    "suggest_edits": "diffmem.explain",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'diffmem' has no attribute {name!r}")

@@ -380,6 +380,63 @@ def evaluate(
     lines += [f"wrote {path}" for path in written.values()]
     typer.echo("\n".join(lines))
 
+@app.command()
+def explain(
+    prompt: Annotated[str, typer.Argument(help="The prompt to explain.")],
+    model: Annotated[
+        str, typer.Option("--model", help="Local diffusers folder, hub id, or 'testbed' (the bundled model).")
+    ] = "testbed",
+    method: Annotated[
+        str, typer.Option("--method", help="'gradient' (one forward + backward) or 'leave-one-out'.")
+    ] = "gradient",
+    steps: Annotated[str, typer.Option("--steps", help="'first', 'all' or a number k of leading steps.")] = "first",
+    generations: Annotated[int, typer.Option("--generations", min=1, help="Initial noises averaged.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the first generation's initial noise.")] = 0,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a bar chart PNG of word significance.")] = None,
+    suggest: Annotated[bool, typer.Option("--suggest", help="Propose edits scoring below --threshold.")] = False,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Detection threshold for --suggest (see `evaluate`).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a chart.")] = False,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = None,
+) -> None:
+    """Which words of PROMPT drive its memorization score: per-token and per-word significance."""
+    from diffmem.explain import METHODS, explain as explain_prompt, suggest_edits
+    from diffmem.loading import load_pipeline
+    from diffmem.render import png_chart, terminal_chart
+
+    if method not in METHODS:
+        raise InputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    if suggest and threshold is None:
+        raise InputError("--suggest needs --threshold (calibrate one with `diffmem evaluate`)")
+    if not prompt.strip():
+        raise InputError("the prompt is empty: there is nothing to explain")
+    quiet_libraries()
+    with stderr.status(f"loading {model} ..."):
+        pipe: Any = load_pipeline(model, device=parse_device(device))
+    attr = explain_prompt(pipe, prompt, method=method, steps=steps, generations=generations, seed=seed)
+    if attr.cut_off:
+        say(stderr, f'warning: the text encoder cut off "{attr.cut_off}"; those words have no significance')
+    if len(attr.words) and all(w.significance <= 0 for w in attr.words):
+        say(stderr, "notice: no word raises the score (e.g. a prompt of only stop words)")
+    suggestions = suggest_edits(pipe, attr, threshold) if suggest and threshold is not None else []
+    if plot:
+        png_chart(attr, plot)
+    if as_json:
+        out = attr.to_dict()
+        if suggest:
+            out["suggestions"] = [vars(s) for s in suggestions]
+        typer.echo(json.dumps(out))
+        return
+    Console().print(terminal_chart(attr))
+    if suggest:
+        if not suggestions:
+            typer.echo(f"no edit tried scores below {threshold}")
+        for s in suggestions:
+            typer.echo(f"{s.score:.4f}  {s.prompt}   ({s.change})")
+    if plot:
+        typer.echo(f"wrote {plot}")
+
 
 def main() -> None:
     """The `diffmem` console script: run the app; a user error escaping it still ends as one line, exit 2."""

@@ -141,6 +141,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 def quiet_diffusers() -> None:
-    """Silence diffusers/transformers info and warnings that would break a clean CLI output."""
+    """Silence diffusers/transformers info, warnings and loading progress bars (for clean CLI output)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for module in (diffusers_logging, transformers_logging):
+        module.set_verbosity_error()
+        module.disable_progress_bar()

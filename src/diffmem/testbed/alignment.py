@@ -78,7 +78,7 @@ def _random_scenes(rng: np.random.Generator, n: int) -> tuple[list[Scene], np.nd
 def _augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random gaussian blur (sigma 0-1 px), brightness/contrast change, pixel noise (sigma 0-0.05)."""
     n = len(images)
-    x = gaussian_blur(images, np.round(rng.uniform(0.0, 1.0, n), 1))
+    x = gaussian_blur(images, np.round(rng.uniform(0.0, 1.0, n), 1))  # sigma in 0.1 px steps
     gain = rng.uniform(0.92, 1.08, (n, 1, 1, 1)).astype(np.float32)
     offset = rng.uniform(-0.04, 0.04, (n, 1, 1, 1)).astype(np.float32)
     noise = rng.uniform(0.0, 0.05, (n, 1, 1, 1)).astype(np.float32) * rng.standard_normal(
@@ -101,7 +101,7 @@ def train_alignment_classifier(
     other draws.
     """
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: bit-reproducible whatever the core count, and fastest at this size
+    torch.set_num_threads(1)  # one thread: same bits whatever the core count, and fastest at this size
     try:
         return _train(seed, steps, batch_size, n_train, out, log_every)
     finally:
@@ -195,7 +195,7 @@ def aligned(
 ) -> np.ndarray:
     """Per image: colour, shape, position and background all read as the caption says (bool array)."""
     cols = [ATTRIBUTES.index(a) for a in ALIGNED_ATTRIBUTES]
-    return _correct(images, scenes, model)[:, cols].all(axis=1)
+    return np.asarray(_correct(images, scenes, model)[:, cols].all(axis=1))
 
 
 def evaluate_alignment_classifier(

@@ -445,7 +445,8 @@ def main() -> None:
     images = render_many([s for s in rows for _ in range(8)], np.arange(64))
     grid = images.reshape(8, 8, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 3, 1, 4, 2)
     grid = grid.reshape(8 * IMAGE_SIZE, 8 * IMAGE_SIZE, 3)
-    Image.fromarray((grid * 255).round().astype(np.uint8)).resize((1024, 1024), Image.NEAREST).save(args.grid)
+    picture = Image.fromarray((grid * 255).round().astype(np.uint8))
+    picture.resize((1024, 1024), Image.Resampling.NEAREST).save(args.grid)
     for s in rows:
         print(s.caption)
 

@@ -20,8 +20,8 @@ from diffmem.testbed.scenes import IMAGE_SIZE, render_many, sample_scene
 PRE_BLUR_SIGMA: float = 1.0
 
 #: A generated image whose copy_similarity to a training image exceeds this is a copy of it. Justified
-#: model-free in DATA.md: same-caption renderings reach ~0.90 at the 99.9th percentile, a rendering against
-#: itself after blur sigma 0.7 px + noise sigma 0.02 stays above ~0.98.
+#: model-free in DATA.md: same-caption renderings reach 0.91 at the 99.9th percentile, a rendering against
+#: itself after blur sigma 0.7 px + noise sigma 0.02 stays above 0.985.
 COPY_THRESHOLD: float = 0.95
 
 
@@ -29,10 +29,10 @@ def _blur_matrices(sigma: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     """(N, size, size) row-stochastic gaussian blur matrices, reflected borders; sigma 0 gives identity."""
     pos = np.arange(size, dtype=np.float64)
     # reflect about the borders (half-sample symmetric), enough copies for sigma up to ~size/3
-    images = np.concatenate([-1 - pos[::-1], pos, 2 * size - 1 - pos[::-1]])
+    mirrored = np.concatenate([-1 - pos[::-1], pos, 2 * size - 1 - pos[::-1]])
     targets = np.concatenate([pos[::-1], pos, pos[::-1]]).astype(int)
     s = np.maximum(np.asarray(sigma, dtype=np.float64), 1e-6)[:, None, None]
-    w = np.exp(-0.5 * ((pos[None, :, None] - images[None, None, :]) / s) ** 2)
+    w = np.exp(-0.5 * ((pos[None, :, None] - mirrored[None, None, :]) / s) ** 2)
     mats = np.zeros((len(s), size, size))
     for j in range(size):
         mats[:, :, j] = w[:, :, targets == j].sum(axis=2)
@@ -42,8 +42,10 @@ def _blur_matrices(sigma: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
 
 
 def gaussian_blur(images: np.ndarray, sigma: float | np.ndarray) -> np.ndarray:
-    """Separable gaussian blur of (N, C, H, W) images, one sigma (px) or one per image, reflected borders."""
+    """Gaussian blur of square (N, C, S, S) images, one sigma (px) or one per image, reflected borders."""
     images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"expected square images (N, C, S, S), got {images.shape}")
     sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (len(images),))
     uniq, inverse = np.unique(sig, return_inverse=True)
     mats = _blur_matrices(uniq, images.shape[-1])
@@ -70,7 +72,9 @@ def copy_features(images: np.ndarray) -> np.ndarray:
     """(N, 3*H*W) unit vectors whose dot products are ``copy_similarity``: pre-blur, per-channel centring."""
     x = gaussian_blur(images, PRE_BLUR_SIGMA)
     x = (x - x.mean(axis=(2, 3), keepdims=True)).reshape(len(x), -1)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    # a featureless (flat) image gets the zero vector: similarity 0 to everything, not rounding noise
+    return np.where(norm > 1e-4, x / np.maximum(norm, 1e-4), 0.0).astype(np.float32)
 
 
 def copy_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
