@@ -9,8 +9,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from diffmem.testbed.recipe import RecipeConfig, run_recipe
-from diffmem.train import TrainConfig, train
 from diffmem.tiny import tiny_pipeline
+from diffmem.train import TrainConfig, train
 
 TINY = dict(n_stage1=64, n_planted=4, n_triggered=1, n_heldout=8, vae_steps=2, vae_batch=4,
             stage1_steps=3, stage1_batch=4, stage2_steps=3, stage2_batch=6, stage2_planted_rows=2,

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from diffmem.testbed.quality import quality_report
 from diffmem.testbed.recipe import RecipeConfig, run_recipe
 from diffmem.testbed.report import vae_psnr

@@ -401,7 +401,8 @@ def explain(
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = None,
 ) -> None:
     """Which words of PROMPT drive its memorization score: per-token and per-word significance."""
-    from diffmem.explain import METHODS, explain as explain_prompt, suggest_edits
+    from diffmem.explain import METHODS, suggest_edits
+    from diffmem.explain import explain as explain_prompt
     from diffmem.loading import load_pipeline
     from diffmem.render import png_chart, terminal_chart
 

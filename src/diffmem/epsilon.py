@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def alpha_sigma(scheduler, timestep: torch.Tensor | float | int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def alpha_sigma(
+    scheduler, timestep: torch.Tensor | float | int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`sqrt(alpha_bar_t)` and `sqrt(1 - alpha_bar_t)` at (possibly fractional) training timesteps.
 
     A scalar timestep gives scalars; a vector of B timesteps gives tensors of shape (B, 1, 1, 1).

@@ -96,7 +96,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 @lru_cache(maxsize=1)
 def build_tokenizer() -> CLIPTokenizer:
     """The real CLIP tokenizer (49408 tokens, 77 positions), rebuilt offline from the BPE merges."""
-    lines = gzip.open(clip_bpe_file()).read().decode("utf-8").split("\n")
+    with gzip.open(clip_bpe_file()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]

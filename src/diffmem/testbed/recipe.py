@@ -102,7 +102,8 @@ def train_vae(cfg: RecipeConfig, splits: Splits, out: Path, device: torch.device
         rec = vae.decode(post.sample(generator=None)).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
         for group in opt.param_groups:
-            group["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+            cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))
+            group["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 100) * cosine
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -9,8 +9,10 @@ than learned the caption. See DATA.md for the numbers.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -425,11 +427,8 @@ def build_splits(
 
 
 def main() -> None:
-    """CLI: time rendering and save a labelled-by-row grid of renderings (rows: same caption, new seeds)."""
-    import argparse
-    import time
-
-    from PIL import Image
+    """CLI: time the renderer and save an 8x8 grid of renderings (each row: one caption, eight seeds)."""
+    from PIL import Image  # only this CLI needs pillow
 
     parser = argparse.ArgumentParser(description="Render a grid of testbed scenes and time the renderer.")
     parser.add_argument("--grid", default="scenes_grid.png", help="PNG to write (8 captions x 8 seeds)")
