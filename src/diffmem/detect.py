@@ -25,7 +25,7 @@ class PromptScore:
 
     prompt: str
     score: float | None
-    magnitudes: list[list[float]]
+    magnitudes: list[list[float | None]]
     seed: int
     n_tokens: int
     truncated: bool

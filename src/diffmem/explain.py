@@ -87,6 +87,13 @@ def _words(tokenizer, prompt: str, per_token: torch.Tensor) -> tuple[list[Word],
     return out, tokens, " ".join(cut)
 
 
+def _finite(res) -> float:
+    """A scored variant's score, or a clear error if the denoiser produced NaN/inf for it."""
+    if res.score is None:
+        raise InputError(f"{res.error} while scoring {res.prompt!r}")
+    return float(res.score)
+
+
 def _check_prompt(prompt: str) -> None:
     if not prompt.strip():
         raise InputError("the prompt is empty: there is nothing to explain")
@@ -144,12 +151,12 @@ def explain(pipe, prompt: str, method: str = "gradient", steps: Steps = "first",
         padding = float(per_pos[1 + n_real :].norm())
         words, tokens, cut = _words(tok, prompt, per_token)
         return Attribution(prompt, method, tokens, per_token, words, score, padding, settings, cut)
-    words, pieces = split_words(tok, prompt)
-    variants = [prompt] + [" ".join(words[:i] + words[i + 1 :]) for i in range(len(words))]
+    texts, pieces = split_words(tok, prompt)
+    variants = [prompt] + [" ".join(texts[:i] + texts[i + 1 :]) for i in range(len(texts))]
     det = MagnitudeDetector(pipe, steps=steps, generations=generations, seed=seed,
                             guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                             batch_size=max(1, len(variants)) * generations)
-    scores = [r.score for r in det.score(variants)]
+    scores = [_finite(r) for r in det.score(variants)]
     drops = [scores[0] - s for s in scores[1:]]
     per_token = torch.cat([torch.full((len(p),), d / len(p)) for p, d in zip(pieces, drops, strict=True)])
     word_objs, tokens, cut = _words(tok, prompt, per_token[:n_real])

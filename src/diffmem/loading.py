@@ -6,6 +6,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -72,7 +73,7 @@ def _check_folder(path: Path) -> None:
         raise ModelLoadError(f"{path}: unet is a {unet_class}; diffmem supports UNet2DConditionModel pipelines")
 
 
-def check_guidance(pipe: StableDiffusionPipeline) -> None:
+def check_guidance(pipe: Any) -> None:
     """Fail unless the pipeline's denoiser takes text conditioning that an empty prompt can replace (CFG)."""
     cfg = pipe.unet.config
     if cfg.get("time_cond_proj_dim") is not None:
@@ -105,7 +106,7 @@ def load_pipeline(
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe: Any = StableDiffusionPipeline.from_pretrained(
             source,
             **dtype_kwarg(dtype),
             safety_checker=None,
@@ -118,6 +119,7 @@ def load_pipeline(
         raise ModelLoadError(f"could not load {model}: {_first_line(exc)}") from None
     if not isinstance(pipe, StableDiffusionPipeline):
         raise ModelLoadError(f"{model} is not a Stable Diffusion text-to-image pipeline")
+    pipe = _untyped(pipe)  # diffusers registers components dynamically; the stubs do not know them
     if str(model) == "testbed-base":
         from diffmem.testbed import weights_dir
 
@@ -125,6 +127,10 @@ def load_pipeline(
     check_guidance(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _untyped(obj: Any) -> Any:
+    return obj
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -24,7 +25,7 @@ def explain_report(pipe, memorized: list[Item], heldout: list[Item], generations
                    max_k: int = 3, progress: Callable[[int, int], None] | None = None) -> dict:
     """Deletion curves (top-k vs random-k words), gradient vs leave-one-out Spearman, trigger rank, and
     how often a suggested edit clears the 1%-FPR threshold and no longer reproduces the training image."""
-    settings = dict(steps="first", generations=generations, seed=seed)
+    settings: dict[str, Any] = dict(steps="first", generations=generations, seed=seed)
     det = MagnitudeDetector(pipe, batch_size=256, **settings)
     threshold = calibrate_threshold([r.score for r in det.score([i.caption for i in heldout])], 0.01)
     rng = random.Random(seed)
@@ -51,7 +52,7 @@ def explain_report(pipe, memorized: list[Item], heldout: list[Item], generations
     scored = det.score([v[3] for v in variants])
     drops: dict[tuple[str, int], list[float]] = {}
     for (n, kind, k, _), res in zip(variants, scored, strict=True):
-        drops.setdefault((kind, k), []).append(base[memorized[n].caption] - res.score)
+        drops.setdefault((kind, k), []).append(float(base[memorized[n].caption] or 0) - float(res.score or 0))
     curve = {f"{kind}_{k}": float(np.mean(v)) for (kind, k), v in sorted(drops.items())}
     fixed = _suggestions_fixed(pipe, memorized, suggestions, generations, seed)
     return {

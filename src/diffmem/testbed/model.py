@@ -8,6 +8,7 @@ import tempfile
 from functools import lru_cache
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -43,7 +44,7 @@ VAE_CONFIG = dict(
     norm_num_groups=16,
 )
 
-TEXT_CONFIG = dict(
+TEXT_CONFIG: dict[str, Any] = dict(
     vocab_size=49408,
     hidden_size=TEXT_WIDTH,
     intermediate_size=4 * TEXT_WIDTH,

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,13 +85,14 @@ def _random_crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Ten
     return torch.stack([img[:, i : i + size, j : j + size] for img, (i, j) in zip(x, offs.tolist(), strict=True)])
 
 
-def train_vae(cfg: RecipeConfig, splits: Splits, out: Path, device: torch.device, progress: Progress) -> AutoencoderKL:
+def train_vae(cfg: RecipeConfig, splits: Splits, out: Path, device: torch.device, progress: Progress) -> Any:
     """Stage 0: an AutoencoderKL (4x downsampling) on crops of stage-1 renders; L1 + L2 + a tiny KL term."""
     final = out / "vae"
     if (final / "config.json").is_file():
         return AutoencoderKL.from_pretrained(final).to(device)
     torch.manual_seed(cfg.seed)
-    vae = AutoencoderKL(**VAE_CONFIG).to(device)
+    vae: Any = AutoencoderKL(**VAE_CONFIG)
+    vae = vae.to(device)
     items = splits.stage1
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 17)
@@ -118,7 +120,7 @@ def train_vae(cfg: RecipeConfig, splits: Splits, out: Path, device: torch.device
 
 
 @torch.no_grad()
-def encode_items(vae: AutoencoderKL, items, device: torch.device, batch: int = 512) -> torch.Tensor:
+def encode_items(vae: Any, items, device: torch.device, batch: int = 512) -> torch.Tensor:
     """Unscaled latent means of the items' renders, on the CPU (the targets the denoiser learns)."""
     out = []
     for start in range(0, len(items), batch):
@@ -128,7 +130,7 @@ def encode_items(vae: AutoencoderKL, items, device: torch.device, batch: int = 5
     return torch.cat(out)
 
 
-def latents_for(vae: AutoencoderKL, items, device: torch.device, cache: Path) -> torch.Tensor:
+def latents_for(vae: Any, items, device: torch.device, cache: Path) -> torch.Tensor:
     """Scaled latents of `items`, cached in `cache` so that a resumed run skips re-encoding."""
     if cache.is_file():
         return load_file(str(cache))["latents"]

@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +62,7 @@ def run_demo(out: Path, generations: int = 4, progress_factory: Callable | None 
             results.append(res)
             if bar:
                 bar.advance(task)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for (item, label), res in zip(labelled, results, strict=True):
         rows.append({"prompt": item.caption, "label": label, "index": item.index,
                      "score_n1": res.magnitudes[0][0], f"score_n{generations}": res.score})
@@ -70,7 +71,7 @@ def run_demo(out: Path, generations: int = 4, progress_factory: Callable | None 
                         "first step (TPR: highest at FPR <= target)")
     for col in ("setting", "AUC", "TPR@1%FPR", "TPR@3%FPR", "threshold@1%FPR"):
         table.add_column(col)
-    summary = {}
+    summary: dict[str, Any] = {}
     for key, name in (("score_n1", "first step, n=1"), (f"score_n{generations}", f"first step, n={generations}")):
         pos = [r[key] for r in rows if r["label"] == 1]
         neg = [r[key] for r in rows if r["label"] == 0]
