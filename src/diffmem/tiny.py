@@ -9,7 +9,13 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from diffmem.testbed.model import assemble_pipeline, build_tokenizer
+from diffmem.testbed.model import (
+    SCHEDULER_CONFIG,
+    TEXT_CONFIG,
+    VAE_CONFIG,
+    assemble_pipeline,
+    build_tokenizer,
+)
 
 KINDS = ("sd1", "sd2-v")
 
@@ -34,40 +40,10 @@ def tiny_pipeline(kind: str = "sd1", seed: int = 0) -> StableDiffusionPipeline:
         upcast_attention=sd2,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=32,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="gelu" if sd2 else "quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=32,
-        )
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction" if sd2 else "epsilon",
-    )
+    vae = AutoencoderKL(**{**VAE_CONFIG, "block_out_channels": (16, 32, 32)})
+    text_config = {**TEXT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                   "projection_dim": 32, "hidden_act": "gelu" if sd2 else "quick_gelu"}
+    text = CLIPTextModel(CLIPTextConfig(**text_config))
+    scheduler = DDIMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": "v_prediction" if sd2 else "epsilon"})
     comps = dict(unet=unet, vae=vae, text_encoder=text, tokenizer=build_tokenizer(), scheduler=scheduler)
     return assemble_pipeline(comps)
