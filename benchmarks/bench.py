@@ -3,7 +3,12 @@
 (a) first-step detection of one batch, text encoding included, over one bare batched CFG UNet call of the same
     batch: on the tiny pipeline and on the Stable Diffusion v1.4 architecture (random weights, no download);
 (b) a full `pipe(...)` generation with the Monitor attached over one without it;
-(c) prompts per second of MagnitudeDetector (first step, batch 32) over a per-prompt loop like the paper's.
+(c) prompts per second of MagnitudeDetector (first step, batch 32) over a per-prompt loop like the paper's;
+(d) guarded generation (`diffmem.mitigate.guarded_generate`) of one prompt over a plain `pipe(...)` call of it, on
+    the testbed pipeline: unflagged (threshold +inf) and flagged (threshold -inf, target loss 0 by default so that
+    every optimisation iteration runs: the worst case);
+(e) a gradient explanation (`diffmem.explain.explain`, first step, one generation) of one prompt over its
+    first-step detection, on the testbed pipeline.
 
 Timings interleave the compared variants and take medians after a warm-up; only ratios are reported, since
 absolute times depend on the machine. On a CPU the SD1.4-architecture UNet takes tens of seconds per call, so
@@ -28,10 +33,13 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 
 from diffmem.detect import MagnitudeDetector, initial_noise  # noqa: E402
-from diffmem.loading import quiet_diffusers  # noqa: E402
+from diffmem.explain import explain  # noqa: E402
+from diffmem.loading import load_pipeline, quiet_diffusers  # noqa: E402
+from diffmem.mitigate import guarded_generate  # noqa: E402
 from diffmem.monitor import Monitor  # noqa: E402
 
-TARGETS = {"a_sd14": ("<=", 1.15), "b": ("<=", 1.02), "c": (">=", 5.0)}
+TARGETS = {"a_sd14": ("<=", 1.15), "b": ("<=", 1.02), "c": (">=", 5.0), "d_unflagged": ("<=", 1.02),
+           "d_flagged": ("<=", 1.5), "e": ("<=", 4.0)}
 
 # Stable Diffusion v1.4's published unet/config.json and its text encoder's (CLIP ViT-L/14) config.
 SD14_UNET = dict(
@@ -218,6 +226,42 @@ def throughput(pipe, n_prompts: int, batch: int, repeats: int, device: torch.dev
             "max_relative_score_difference": worst, "ratio": rates["detector"] / rates["per_prompt"]}
 
 
+def guard_overhead(pipe, steps: int, repeats: int, iters: int, target_loss: float, device: torch.device) -> dict:
+    """(d) `guarded_generate` of one prompt, unflagged and flagged, over a plain pipeline call from the same noise."""
+    prompt = prompts(1)[0]
+    noise = initial_noise(pipe, 1, 0).to(device, pipe.unet.dtype)
+    settings = dict(num_inference_steps=steps, iters=iters, target_loss=target_loss)
+    decisions = {}
+
+    def guarded(name: str, threshold: float) -> object:
+        out = guarded_generate(pipe, [prompt], threshold=threshold, **settings)
+        decisions[name] = out.decisions[0]
+        return out.images
+
+    variants = {
+        "plain": lambda: pipe(prompt, latents=noise, num_inference_steps=steps, output_type="np").images,
+        "unflagged": lambda: guarded("unflagged", float("inf")),
+        "flagged": lambda: guarded("flagged", float("-inf")),
+    }
+    for fn in variants.values():
+        fn()
+    med = interleaved(variants, repeats, device)
+    return {"steps": steps, "repeats": repeats, "iters_used": decisions["flagged"].iters, "max_iters": iters,
+            "target_loss": target_loss, "seconds": med,
+            "ratio_unflagged": med["unflagged"] / med["plain"], "ratio_flagged": med["flagged"] / med["plain"]}
+
+
+def explain_cost(pipe, repeats: int, device: torch.device) -> dict:
+    """(e) `explain(pipe, prompt)` (gradient, first step, n=1) over `MagnitudeDetector(pipe).score([prompt])`."""
+    prompt = prompts(1)[0]
+    detector = MagnitudeDetector(pipe)
+    variants = {"detect": lambda: detector.score([prompt]), "explain": lambda: explain(pipe, prompt)}
+    for fn in variants.values():
+        fn()
+    med = interleaved(variants, repeats, device)
+    return {"repeats": repeats, "seconds": med, "ratio": med["explain"] / med["detect"]}
+
+
 def verdict(key: str, value: float) -> str:
     """`value` against its target: e.g. `<= 1.15: ok`."""
     op, target = TARGETS[key]
@@ -243,6 +287,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sd-monitor-steps", type=int, default=0,
                         help="also time the monitor on the SD1.4-architecture model, this many steps (0: no)")
     parser.add_argument("--prompts", type=int, default=128, help="prompts for the throughput comparison (c)")
+    parser.add_argument("--guard-steps", type=int, default=50, help="sampling steps of the guard comparison (d)")
+    parser.add_argument("--guard-iters", type=int, default=10, help="optimisation iterations of a flagged prompt")
+    parser.add_argument("--guard-target-loss", type=float, default=0.0,
+                        help="target loss of a flagged prompt (default 0: every iteration runs, the worst case)")
+    parser.add_argument("--guard-only", action="store_true", help="run only the testbed comparisons (d) and (e)")
     parser.add_argument("--out", type=Path, default=Path("out/bench.json"))
     args = parser.parse_args(argv)
 
@@ -261,14 +310,23 @@ def main(argv: list[str] | None = None) -> dict:
           f"{env['torch_threads']} torch threads ({env['cpu_count']} CPUs)", flush=True)
 
     report: dict = {"environment": env}
-    small = tiny(device, dtype)
-    print("(a) tiny ...", flush=True)
-    report["a_tiny"] = first_step_overhead(small, args.tiny_batch, args.tiny_repeats, device)
-    print("(b) tiny ...", flush=True)
-    report["b"] = monitor_overhead(small, args.monitor_prompts, args.monitor_steps, args.tiny_repeats, device)
-    print("(c) tiny ...", flush=True)
-    report["c"] = throughput(small, args.prompts, args.tiny_batch, max(3, args.tiny_repeats // 3), device)
-    if not args.skip_sd:
+    if not args.guard_only:
+        small = tiny(device, dtype)
+        print("(a) tiny ...", flush=True)
+        report["a_tiny"] = first_step_overhead(small, args.tiny_batch, args.tiny_repeats, device)
+        print("(b) tiny ...", flush=True)
+        report["b"] = monitor_overhead(small, args.monitor_prompts, args.monitor_steps, args.tiny_repeats, device)
+        print("(c) tiny ...", flush=True)
+        report["c"] = throughput(small, args.prompts, args.tiny_batch, max(3, args.tiny_repeats // 3), device)
+    print(f"(d) testbed, guarded generation, {args.guard_steps} steps ...", flush=True)
+    testbed = load_pipeline("testbed", device=device, dtype=dtype)
+    report["d"] = guard_overhead(testbed, args.guard_steps, args.tiny_repeats, args.guard_iters,
+                                 args.guard_target_loss, device)
+    report["d_unflagged"] = {"ratio": report["d"]["ratio_unflagged"]}
+    report["d_flagged"] = {"ratio": report["d"]["ratio_flagged"]}
+    print("(e) testbed, gradient explanation ...", flush=True)
+    report["e"] = explain_cost(testbed, 3 * args.tiny_repeats, device)
+    if not args.skip_sd and not args.guard_only:
         print(f"(a) SD1.4 architecture, batch {sd_batch}, {args.sd_latent}x{args.sd_latent} latents ...",
               flush=True)
         sd = sd14_pipeline(device, dtype, args.sd_latent)
@@ -284,6 +342,9 @@ def main(argv: list[str] | None = None) -> dict:
         ("(b) pipe() with Monitor / without, tiny", "b", "b"),
         ("(b) pipe() with Monitor / without, SD1.4 arch", "b_sd14", "b"),
         ("(c) MagnitudeDetector / per-prompt loop, prompts/s, tiny", "c", "c"),
+        ("(d) guarded / plain generation, unflagged prompt, testbed", "d_unflagged", "d_unflagged"),
+        ("(d) guarded / plain generation, flagged prompt, testbed", "d_flagged", "d_flagged"),
+        ("(e) gradient explanation / first-step detection, testbed", "e", "e"),
     ]
     print(f"\n{'measurement':60} {'ratio':>8}  target")
     for label, key, target in rows:
@@ -291,11 +352,17 @@ def main(argv: list[str] | None = None) -> dict:
             value = report[key]["ratio"]
             report[key]["target"] = verdict(target, value) if target else "none (informative)"
             print(f"{label:60} {value:8.3f}  {report[key]['target']}")
-    details = [f"(a) tiny batch {report['a_tiny']['batch']}"]
+    details = []
+    if "a_tiny" in report:
+        details.append(f"(a) tiny batch {report['a_tiny']['batch']}")
     if "a_sd14" in report:
         details.append(f"SD1.4 batch {report['a_sd14']['batch']} ({report['a_sd14']['repeats']} repeats)")
-    details.append(f"(b) {report['b']['prompts']} prompts x {report['b']['steps']} steps")
-    details.append(f"(c) {report['c']['prompts']} prompts, batch {report['c']['batch']}")
+    if "b" in report:
+        details.append(f"(b) {report['b']['prompts']} prompts x {report['b']['steps']} steps")
+        details.append(f"(c) {report['c']['prompts']} prompts, batch {report['c']['batch']}")
+    d = report["d"]
+    details.append(f"(d) 1 prompt x {d['steps']} steps, flagged: {d['iters_used']} of {d['max_iters']} iterations "
+                   f"(target loss {d['target_loss']:g}), {d['repeats']} repeats")
     print("; ".join(details))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -144,3 +144,20 @@ class Reference:
 def reference() -> type[Reference]:
     """The hand-written reference computation (noise and `d_t`), for tests to compare diffmem against."""
     return Reference
+
+
+@pytest.fixture(scope="session")
+def testbed_service():
+    """`diffmem serve`'s service on the testbed, threshold calibrated at startup on the held-out prompts."""
+    from diffmem.app.server import build_service
+
+    return build_service("testbed", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def app_server(testbed_service):
+    """The whole app (page and API) on the testbed, served by uvicorn on a free 127.0.0.1 port; yields its URL."""
+    from diffmem.app.server import BackgroundServer, create_app
+
+    with BackgroundServer(create_app(testbed_service)) as server:
+        yield server.url

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -439,6 +439,135 @@ def explain(
         typer.echo(f"wrote {plot}")
 
 
+@app.command()
+def serve(
+    model: Annotated[
+        str, typer.Option("--model", help="Local diffusers folder, hub id, or 'testbed'; fixed for the server's life.")
+    ] = "testbed",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (default: this machine).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 7860,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="Detection threshold (flag score >= threshold).")
+    ] = None,
+    calibration: Annotated[
+        Path | None, typer.Option("--calibration", help="JSON with a 'threshold' field, e.g. `evaluate --json`.")
+    ] = None,
+    steps: Annotated[str, typer.Option("--steps", help="'first', 'all' or k leading steps per score.")] = "first",
+    generations: Annotated[int, typer.Option("--generations", min=1, help="Initial noises per score.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the first generation's initial noise.")] = 0,
+    generate_steps: Annotated[
+        int, typer.Option("--generate-steps", min=1, help="DDIM steps of the page's Generate button.")
+    ] = 25,
+    mitigate_iters: Annotated[int, typer.Option("--mitigate-iters", min=0, help="Mitigation iterations.")] = 10,
+    target_loss: Annotated[
+        float | None, typer.Option("--target-loss", help="Mitigation's first-step target (default: the threshold).")
+    ] = None,
+    max_prompt_chars: Annotated[int, typer.Option("--max-prompt-chars", min=1, help="Longest prompt.")] = 1000,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most prompts per detect request.")] = 64,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Requests that may wait for the model.")] = 16,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = None,
+) -> None:
+    """Web page and JSON HTTP API: screen, explain and fix prompts (page at /, API at /api, schema /openapi.json)."""
+    from diffmem.app.server import serve as run_server
+    from diffmem.app.service import Limits, Settings
+
+    settings = Settings(steps=steps, generations=generations, seed=seed, generate_steps=generate_steps,
+                        mitigate_iters=mitigate_iters, target_loss=target_loss)
+    limits = Limits(max_prompt_chars=max_prompt_chars, max_batch=max_batch, max_queue=max_queue)
+    quiet_libraries()
+    run_server(model, host=host, port=port, device=parse_device(device), threshold=threshold,
+               calibration=calibration, settings=settings, limits=limits, echo=typer.echo)
+
+
+class CaptionAug(str, Enum):
+    """Training-caption augmentations of `diffmem train`."""
+
+    rta = "rta"
+
+
+@app.command("train")
+def train_command(
+    model: Annotated[str, typer.Option("--model", help="Diffusers pipeline folder, hub id, or 'testbed-base'.")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Images with NAME.txt captions, or an imagefolder with metadata.jsonl.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Run folder: latent cache, checkpoint/, log.jsonl, pipeline/ at the end.")
+    ],
+    filter_threshold: Annotated[
+        float | None,
+        typer.Option("--filter-threshold", help="TAU: leave samples with d >= TAU out of the loss (see --calibrate)."),
+    ] = None,
+    caption_aug: Annotated[
+        CaptionAug | None, typer.Option("--caption-aug", help="Augment training captions: rta (random tokens).")
+    ] = None,
+    rta_tokens: Annotated[int, typer.Option("--rta-tokens", min=1, help="Tokens added per caption by rta.")] = 4,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps (global batches).")] = 1000,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Global batch, split over processes by accelerate.")
+    ] = 8,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up then cosine).")] = 1e-5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of data order, noise, timesteps and rta.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")
+    ] = 500,
+    log_every: Annotated[int, typer.Option("--log-every", min=1, help="Steps between log.jsonl records.")] = 10,
+    calibrate: Annotated[
+        bool, typer.Option("--calibrate", help="Do not train: measure d of the base model, suggest a TAU.")
+    ] = False,
+    measurements: Annotated[
+        int, typer.Option("--measurements", min=1, help="(image, timestep) pairs --calibrate measures.")
+    ] = 2000,
+) -> None:
+    """Fine-tune the UNet of a pipeline on images and captions, optionally filtering memorizing samples."""
+    from diffmem.finetune import FinetuneSettings, calibration_lines, finetune, interrupted_message
+    from diffmem.finetune import calibrate as run_calibration
+
+    settings = FinetuneSettings(model=model, data=str(data), steps=steps, batch_size=batch_size, lr=lr,
+                                filter_threshold=filter_threshold, rta_tokens=rta_tokens, seed=seed,
+                                caption_aug=caption_aug.value if caption_aug else None)
+    settings.check()
+    quiet_libraries()
+    if calibrate:
+        with progress_bar(measurements, "calibrating") as meter:
+            summary = run_calibration(settings, out, measurements, notice=lambda m: say(meter.console, m),
+                                      progress=lambda i, n: meter.update(meter.task_ids[0], completed=i))
+        typer.echo("\n".join(calibration_lines(summary, out)))
+        return
+    with ExitStack() as stack:
+        try:
+            result = finetune(settings, out, resume=resume, checkpoint_every=checkpoint_every, log_every=log_every,
+                              notice=lambda m: say(stderr, m), progress=_training_bar(stack, steps))
+        except KeyboardInterrupt:
+            raise InputError(interrupted_message(out)) from None
+    if result.main_process:  # under `accelerate launch` the other processes stay quiet
+        stats = result.stats
+        excluded = "" if filter_threshold is None else (
+            f"; TAU {filter_threshold:g} excluded {stats['excluded_share']:.1%} of samples and skipped "
+            f"{stats['skipped_steps']} updates")
+        typer.echo(f"trained steps {stats['resumed_from']}..{stats['steps']} -> {result.pipeline_dir}{excluded}")
+
+
+def _training_bar(stack: ExitStack, total: int) -> Any:
+    """A `train` progress callback: opens a bar in `stack` at the first step it hears of, then advances it and
+    shows the last logged loss and excluded share."""
+    bars: list[Any] = []
+
+    def show(step: int, record: dict) -> None:
+        if not bars:
+            bars.append(stack.enter_context(progress_bar(total, "training")))
+            bars[0].reset(bars[0].task_ids[0], completed=step - 1)  # a resumed run starts part-way
+        bar = bars[0]
+        if record:
+            text = f"training (loss {record['loss']:.4g}"
+            text += ")" if record.get("excluded") is None else f", excluded {record['excluded']:.1%})"
+            bar.update(bar.task_ids[0], description=text)
+        bar.update(bar.task_ids[0], completed=step)
+
+    return show
+
+
 def main() -> None:
     """The `diffmem` console script: run the app; a user error escaping it still ends as one line, exit 2."""
     try:
@@ -458,6 +587,13 @@ except ModuleNotFoundError as exc:  # only a missing testbed/cli.py is tolerated
         raise
 else:
     app.add_typer(testbed_app, name="testbed")
+
+# `diffmem generate` and `diffmem mitigate`: sampling with inference-time mitigation (src/diffmem/generate_cli.py).
+from diffmem.generate_cli import generate as _generate_command  # noqa: E402
+from diffmem.generate_cli import mitigate as _mitigate_command  # noqa: E402
+
+app.command("generate")(_generate_command)
+app.command("mitigate")(_mitigate_command)
 
 
 if __name__ == "__main__":

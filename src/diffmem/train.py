@@ -4,15 +4,20 @@ Batches come from `batch_fn(step) -> (latents, captions)`, a deterministic funct
 resumed from a checkpoint sees exactly the batches an uninterrupted run sees. Under `accelerate launch` each
 process takes its slice of the global batch (data parallel; gradients are averaged by accelerate).
 Optionally (METHOD.md section 4) samples whose text-conditional magnitude reaches `filter_threshold` are
-dropped from the loss.
+dropped from the loss; a global batch the filter leaves empty skips its optimizer update. Ctrl-C (or SIGTERM)
+ends the current step, writes a checkpoint and raises KeyboardInterrupt.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,87 +78,146 @@ def train(
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if acc.is_main_process:
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     text_encoder.requires_grad_(cfg.train_text_encoder)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
     start = load_checkpoint_weights(out, unet, text_encoder if cfg.train_text_encoder else None)
-    unet, text_encoder, opt = acc.prepare(unet, text_encoder, opt)
+    if cfg.train_text_encoder:
+        unet, text_encoder, opt = acc.prepare(unet, text_encoder, opt)
+    else:  # DistributedDataParallel refuses a model with nothing to train
+        unet, opt = acc.prepare(unet, opt)
+        text_encoder = text_encoder.to(acc.device)
     if start:
         state = torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
     empty = _tokens(tokenizer, [""], acc.device)
     log_path = out / "log.jsonl"
-    t0, excluded_total, seen_total = time.time(), 0, 0
-    for step in range(start, cfg.steps):
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        latents, captions = batch_fn(step)
-        drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),), generator=gen)
-        rows = slice(acc.process_index, None, acc.num_processes)  # this process's share of the global batch
-        latents, noise, t = latents[rows].to(acc.device), noise[rows].to(acc.device), t[rows].to(acc.device)
-        ids = _tokens(tokenizer, captions[rows], acc.device)
+    t0 = time.time()
+    totals = {"excluded": 0, "seen": 0, "skipped": 0}  # filtered-out samples, samples, skipped updates
+    window = dict.fromkeys(totals, 0)  # the same since the last log record
+    with _deferred_stop() as stop_requested:
+        for step in range(start, cfg.steps):
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            latents, captions = batch_fn(step)
+            drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),), generator=gen)
+            rows = slice(acc.process_index, None, acc.num_processes)  # this process's share of the global batch
+            latents, noise, t = latents[rows].to(acc.device), noise[rows].to(acc.device), t[rows].to(acc.device)
+            ids = _tokens(tokenizer, captions[rows], acc.device)
 
-        noisy = scheduler.add_noise(latents, noise, t)
-        with torch.set_grad_enabled(cfg.train_text_encoder):
-            cond = text_encoder(ids)[0]
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            noisy = scheduler.add_noise(latents, noise, t)
+            with torch.set_grad_enabled(cfg.train_text_encoder):
+                cond = text_encoder(ids)[0]
+            pred = unet(noisy, t, encoder_hidden_states=cond).sample
+            epsilon = scheduler.config.prediction_type == "epsilon"
+            target = noise if epsilon else scheduler.get_velocity(latents, noise, t)
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
-        keep = torch.ones_like(per_sample, dtype=torch.bool)
-        if cfg.filter_threshold is not None:
-            keep = _magnitude_filter(unet, text_encoder, scheduler, noisy, t, pred, empty, cfg.filter_threshold)
-        loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        if acc.sync_gradients:
-            acc.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
+            keep = torch.ones_like(per_sample, dtype=torch.bool)
+            kept = None  # how many samples of the global batch stay in the loss (counted only when filtering)
+            if cfg.filter_threshold is not None:
+                keep = sample_magnitudes(unet, text_encoder, scheduler, noisy, t, pred, empty) < cfg.filter_threshold
+                kept = int(acc.gather(keep.long().sum().reshape(1)).sum().item())  # the same on every process
+            # Filtering normalises by the global kept count, so that accelerate's average over processes is the
+            # mean over the kept samples of the whole batch.
+            denominator = keep.sum().clamp(min=1) if kept is None else max(kept, 1) / acc.num_processes
+            loss = (per_sample * keep).sum() / denominator
+            opt.zero_grad(set_to_none=True)
+            if kept != 0:
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+            else:  # the filter emptied the batch: no update (weight decay and momentum would still move weights)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+                    sched.step()  # the schedule follows the step count, skipped steps included
 
-        kept = acc.gather(keep.long().sum().reshape(1)).sum().item() if cfg.filter_threshold is not None else None
-        seen = len(captions)
-        seen_total += seen
-        excluded_total += 0 if kept is None else seen - kept
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            record = {
-                "step": step + 1,
-                "loss": acc.gather(loss.detach().reshape(1)).mean().item(),
-                "lr": sched.get_last_lr()[0],
-                "excluded": None if kept is None else (seen - kept) / seen,
-                "elapsed_s": round(time.time() - t0, 1),
-            }
-            if acc.is_main_process:
-                with log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if progress is not None:
-                progress(step + 1, record)
-        elif progress is not None:
-            progress(step + 1, {})
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _checkpoint(out, step + 1, acc, unet, text_encoder, opt, sched, cfg.train_text_encoder)
+            counts = {"excluded": 0 if kept is None else len(captions) - kept, "seen": len(captions),
+                      "skipped": int(kept == 0)}
+            for key, n in counts.items():
+                totals[key] += n
+                window[key] += n
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                record = {
+                    "step": step + 1,
+                    "loss": acc.gather(loss.detach().reshape(1)).mean().item(),
+                    "lr": sched.get_last_lr()[0],
+                    "excluded": None if kept is None else window["excluded"] / window["seen"],
+                    "elapsed_s": round(time.time() - t0, 1),
+                }
+                if kept is not None:  # counts over the steps since the previous record, all processes together
+                    record |= {"excluded_samples": window["excluded"], "samples": window["seen"],
+                               "skipped_steps": window["skipped"]}
+                window = dict.fromkeys(totals, 0)
+                if acc.is_main_process:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if progress is not None:
+                    progress(step + 1, record)
+            elif progress is not None:
+                progress(step + 1, {})
+            saved = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+            if saved:
+                _checkpoint(out, step + 1, acc, unet, text_encoder, opt, sched, cfg.train_text_encoder)
+            if _any_process(acc, stop_requested()):
+                if not saved:
+                    _checkpoint(out, step + 1, acc, unet, text_encoder, opt, sched, cfg.train_text_encoder)
+                raise KeyboardInterrupt(f"stopped after step {step + 1}; checkpoint written to {out / 'checkpoint'}")
     acc.wait_for_everyone()
     return {
         "steps": cfg.steps,
         "resumed_from": start,
-        "excluded_share": excluded_total / seen_total if seen_total else 0.0,
+        "excluded_share": totals["excluded"] / totals["seen"] if totals["seen"] else 0.0,
+        "skipped_steps": totals["skipped"],
         "wall_s": time.time() - t0,
     }
 
 
 @torch.no_grad()
-def _magnitude_filter(unet, text_encoder, scheduler, noisy, t, pred, empty_ids, tau: float) -> torch.Tensor:
-    """Keep samples whose `|| eps(x_t, prompt) - eps(x_t, '') ||` is below `tau` (one extra no-grad forward)."""
+def sample_magnitudes(unet, text_encoder, scheduler, noisy, t, pred, empty_ids) -> torch.Tensor:
+    """Per sample `|| eps(x_t, prompt) - eps(x_t, '') ||_2` given the conditional prediction `pred` (one extra
+    no-grad forward with the empty prompt); the filter's and `diffmem train --calibrate`'s measure."""
     empty = text_encoder(empty_ids)[0].expand(noisy.shape[0], -1, -1)
     pred_u = unet(noisy, t, encoder_hidden_states=empty).sample
     eps_c = to_epsilon(pred.detach(), noisy, t, scheduler)
     eps_u = to_epsilon(pred_u, noisy, t, scheduler)
-    return (eps_c - eps_u).flatten(1).norm(dim=1) < tau
+    return (eps_c - eps_u).flatten(1).float().norm(dim=1)
+
+
+@contextmanager
+def _deferred_stop() -> Iterator[Callable[[], bool]]:
+    """Turn SIGINT/SIGTERM into a request the loop honours after its current step; a second one stops at once."""
+    requests: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield lambda: False
+        return
+
+    def handler(signum: int, frame) -> None:
+        if requests:
+            raise KeyboardInterrupt
+        requests.append(signum)
+
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requests)
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _any_process(acc, flag: bool) -> bool:
+    """Whether `flag` is set on any process (so that all processes stop after the same step)."""
+    if acc.num_processes == 1:
+        return flag
+    return bool(acc.gather(torch.tensor([int(flag)], device=acc.device)).sum().item())
 
 
 def _checkpoint(out: Path, step: int, acc, unet, text_encoder, opt, sched, with_text: bool) -> None:

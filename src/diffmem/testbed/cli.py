@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -84,12 +85,14 @@ def quality(
     steps: int = typer.Option(50, help="DDIM steps."),
     guidance: float = typer.Option(7.5, help="Guidance scale."),
     batch_size: int = typer.Option(256, help="Images per pipeline call."),
+    model: str = typer.Option("testbed", help="The testbed, or a folder of a variant (e.g. `testbed stage2`'s)."),
+    heldout: int = typer.Option(0, help="Use only the first N held-out prompts (0: all 512)."),
 ) -> None:
     """Measure the shipped testbed: reproduction of planted images, held-out copying and alignment, detection."""
     from diffmem.testbed.report import run_quality
 
     run_quality(out, generations=generations, steps=steps, guidance=guidance, batch_size=batch_size,
-                progress_factory=_progress)
+                progress_factory=_progress, model=model, n_heldout=heldout or None)
 
 
 @app.command()
@@ -101,3 +104,104 @@ def demo(
     from diffmem.testbed.report import run_demo
 
     run_demo(out, generations=generations, progress_factory=_progress)
+
+
+@app.command("explain-eval")
+def explain_eval(
+    out: Path = typer.Option(Path("out/explain"), help="Output folder for explain.json."),
+    generations: int = typer.Option(4, help="Initial noises averaged per score."),
+    limit: int = typer.Option(0, help="Use only the first N memorized prompts (0: all)."),
+) -> None:
+    """Check explanations on the memorized prompts: deletion test, gradient vs leave-one-out, triggers, edits."""
+    from diffmem.loading import load_pipeline, quiet_diffusers
+    from diffmem.testbed.explain_eval import explain_report
+    from diffmem.testbed.recipe import shipped_recipe
+
+    quiet_diffusers()
+    pipe = load_pipeline("testbed", device="cpu")
+    splits = shipped_recipe().splits()
+    memorized = splits.planted[:limit] if limit else splits.planted
+    with _progress() as bar:
+        task = bar.add_task("explaining memorized prompts", total=len(memorized))
+        rep = explain_report(pipe, memorized, splits.heldout, generations=generations,
+                             progress=lambda i, n: bar.update(task, completed=i))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "explain.json").write_text(json.dumps(rep, indent=2))
+    typer.echo(json.dumps(rep, indent=2))
+    typer.echo(f"wrote {out / 'explain.json'}")
+
+
+@app.command()
+def mitigation(
+    out: Path = typer.Option(Path("out/mitigation"), help="Output folder: mitigation.json, tradeoff.png, picture."),
+    target_loss: float = typer.Option(None, help="Target loss of the embedding method (default: the median "
+                                                 "first-step score of the held-out prompts)."),
+    sweep: str = typer.Option("", help="Comma-separated target losses for the trade-off curve (default: 5 "
+                                       "quantiles of the held-out scores)."),
+    generations: int = typer.Option(4, help="Seeds per prompt."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    limit: int = typer.Option(0, help="Use only the first N memorized prompts (0: all)."),
+) -> None:
+    """Compare inference-time mitigations on the memorized prompts: memorization rate, alignment, time."""
+    import numpy as np
+
+    from diffmem.detect import MagnitudeDetector
+    from diffmem.errors import InputError
+    from diffmem.loading import load_pipeline, quiet_diffusers
+    from diffmem.testbed.mitigation_eval import mitigation_report
+    from diffmem.testbed.recipe import shipped_recipe
+
+    quiet_diffusers()
+    try:
+        targets = [float(v) for v in sweep.split(",") if v.strip()]
+    except ValueError as exc:
+        raise InputError(f"--sweep must be comma-separated numbers, not {sweep!r}") from exc
+    pipe = load_pipeline("testbed", device="cpu")
+    splits = shipped_recipe().splits()
+    memorized = splits.planted[:limit] if limit else splits.planted
+    held = np.array([r.score for r in MagnitudeDetector(pipe, generations=generations, batch_size=256).score(
+        [i.caption for i in splits.heldout])], dtype=float)
+    target = float(np.median(held)) if target_loss is None else target_loss
+    targets = targets or [float(np.quantile(held, q)) for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    rep = mitigation_report(pipe, memorized, out, target, targets, generations=generations, steps=steps,
+                            progress=typer.echo)
+    rep["heldout_score_quantiles"] = {q: float(np.quantile(held, q)) for q in (0.1, 0.5, 0.9, 0.99)}
+    (out / "mitigation.json").write_text(json.dumps(rep, indent=2))
+    typer.echo(json.dumps(rep, indent=2))
+    typer.echo(f"wrote {out / 'mitigation.json'}, tradeoff.png, mitigation.png")
+
+
+@app.command()
+def oracle(
+    model: str = typer.Option("testbed", help="Whose VAE defines the latent space ('testbed' or a folder)."),
+    captions: int = typer.Option(200, help="Random captions."),
+    renderings: int = typer.Option(16, help="Renderings per caption (different nuisance)."),
+) -> None:
+    """Model-free upper bound on first-step detection: nuisance energy against caption energy in latent space."""
+    from diffmem.loading import load_pipeline, quiet_diffusers
+    from diffmem.testbed.oracle import oracle_first_step
+
+    quiet_diffusers()
+    pipe: Any = load_pipeline(model, device="cpu")
+    typer.echo(json.dumps(oracle_first_step(pipe.vae, captions, renderings), indent=2))
+
+
+@app.command()
+def stage2(
+    dest: Path = typer.Option(..., help="Where to save the fine-tuned pipeline (diffusers format)."),
+    work: Path = typer.Option(Path("runs/stage2"), help="Working folder: latents, checkpoints, log (resumable)."),
+    filter_threshold: float = typer.Option(None, help="Drop samples whose magnitude d >= TAU from the loss."),
+    caption_aug: str = typer.Option(None, help="'rta': random token addition to every training caption."),
+    rta_tokens: int = typer.Option(4, help="Tokens `--caption-aug rta` inserts."),
+    device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+) -> None:
+    """Rerun stage 2 (the memorizing fine-tune) from the shipped base UNet, optionally with a mitigation."""
+    from diffmem.testbed.recipe import rerun_stage2, shipped_recipe
+
+    total = shipped_recipe().stage2_steps
+    with _progress() as bar:
+        task = bar.add_task("stage2", total=total)
+        summary = rerun_stage2(work, dest, filter_threshold, caption_aug, rta_tokens, device,
+                               progress=lambda stage, i, n: bar.update(task, completed=i))
+    typer.echo(json.dumps(summary))
+    typer.echo(f"pipeline written to {dest}; measure it with `diffmem testbed quality --model {dest}`")

@@ -109,8 +109,9 @@ def build_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
 
 
-def build_components(seed: int = 0) -> dict:
-    """Freshly initialised (seeded) UNet, VAE, text encoder, tokenizer and DDIM scheduler."""
+def build_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
+    """Freshly initialised (seeded) UNet, VAE, text encoder, tokenizer and DDIM scheduler (`epsilon` as SD 1,
+    `v_prediction` as SD 2)."""
     import torch
 
     torch.manual_seed(seed)
@@ -119,7 +120,7 @@ def build_components(seed: int = 0) -> dict:
         vae=AutoencoderKL(**VAE_CONFIG),
         text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)),
         tokenizer=build_tokenizer(),
-        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        scheduler=DDIMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction_type}),
     )
 
 

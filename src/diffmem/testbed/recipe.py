@@ -36,20 +36,21 @@ class RecipeConfig:
     n_planted: int = 128
     n_triggered: int = 32
     n_heldout: int = 512
-    vae_steps: int = 1200
+    prediction_type: str = "v_prediction"
+    vae_steps: int = 5000
     vae_batch: int = 32
-    vae_lr: float = 1e-3
+    vae_lr: float = 3e-3
     vae_crop: int = 16
-    stage1_steps: int = 3000
+    stage1_steps: int = 2500
     stage1_batch: int = 64
     stage1_lr: float = 1e-3
-    stage2_steps: int = 1200
+    stage2_steps: int = 1500
     stage2_batch: int = 64
-    stage2_planted_rows: int = 32
+    stage2_planted_rows: int = 48
     stage2_lr: float = 1e-3
     checkpoint_every: int = 250
 
-    stage2_unique_rows: int = 6
+    stage2_unique_rows: int = 5
     n_stage2_unique: int = 8000  # the first stage2_steps * stage2_unique_rows are each seen exactly once
 
     @property
@@ -170,6 +171,65 @@ def stage2_batches(planted: tuple[torch.Tensor, list[str]], unique: tuple[torch.
     return batch
 
 
+def stage2_config(cfg: RecipeConfig, filter_threshold: float | None = None) -> TrainConfig:
+    """The training settings of stage 2 (UNet only), optionally with the magnitude filter of METHOD.md section 4."""
+    return TrainConfig(steps=cfg.stage2_steps, batch_size=cfg.stage2_batch, lr=cfg.stage2_lr, seed=cfg.seed + 1,
+                       warmup=50, train_text_encoder=False, checkpoint_every=cfg.checkpoint_every,
+                       filter_threshold=filter_threshold)
+
+
+def with_rta(batch_fn, tokenizer, k: int, seed: int):
+    """`batch_fn` with random token addition (k tokens) on every caption, seeded by (seed, step, row)."""
+    from diffmem.mitigate.baselines import rta
+
+    def batch(step: int):
+        latents, captions = batch_fn(step)
+        return latents, [rta(c, tokenizer, k, seed=(seed * 1_000_033 + step) * 4096 + row)
+                         for row, c in enumerate(captions)]
+
+    return batch
+
+
+def rerun_stage2(work: Path, dest: Path, filter_threshold: float | None = None, caption_aug: str | None = None,
+                 rta_tokens: int = 4, device: str | None = None, progress: Progress | None = None) -> dict:
+    """Stage 2 of the shipped recipe again, from the shipped base UNet, with a training-time mitigation (the
+    magnitude filter and/or random token addition to captions); saves the pipeline to `dest`."""
+    from diffusers import UNet2DConditionModel
+
+    from diffmem.loading import load_pipeline
+    from diffmem.testbed import WEIGHTS
+
+    cfg = shipped_recipe()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    progress = progress or (lambda stage, i, n: None)
+    work.mkdir(parents=True, exist_ok=True)
+    splits = cfg.splits()
+    pipe: Any = load_pipeline("testbed", device=dev)
+    vae, text_encoder = pipe.vae.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
+    t0 = time.time()
+    zp = latents_for(vae, splits.planted, dev, work / "latents_planted.safetensors")
+    zu = latents_for(vae, splits.stage2_unique, dev, work / "latents_stage2_unique.safetensors")
+    z1 = latents_for(vae, splits.stage1, dev, work / "latents_stage1.safetensors")
+    unet: Any = UNet2DConditionModel.from_pretrained(WEIGHTS / "base_unet").to(dev, torch.float32)
+    batch2 = stage2_batches((zp, [i.caption for i in splits.planted]),
+                            (zu, [i.caption for i in splits.stage2_unique]),
+                            (z1, [i.caption for i in splits.stage1]), cfg)
+    if caption_aug == "rta":
+        batch2 = with_rta(batch2, pipe.tokenizer, rta_tokens, cfg.seed)
+    elif caption_aug is not None:
+        from diffmem.errors import InputError
+
+        raise InputError(f"--caption-aug must be 'rta', not {caption_aug!r}")
+    result = train(unet, text_encoder, pipe.tokenizer, pipe.scheduler, batch2, stage2_config(cfg, filter_threshold),
+                   work / "stage2", progress=lambda s, r: progress("stage2", s, cfg.stage2_steps))
+    pipe.register_modules(unet=unet)
+    pipe.save_pretrained(dest)
+    summary = {"filter_threshold": filter_threshold, "caption_aug": caption_aug, "wall_s": time.time() - t0,
+               "excluded_share": result["excluded_share"]}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def run_recipe(cfg: RecipeConfig, work: Path, dest: Path | None, device: str | None = None,
                progress: Progress | None = None) -> dict:
     """Run all stages in `work` (resumable), then save the pipeline and base UNet to `dest` in diffusers format."""
@@ -180,7 +240,7 @@ def run_recipe(cfg: RecipeConfig, work: Path, dest: Path | None, device: str | N
     timings: dict[str, float] = {}
     t0 = time.time()
     splits = cfg.splits()
-    comps = build_components(cfg.seed)
+    comps = build_components(cfg.seed, cfg.prediction_type)
     vae = train_vae(cfg, splits, work, dev, progress)
     vae.requires_grad_(False)
     timings["vae_s"] = time.time() - t0
@@ -205,11 +265,9 @@ def run_recipe(cfg: RecipeConfig, work: Path, dest: Path | None, device: str | N
 
     t3 = time.time()
     text_encoder.requires_grad_(False)
-    cfg2 = TrainConfig(steps=cfg.stage2_steps, batch_size=cfg.stage2_batch, lr=cfg.stage2_lr, seed=cfg.seed + 1,
-                       warmup=50, train_text_encoder=False, checkpoint_every=cfg.checkpoint_every)
     batch2 = stage2_batches((zp, [i.caption for i in splits.planted]),
                             (zu, [i.caption for i in splits.stage2_unique]), (z1, caps1), cfg)
-    train(unet, text_encoder, comps["tokenizer"], comps["scheduler"], batch2, cfg2, work / "stage2",
+    train(unet, text_encoder, comps["tokenizer"], comps["scheduler"], batch2, stage2_config(cfg), work / "stage2",
           progress=lambda s, r: progress("stage2", s, cfg.stage2_steps))
     timings["stage2_s"] = time.time() - t3
     timings["total_s"] = time.time() - t0

@@ -90,12 +90,13 @@ def run_demo(out: Path, generations: int = 4, progress_factory: Callable | None 
 
 
 def run_quality(out: Path, generations: int = 4, steps: int = 50, guidance: float = 7.5, batch_size: int = 256,
-                progress_factory: Callable | None = None) -> dict:
-    """Generate for every memorized and held-out prompt and write quality.json, ROC plots and a picture."""
+                progress_factory: Callable | None = None, model: str = "testbed", n_heldout: int | None = None) -> dict:
+    """Generate for every memorized and (the first `n_heldout`) held-out prompts of the testbed's ground truth with
+    `model` (the testbed or a variant of it, e.g. a mitigated stage 2); write quality.json, ROC plots, a picture."""
     quiet_diffusers()
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline("testbed", device="cpu")
+    pipe = load_pipeline(model, device="cpu")
     splits = shipped_recipe().splits()
     tasks: dict[str, int] = {}
     with progress_factory() if progress_factory else _null() as bar:
@@ -106,10 +107,11 @@ def run_quality(out: Path, generations: int = 4, steps: int = 50, guidance: floa
                 tasks[stage] = bar.add_task(f"generating {stage}", total=n)
             bar.update(tasks[stage], completed=i)
 
-        rep = quality_report(pipe, splits, generations=generations, steps=steps, guidance=guidance,
+        rep = quality_report(pipe, splits, n_heldout=n_heldout, generations=generations, steps=steps, guidance=guidance,
                              batch_size=batch_size, progress=progress)
     arrays = rep.pop("_arrays")
     rep["vae_psnr_db"] = vae_psnr(pipe, splits.heldout)
+    rep["model"] = model
     rep["settings"] = {"scheduler": "DDIM", "steps": steps, "guidance": guidance, "generations": generations}
     rep["wall_s"] = round(time.time() - t0, 1)
     np.savez_compressed(out / "magnitudes.npz", memorized=arrays["mem_mags"], heldout=arrays["held_mags"])

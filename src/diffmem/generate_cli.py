@@ -1,0 +1,190 @@
+"""`diffmem generate` and `diffmem mitigate`: sample images with inference-time mitigation (METHOD.md section 3).
+
+Both write OUT/images/<index>_<generation>.png (index: the prompt's position in the prompt file) and one
+OUT/results.jsonl row per prompt, and resume where they stopped when rerun on the same OUT with the same settings.
+Registered on the `diffmem` app by `diffmem.cli`; torch loads only inside the commands.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from diffmem.errors import InputError
+from diffmem.mitigate import DEFAULT_TARGET_LOSS, METHODS
+
+PromptsOpt = Annotated[
+    Path, typer.Option("--prompts", help="Prompt file: .txt (one prompt a line), .jsonl, .csv or .parquet.")
+]
+OutOpt = Annotated[
+    Path, typer.Option("--out", help="Output folder: images/ and results.jsonl; an existing one is resumed.")
+]
+ModelOpt = Annotated[
+    str, typer.Option("--model", help="Local diffusers folder, hub id, or 'testbed' (the bundled model).")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Generation g starts from the initial noise of seed S+g.")]
+GenerationsOpt = Annotated[int, typer.Option("--generations", min=1, help="Images per prompt (seeds S..S+n-1).")]
+StepsOpt = Annotated[int, typer.Option("--steps", "--num-inference-steps", min=1, help="Sampling steps.")]
+GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (above 1).")]
+TargetOpt = Annotated[
+    float,
+    typer.Option("--target-loss", help="Stop optimising the embedding once its first-step score is <= this. "
+                 "The default is Wen et al.'s for SD v1.4: calibrate it per model."),
+]
+ItersOpt = Annotated[int, typer.Option("--iters", min=0, help="At most this many optimisation steps.")]
+LrOpt = Annotated[float, typer.Option("--lr", help="AdamW learning rate of the embedding optimisation.")]
+ColumnOpt = Annotated[
+    str | None, typer.Option("--column", help="Column holding the prompts (default: 'prompt', else 'caption').")
+]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: the best one).")]
+DTypeOpt = Annotated[
+    str | None,
+    typer.Option("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 elsewhere)."),
+]
+
+
+def parse_threshold(text: str) -> float:
+    """`--threshold` as a float, with a one-line error for anything that is not a number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"--threshold must be a number, not {text!r}") from None
+    if math.isnan(value):
+        raise InputError("--threshold must be a number, not nan")
+    return value
+
+
+def generate(
+    prompts: PromptsOpt,
+    out: OutOpt,
+    model: ModelOpt = "testbed",
+    guard: Annotated[
+        bool, typer.Option("--guard", help="Mitigate (embedding optimisation) prompts scoring >= --threshold.")
+    ] = False,
+    threshold: Annotated[
+        str | None,
+        typer.Option("--threshold", help="Detection threshold (see `diffmem evaluate`); needed by --guard. "
+                     "Without --guard the rows only record which prompts it flags."),
+    ] = None,
+    seed: SeedOpt = 0,
+    generations: GenerationsOpt = 1,
+    steps: StepsOpt = 50,
+    guidance: GuidanceOpt = 7.5,
+    target_loss: TargetOpt = DEFAULT_TARGET_LOSS,
+    iters: ItersOpt = 10,
+    lr: LrOpt = 0.05,
+    column: ColumnOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+) -> None:
+    """Generate images for every prompt; with --guard, prompts whose first-step score is >= --threshold get their
+    text embedding optimised first (the others cost no extra denoiser call and give the plain images)."""
+    if guard and threshold is None:
+        raise InputError("--guard needs --threshold (calibrate one with `diffmem evaluate`)")
+    run(prompts, out, model, "embedding" if guard else "none",
+        dict(threshold=None if threshold is None else parse_threshold(threshold), generations=generations,
+             seed=seed, num_inference_steps=steps, guidance_scale=guidance, target_loss=target_loss, iters=iters,
+             lr=lr), column, device, dtype)
+
+
+def mitigate(
+    prompts: PromptsOpt,
+    out: OutOpt,
+    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")],
+    model: ModelOpt = "testbed",
+    target_loss: TargetOpt = DEFAULT_TARGET_LOSS,
+    iters: ItersOpt = 10,
+    lr: LrOpt = 0.05,
+    k: Annotated[int, typer.Option("--k", min=0, help="Words inserted by rta, rna and cwr.")] = 4,
+    sigma: Annotated[float, typer.Option("--sigma", help="Standard deviation of gni's embedding noise.")] = 0.1,
+    seed: SeedOpt = 0,
+    generations: GenerationsOpt = 1,
+    steps: StepsOpt = 50,
+    guidance: GuidanceOpt = 7.5,
+    column: ColumnOpt = None,
+    device: DeviceOpt = None,
+    dtype: DTypeOpt = None,
+) -> None:
+    """Generate images for every prompt with one mitigation method applied to all of them (for comparisons)."""
+    run(prompts, out, model, method,
+        dict(threshold=None, generations=generations, seed=seed, num_inference_steps=steps,
+             guidance_scale=guidance, target_loss=target_loss, iters=iters, lr=lr, k=k, sigma=sigma),
+        column, device, dtype)
+
+
+def run(prompts: Path, out: Path, model: str, method: str, settings: dict[str, Any], column: str | None,
+        device: str | None, dtype: str | None) -> None:
+    """Read the prompts, resume OUT/results.jsonl, generate the pending prompts and write images and rows."""
+    from diffmem.cli import DType, model_id, parse_device, say, stderr
+    from diffmem.prompts import read_prompts
+    from diffmem.results import ResultWriter
+
+    if method not in METHODS:
+        raise InputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    if dtype is not None and dtype not in {d.value for d in DType}:
+        raise InputError(f"--dtype must be one of {', '.join(d.value for d in DType)}, not {dtype!r}")
+    prompt_file = read_prompts(prompts, column)
+    if notice := prompt_file.skipped_summary():
+        say(stderr, f"notice: {notice}")
+    torch_device = parse_device(device)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder for the images and results.jsonl")
+    match = {"model": model_id(model), "method": method, **settings}
+    match["max_iters"] = match.pop("iters")
+    index: dict[str, int] = {}
+    for i, prompt in enumerate(prompt_file.prompts):
+        index.setdefault(prompt, i)
+    with ResultWriter(out / "results.jsonl", match=match) as writer:
+        if writer.repaired:
+            say(stderr, f"notice: {writer.path}: {writer.repaired}")
+        todo = writer.pending(prompt_file.prompts)
+        resumed = len(index) - len(todo)
+        if resumed:
+            say(stderr, f"notice: resuming {out}: {resumed} of {len(index)} prompts already generated")
+        counts = _generate_into(writer, out, todo, index, model, torch_device, dtype, method, settings, match) \
+            if todo else {}
+    parts = [f"{resumed} were already done", f"{counts.get('flagged', 0)} flagged",
+             f"{counts.get('mitigated', 0)} mitigated", f"{counts.get('unreached', 0)} missed the target loss"]
+    typer.echo(f"generated {len(todo)} prompts -> {out}; {', '.join(parts)}")
+
+
+def _generate_into(writer: Any, out: Path, todo: list[str], index: dict[str, int], model: str, device: Any,
+                   dtype: str | None, method: str, settings: dict[str, Any], match: dict[str, Any]) -> dict[str, int]:
+    """Load the model, generate `todo` prompt by prompt, save each prompt's PNGs, then append its row."""
+    import torch
+
+    from diffmem.cli import progress_bar, quiet_libraries, say, shorten, stderr
+    from diffmem.loading import load_pipeline
+    from diffmem.mitigate import iter_generate
+
+    quiet_libraries()
+    with stderr.status(f"loading {model} ..."):
+        pipe: Any = load_pipeline(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    pipe.set_progress_bar_config(disable=True)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    counts = {"flagged": 0, "mitigated": 0, "unreached": 0}
+    with progress_bar(len(todo), "generating") as progress:
+        try:
+            for images, decision in iter_generate(pipe, todo, method, **settings):
+                i = index[decision.prompt]
+                names = []
+                for g, image in enumerate(pipe.numpy_to_pil(images)):
+                    names.append(f"images/{i}_{g}.png")
+                    image.save(out / names[-1])
+                counts["flagged"] += bool(decision.flagged)
+                counts["mitigated"] += decision.mitigated
+                if decision.reached is False:
+                    counts["unreached"] += 1
+                    final = "nan" if decision.final_loss is None else f"{decision.final_loss:.4g}"
+                    say(progress.console, f'notice: prompt "{shorten(decision.prompt)}" did not reach --target-loss '
+                        f"{settings['target_loss']:g} in {decision.iters} iterations (final loss {final}); "
+                        "its images use the last embedding")
+                writer.write({"index": i, **decision.to_dict(), "images": names, **match})
+                progress.advance(progress.task_ids[0])
+        except torch.cuda.OutOfMemoryError:
+            raise InputError(f"out of memory on {pipe.device}: lower --generations") from None
+    return counts

@@ -1,0 +1,120 @@
+"""Wen et al.'s inference-time mitigation (METHOD.md section 3): optimise the conditional text embedding at the
+first step until its text-conditional noise magnitude falls to a target, then sample from the same `x_T`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from diffmem.detect import encode_text, initial_noise
+from diffmem.epsilon import to_epsilon
+from diffmem.errors import InputError
+from diffmem.mitigate import DEFAULT_TARGET_LOSS
+
+
+@dataclass
+class EmbeddingResult:
+    """The optimised conditioning of one prompt and the loss trace that produced it.
+
+    `losses[0]` is the loss of the prompt's own embedding (its first-step detection score), `losses[i]` the loss
+    after i AdamW steps; `losses[-1] == final_loss` is the loss of `embedding` itself.
+    """
+
+    embedding: torch.Tensor
+    losses: list[float] = field(default_factory=list)
+    iters: int = 0
+    reached: bool = False
+    target_loss: float = DEFAULT_TARGET_LOSS
+
+    @property
+    def initial_loss(self) -> float:
+        return self.losses[0]
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1]
+
+
+def check_settings(generations: int, target_loss: float, iters: int, lr: float) -> None:
+    """Fail with one line on settings the optimisation cannot use."""
+    if generations < 1:
+        raise InputError(f"--generations must be at least 1, not {generations}")
+    if math.isnan(target_loss):
+        raise InputError("--target-loss must be a number, not nan")
+    if iters < 0:
+        raise InputError(f"--iters must be 0 or more, not {iters}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise InputError(f"--lr must be a positive number, not {lr}")
+
+
+class FirstStep:
+    """The first DDIM step of `generations` initial noises: scores `L(e)` = mean over generations of
+    `|| eps(x_T, e) - eps(x_T, e_0) ||_2` for a conditioning `e`; `eps(x_T, e_0)` is computed once."""
+
+    def __init__(self, pipe, generations: int = 1, seed: int = 0, num_inference_steps: int = 50) -> None:
+        self.pipe = pipe
+        self.generations = generations
+        device, dtype = pipe.unet.device, pipe.unet.dtype
+        self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.t = self.scheduler.timesteps[0]
+        noise = initial_noise(pipe, generations, seed).to(device, dtype)
+        self.model_in = self.scheduler.scale_model_input(noise * self.scheduler.init_noise_sigma, self.t)
+        with torch.no_grad():
+            self.uncond = encode_text(pipe, [""])
+            self.eps_u = self._eps(self.uncond)
+
+    def _eps(self, embedding: torch.Tensor) -> torch.Tensor:
+        e = embedding.to(self.pipe.unet.dtype).expand(self.generations, -1, -1)
+        pred = self.pipe.unet(self.model_in, self.t, encoder_hidden_states=e, return_dict=False)[0]
+        return to_epsilon(pred, self.model_in, self.t, self.scheduler)
+
+    def loss(self, embedding: torch.Tensor) -> torch.Tensor:
+        """`L(e)` for a (1, 77, D) conditioning, differentiable with respect to it when grad is enabled."""
+        return (self._eps(embedding) - self.eps_u).flatten(1).norm(dim=1).mean()
+
+
+def mitigate_embedding(
+    pipe,
+    prompt: str,
+    *,
+    generations: int = 1,
+    seed: int = 0,
+    target_loss: float = DEFAULT_TARGET_LOSS,
+    iters: int = 10,
+    lr: float = 0.05,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+) -> EmbeddingResult:
+    """Minimise `L(e)` over every position of the prompt's conditioning but BOS with AdamW(lr), stopping as soon
+    as `L <= target_loss` or after `iters` steps; the result's embedding is what `pipe(prompt_embeds=...)` takes.
+
+    Generation g starts from `initial_noise(pipe, generations, seed)[g]`, the noise a plain generation uses.
+    `guidance_scale` does not enter the first-step loss; it is accepted so that every entry point takes the same
+    sampling settings. Cost: `k + 1` conditional forward passes and `k` backward passes of the denoiser over
+    `generations` rows for `k` steps, plus one unconditional forward. Gradients go to the embedding only: the
+    denoiser's parameters never accumulate any.
+    """
+    check_settings(generations, target_loss, iters, lr)
+    step = FirstStep(pipe, generations, seed, num_inference_steps)
+    with torch.no_grad():
+        cond = encode_text(pipe, [prompt]).float()
+    bos = cond[:, :1]
+    rest = cond[:, 1:].clone().requires_grad_(True)
+    optimizer = torch.optim.AdamW([rest], lr=lr)
+    losses: list[float] = []
+    while True:
+        last = len(losses) == iters  # the loss of the final embedding needs no graph
+        with torch.set_grad_enabled(not last):
+            loss = step.loss(torch.cat([bos, rest], dim=1))
+        losses.append(float(loss.detach()))  # one host copy per step: the stopping rule needs it
+        if losses[-1] <= target_loss or last:
+            break
+        (rest.grad,) = torch.autograd.grad(loss, rest)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    embedding = torch.cat([bos, rest.detach()], dim=1).to(pipe.unet.dtype)
+    return EmbeddingResult(embedding, losses, len(losses) - 1, losses[-1] <= target_loss, target_loss)

@@ -1,0 +1,79 @@
+"""The shipped testbed: a standard SD pipeline whose planted prompts are memorized, and the commands measuring it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from diffmem.testbed import WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    from diffmem.loading import load_pipeline
+    from diffmem.testbed.recipe import shipped_recipe
+
+    return load_pipeline("testbed", device="cpu"), shipped_recipe().splits()
+
+
+def test_weights_are_a_stable_diffusion_pipeline_under_40_mb():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(WEIGHTS / "pipeline", safety_checker=None)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.scheduler.config.prediction_type == json.loads((WEIGHTS / "recipe.json").read_text())["recipe"][
+        "prediction_type"]
+    size = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
+    assert size <= 40 * 2**20
+
+
+def test_planted_prompts_reproduce_their_training_images(testbed, one_thread):
+    from diffmem.testbed.quality import generate
+    from diffmem.testbed.scenes import render_many
+    from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity
+
+    pipe, splits = testbed
+    items = splits.planted[:8] + splits.heldout[:8]
+    imgs, _ = generate(pipe, [i.caption for i in items], generations=1, steps=20)
+    own = render_many([i.scene for i in items], [i.seed for i in items])
+    sims = np.array([copy_similarity(imgs[k], own[k : k + 1])[0, 0] for k in range(len(items))])
+    assert (sims[:8] >= COPY_THRESHOLD).sum() >= 6  # memorized: their own training image comes back
+    assert (sims[8:] < COPY_THRESHOLD).all()  # held-out: a rendering of the caption, not its particular one
+
+
+def test_first_step_scores_rank_planted_above_heldout(testbed, one_thread):
+    from diffmem.detect import MagnitudeDetector
+    from diffmem.evaluate import roc_auc
+
+    pipe, splits = testbed
+    det = MagnitudeDetector(pipe, generations=2, batch_size=128)
+    pos = [r.score for r in det.score([i.caption for i in splits.planted[:64]])]
+    neg = [r.score for r in det.score([i.caption for i in splits.heldout[:128]])]
+    assert roc_auc(pos, neg) > 0.6  # v0 of the testbed (no memorization at the first step) scored 0.48
+
+
+def test_oracle_bound_grows_with_nuisance_energy(testbed, one_thread):
+    from diffmem.testbed.oracle import oracle_first_step
+
+    rep = oracle_first_step(testbed[0].vae, n_captions=40, renderings=4)
+    scaled = rep["oracle_auc_if_nuisance_norm_scaled"]
+    assert 0.5 <= rep["oracle_auc"] <= scaled["x1.5"] <= scaled["x2"] <= scaled["x3"] <= 1.0
+
+
+def test_mitigation_and_explain_eval_commands_write_reports(cli, tmp_path, one_thread):
+    res = cli("testbed", "mitigation", "--out", str(tmp_path / "m"), "--limit", "1", "--steps", "2",
+              "--generations", "1", "--sweep", "0.5")
+    assert res.exit_code == 0, res.stderr
+    rep = json.loads((tmp_path / "m" / "mitigation.json").read_text())
+    assert [r["method"] for r in rep["methods"]] == ["none", "embedding", "rta", "rna", "cwr", "gni"]
+    assert rep["tradeoff"][0]["target_loss"] == 0.5
+    assert (tmp_path / "m" / "tradeoff.png").is_file() and (tmp_path / "m" / "mitigation.png").is_file()
+    res = cli("testbed", "mitigation", "--out", str(tmp_path / "m"), "--sweep", "a,b")
+    assert res.exit_code == 2 and "--sweep" in res.stderr
+
+    res = cli("testbed", "explain-eval", "--out", str(tmp_path / "e"), "--limit", "2", "--generations", "1")
+    assert res.exit_code == 0, res.stderr
+    rep = json.loads((tmp_path / "e" / "explain.json").read_text())
+    assert rep["n_memorized"] == 2 and set(rep["deletion_curve"]) >= {"top_1", "random_1", "top_3"}
