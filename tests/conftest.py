@@ -161,3 +161,15 @@ def app_server(testbed_service):
 
     with BackgroundServer(create_app(testbed_service)) as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def memorized_prompt(testbed_service) -> str:
+    """The memorized (planted) testbed caption that scores highest at the first step. The testbed's first-step
+    detection flags only some memorized prompts at 1% FPR (README), so the app tests pick one it flags."""
+    from diffmem.testbed.recipe import shipped_recipe
+
+    planted = [item.caption for item in shipped_recipe().splits().planted]
+    size = testbed_service.limits.max_batch
+    rows = [row for i in range(0, len(planted), size) for row in testbed_service.screen(planted[i : i + size])]
+    return max(zip(rows, planted, strict=True), key=lambda pair: pair[0]["score"])[1]

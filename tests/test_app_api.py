@@ -68,9 +68,9 @@ def test_detect_scores_match_the_library(client: httpx.Client, testbed_service: 
         assert row["error"] is None and row["truncated"] is False
 
 
-def test_detect_flags_memorized_not_heldout(client: httpx.Client, splits) -> None:
+def test_detect_flags_memorized_not_heldout(client: httpx.Client, splits, memorized_prompt: str) -> None:
     """The real behaviour on the testbed: a planted caption is flagged, a held-out one is not."""
-    body = client.post("/api/detect", json={"prompts": [splits.planted[0].caption,
+    body = client.post("/api/detect", json={"prompts": [memorized_prompt,
                                                          splits.heldout[0].caption]}).json()
     memorized, heldout = body["results"]
     assert heldout["flagged"] is False
@@ -86,8 +86,8 @@ def test_detect_curve_covers_every_step(client: httpx.Client, splits) -> None:
     assert curve["score"] == pytest.approx(plain["score"], rel=1e-5)
 
 
-def test_explain_words_and_suggestions(client: httpx.Client, splits) -> None:
-    prompt = splits.planted[0].caption
+def test_explain_words_and_suggestions(client: httpx.Client, splits, memorized_prompt: str) -> None:
+    prompt = memorized_prompt
     body = client.post("/api/explain", json={"prompt": prompt}).json()
     assert [w["text"] for w in body["words"]] == prompt.split()
     assert all(isinstance(w["significance"], float) for w in body["words"])
@@ -104,8 +104,8 @@ def _png(text: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
 
 
-def test_generate_plain_and_mitigated(client: httpx.Client, splits) -> None:
-    body = client.post("/api/generate", json={"prompt": splits.planted[0].caption}).json()
+def test_generate_plain_and_mitigated(client: httpx.Client, splits, memorized_prompt: str) -> None:
+    body = client.post("/api/generate", json={"prompt": memorized_prompt}).json()
     assert _png(body["plain_png"]).shape == _png(body["mitigated_png"]).shape == (32, 32, 3)
     assert _png(body["training_png"]).shape == (32, 32, 3)
     sims = body["copy_similarity"]

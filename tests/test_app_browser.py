@@ -60,9 +60,9 @@ def test_page_says_where_the_threshold_comes_from(browser) -> None:
     assert "calibrated at startup on 512 held-out testbed prompts at 1% FPR" in page.inner_text("#threshold-source")
 
 
-def test_memorized_prompt_is_flagged_with_highlighted_words(browser, splits) -> None:
+def test_memorized_prompt_is_flagged_with_highlighted_words(browser, splits, memorized_prompt: str) -> None:
     page, _ = browser
-    prompt = splits.planted[0].caption
+    prompt = memorized_prompt
     verdict = _screen(page, prompt)
     words = page.locator("#words-box .diffmem-word")
     assert words.all_inner_texts() == prompt.split()
@@ -79,9 +79,9 @@ def test_heldout_prompt_is_not_flagged(browser, splits) -> None:
     assert not page.locator("#suggestion-0").is_visible()
 
 
-def test_clicking_a_suggestion_updates_the_verdict(browser, splits) -> None:
+def test_clicking_a_suggestion_updates_the_verdict(browser, splits, memorized_prompt: str) -> None:
     page, _ = browser
-    prompt = splits.planted[0].caption
+    prompt = memorized_prompt
     assert _screen(page, prompt) == "flagged", page.inner_text("#verdict-box")
     page.locator("#suggestion-0").click()
     page.wait_for_function("p => { const v = document.querySelector('#verdict-box')?.dataset.prompt;"
@@ -91,9 +91,9 @@ def test_clicking_a_suggestion_updates_the_verdict(browser, splits) -> None:
     assert page.get_attribute("#verdict-box", "data-verdict") == "clear"
 
 
-def test_generate_shows_two_images(browser, splits) -> None:
+def test_generate_shows_two_images(browser, splits, memorized_prompt: str) -> None:
     page, _ = browser
-    prompt = splits.planted[0].caption
+    prompt = memorized_prompt
     page.fill("#prompt textarea", prompt)
     page.click("#generate-button")
     page.wait_for_function("p => document.querySelector('#images-box')?.dataset.prompt === p", arg=prompt)
