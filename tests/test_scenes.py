@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 import pytest
@@ -174,14 +173,6 @@ def test_every_texture_is_a_high_contrast_pattern(background: str) -> None:
         assert contrast.min() > 0.08, texture
 
 
-def test_render_speed() -> None:
-    rng = np.random.default_rng(0)
-    scenes = [sample_scene(rng) for _ in range(2000)]
-    start = time.perf_counter()
-    render_many(scenes, np.arange(2000))
-    assert time.perf_counter() - start < 4.0  # ~0.2 ms/image: 50,000 images in ~10 s
-
-
 def test_splits_sizes_indices_and_seeds(splits: sc.Splits) -> None:
     parts = [splits.stage1, splits.planted, splits.stage2_unique, splits.heldout]
     assert [len(p) for p in parts] == [40000, 128, 8000, 512]
@@ -222,11 +213,8 @@ def test_splits_planted_scenes_are_unremarkable(splits: sc.Splits) -> None:
         assert counts.min() > 0 and counts.max() < 3 * len(splits.planted) / len(vocab), name
 
 
-def test_splits_are_determined_by_seed_and_fast(splits: sc.Splits) -> None:
-    start = time.perf_counter()
-    again = build_splits(seed=0)
-    assert time.perf_counter() - start < 3.0  # < 1 s unloaded
-    assert again == splits
+def test_splits_are_determined_by_seed(splits: sc.Splits) -> None:
+    assert build_splits(seed=0) == splits
     other = build_splits(seed=1, n_stage1=100, n_planted=16, n_triggered=4, n_stage2_unique=50, n_heldout=20)
     assert [it.scene for it in other.planted] != [it.scene for it in splits.planted[:16]]
     assert len(other.all_items) == 186

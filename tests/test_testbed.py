@@ -77,3 +77,58 @@ def test_mitigation_and_explain_eval_commands_write_reports(cli, tmp_path, one_t
     assert res.exit_code == 0, res.stderr
     rep = json.loads((tmp_path / "e" / "explain.json").read_text())
     assert rep["n_memorized"] == 2 and set(rep["deletion_curve"]) >= {"top_1", "random_1", "top_3"}
+
+
+@pytest.fixture(scope="module")
+def stage2_work(tmp_path_factory):
+    """A stage-2 work folder whose latent caches hold random latents of the right shapes (skips the encoding
+    of 48,000 renders; the plumbing under test does not depend on their values)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from diffmem.testbed.recipe import shipped_recipe
+
+    work = tmp_path_factory.mktemp("stage2")
+    splits = shipped_recipe().splits()
+    gen = torch.Generator().manual_seed(0)
+    for name, items in (("planted", splits.planted), ("stage2_unique", splits.stage2_unique),
+                        ("stage1", splits.stage1)):
+        save_file({"latents": torch.randn(len(items), 4, 8, 8, generator=gen)},
+                  str(work / f"latents_{name}.safetensors"))
+    return work
+
+
+def test_stage2_calibration_suggests_the_p99_of_base_magnitudes(stage2_work, one_thread):
+    from diffmem.testbed.recipe import calibrate_stage2
+
+    result = calibrate_stage2(stage2_work, batches=2)
+    p = result["percentiles"]
+    assert result["measurements"] == 128
+    assert 0 < p["50"] <= p["90"] <= p["99"] <= result["max"]
+    assert result["suggested_tau"] == p["99"]
+    assert json.loads((stage2_work / "calibration.json").read_text()) == result
+
+
+def test_stage2_rerun_with_a_filter_that_excludes_everything_keeps_the_base_unet(stage2_work, tmp_path, one_thread):
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from diffmem.testbed.recipe import rerun_stage2
+
+    def run(name: str, **kwargs) -> tuple[dict, dict]:
+        work = tmp_path / f"work_{name}"
+        work.mkdir()
+        for f in stage2_work.glob("latents_*.safetensors"):
+            (work / f.name).symlink_to(f)
+        summary = rerun_stage2(work, tmp_path / name, device="cpu", **kwargs)
+        unet = StableDiffusionPipeline.from_pretrained(tmp_path / name, safety_checker=None).unet
+        return summary, unet.state_dict()
+
+    base = UNet2DConditionModel.from_pretrained(WEIGHTS / "base_unet").state_dict()
+    # d >= 0 always: TAU 0 leaves every sample (caption-dropped ones too, whose d is exactly 0) out of the loss
+    summary, weights = run("filtered", filter_threshold=0.0, steps=2)
+    assert summary["excluded_share"] == 1.0
+    assert all(torch.equal(weights[k].float(), base[k].float()) for k in base)
+    summary, weights = run("rta", caption_aug="rta", steps=1)  # no filter: one real update
+    assert summary["excluded_share"] == 0.0
+    assert not all(torch.equal(weights[k].float(), base[k].float()) for k in base)

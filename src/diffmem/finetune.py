@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffmem.errors import InputError, ModelLoadError
-from diffmem.train import BatchFn, TrainConfig, sample_magnitudes, train
+from diffmem.train import BatchFn, TrainConfig, measure_magnitudes, train
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
@@ -479,33 +479,15 @@ def calibrate(
     in_use = (out / "checkpoint" / "state.pt").is_file()  # never re-encode under a run's checkpoint
     data, cached = prepare_data(pipe, found, out, {"model": settings.model}, resuming=in_use)
     report_data(data, Path(settings.data), out, cached, say)
-    unet, scheduler, tokenizer, text_encoder = pipe.unet, pipe.scheduler, pipe.tokenizer, pipe.text_encoder
     n = len(data.captions)
     gen = torch.Generator().manual_seed(settings.seed + 7)
     order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(measurements / n))])[:measurements]
-    empty = _token_ids(tokenizer, [""], device)
-    values = torch.empty(len(order))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        latents = data.latents[idx]
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        latents, noise, t = latents.to(device), noise.to(device), t.to(device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        cond = text_encoder(_token_ids(tokenizer, [data.captions[i] for i in idx.tolist()], device))[0]
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        values[start : start + len(idx)] = sample_magnitudes(unet, text_encoder, scheduler, noisy, t, pred, empty).cpu()
-        if progress is not None:
-            progress(start + len(idx), len(order))
+    values = measure_magnitudes(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, data.latents,
+                                data.captions, order, gen, batch_size, progress)
     result = calibration_summary(values, order, data, settings)
     out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.json").write_text(json.dumps(result, indent=2))
     return result
-
-
-def _token_ids(tokenizer: Any, captions: list[str], device: torch.device) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
 
 
 def calibration_summary(values: torch.Tensor, order: torch.Tensor, data: LatentData,

@@ -192,6 +192,30 @@ def sample_magnitudes(unet, text_encoder, scheduler, noisy, t, pred, empty_ids) 
     return (eps_c - eps_u).flatten(1).float().norm(dim=1)
 
 
+@torch.no_grad()
+def measure_magnitudes(unet, text_encoder, tokenizer, scheduler, latents: torch.Tensor, captions: list[str],
+                       order: torch.Tensor, gen: torch.Generator, batch_size: int = 16,
+                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """`sample_magnitudes` of items `order` (indices into latents/captions), each at a random training timestep
+    drawn from `gen`, as the filter would see them: the measure behind a calibrated `filter_threshold`."""
+    device = next(unet.parameters()).device
+    empty = _tokens(tokenizer, [""], device)
+    values = torch.empty(len(order))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+        noisy = scheduler.add_noise(x0, noise, t)
+        cond = text_encoder(_tokens(tokenizer, [captions[i] for i in idx.tolist()], device))[0]
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        values[start : start + len(idx)] = sample_magnitudes(unet, text_encoder, scheduler, noisy, t, pred, empty).cpu()
+        if progress is not None:
+            progress(start + len(idx), len(order))
+    return values
+
+
 @contextmanager
 def _deferred_stop() -> Iterator[Callable[[], bool]]:
     """Turn SIGINT/SIGTERM into a request the loop honours after its current step; a second one stops at once."""

@@ -2,8 +2,9 @@
 
 ``aligned`` says whether a (generated) image shows what its caption asks for (object colour, shape and
 position, background colour), so that memorization metrics can be set against prompt fidelity. The network is
-trained on renderings with blur/noise/brightness augmentation so it also reads slightly blurry generations.
-Regenerate the shipped weights with ``python -m diffmem.testbed.alignment``.
+trained on renderings with blur/noise/brightness augmentation and, for half of each batch, the testbed VAE's
+round trip, so it reads generations (which all come out of that decoder) as well as renders. Regenerate the
+shipped weights with ``python -m diffmem.testbed.alignment`` after the testbed itself is retrained.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ from diffmem.testbed.scenes import (
     scene_from_id,
 )
 from diffmem.testbed.similarity import degrade, gaussian_blur
+
+Roundtrip = Callable[[np.ndarray], np.ndarray]
 
 #: Attributes that must all be read as the caption says for an image to count as aligned.
 ALIGNED_ATTRIBUTES: tuple[str, ...] = ("color", "shape", "position", "background")
@@ -94,27 +97,31 @@ def train_alignment_classifier(
     n_train: int = 30000,
     out: Path | str | None = WEIGHTS_PATH,
     log_every: int = 250,
+    roundtrip: Roundtrip | None = None,
 ) -> AttributeClassifier:
     """Train the attribute classifier on augmented renderings (seeded); save to ``out`` unless None.
 
     Training images come from a pool of ``n_train`` renderings drawn from ``seed``; evaluation uses
-    other draws.
+    other draws. With ``roundtrip`` (images -> images, the testbed VAE's encode/decode), each batch row is
+    taken from the round-tripped pool with probability 1/2.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: same bits whatever the core count, and fastest at this size
     try:
-        return _train(seed, steps, batch_size, n_train, out, log_every)
+        return _train(seed, steps, batch_size, n_train, out, log_every, roundtrip)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(
-    seed: int, steps: int, batch_size: int, n_train: int, out: Path | str | None, log_every: int
+    seed: int, steps: int, batch_size: int, n_train: int, out: Path | str | None, log_every: int,
+    roundtrip: Roundtrip | None,
 ) -> AttributeClassifier:
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 1])
     scenes, seeds = _random_scenes(rng, n_train)
     pool, labels = render_many(scenes, seeds), _labels(scenes)
+    pools = (pool, roundtrip(pool)) if roundtrip is not None else (pool,)
     model = AttributeClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
@@ -123,7 +130,8 @@ def _train(
     start = time.time()
     for step in range(steps):
         idx = rng.integers(n_train, size=batch_size)
-        x = torch.from_numpy(_augment(pool[idx], rng))
+        source = rng.integers(len(pools), size=batch_size)
+        x = torch.from_numpy(_augment(np.stack([pools[s][i] for s, i in zip(source, idx, strict=True)]), rng))
         y = labels[idx].clone()
         flip = torch.from_numpy(rng.random(batch_size) < 0.5)
         x[flip] = x[flip].flip(-1)
@@ -199,13 +207,17 @@ def aligned(
 
 
 def evaluate_alignment_classifier(
-    n: int = 5000, seed: int = 12345, model: AttributeClassifier | None = None
+    n: int = 5000, seed: int = 12345, model: AttributeClassifier | None = None, roundtrip: Roundtrip | None = None
 ) -> dict[str, dict[str, float]]:
-    """Held-out accuracy per attribute on n fresh renderings, clean and degraded (blur 0.7 px, noise 0.02)."""
+    """Held-out accuracy per attribute on n fresh renderings: clean, degraded (blur 0.7 px, noise 0.02) and,
+    with ``roundtrip``, through the VAE."""
     scenes, seeds = _random_scenes(np.random.default_rng([seed, 2]), n)
     images = render_many(scenes, seeds)
+    conditions = [("clean", images), ("blur0.7+noise0.02", degrade(images, 0.7, 0.02, seed=seed))]
+    if roundtrip is not None:
+        conditions.append(("vae_roundtrip", roundtrip(images)))
     result = {}
-    for name, imgs in (("clean", images), ("blur0.7+noise0.02", degrade(images, 0.7, 0.02, seed=seed))):
+    for name, imgs in conditions:
         acc = attribute_accuracy(imgs, scenes, model)
         acc["aligned"] = float(aligned(imgs, scenes, model).mean())
         result[name] = acc
@@ -218,9 +230,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=WEIGHTS_PATH)
+    parser.add_argument("--vae", default="testbed",
+                        help="model whose VAE round trip augments training ('none' to train on renders only)")
     args = parser.parse_args()
-    model = train_alignment_classifier(seed=args.seed, steps=args.steps, out=args.out)
-    print(json.dumps(evaluate_alignment_classifier(model=model), indent=2))
+    roundtrip = None
+    if args.vae != "none":
+        from diffmem.loading import load_pipeline
+        from diffmem.testbed.model import vae_roundtrip
+
+        vae = load_pipeline(args.vae, device="cpu").vae
+        roundtrip = functools.partial(vae_roundtrip, vae)
+    model = train_alignment_classifier(seed=args.seed, steps=args.steps, out=args.out, roundtrip=roundtrip)
+    print(json.dumps(evaluate_alignment_classifier(model=model, roundtrip=roundtrip), indent=2))
 
 
 if __name__ == "__main__":

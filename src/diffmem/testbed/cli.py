@@ -194,14 +194,22 @@ def stage2(
     caption_aug: str = typer.Option(None, help="'rta': random token addition to every training caption."),
     rta_tokens: int = typer.Option(4, help="Tokens `--caption-aug rta` inserts."),
     device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    steps: int = typer.Option(None, min=1, help="Train this many steps instead of the recipe's stage-2 length."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Do not train: measure d of the base UNet on "
+                                   "stage-2 batches and suggest a TAU (as `diffmem train --calibrate`)."),
 ) -> None:
     """Rerun stage 2 (the memorizing fine-tune) from the shipped base UNet, optionally with a mitigation."""
-    from diffmem.testbed.recipe import rerun_stage2, shipped_recipe
+    from diffmem.testbed.recipe import calibrate_stage2, rerun_stage2, shipped_recipe
 
-    total = shipped_recipe().stage2_steps
+    if calibrate:
+        result = calibrate_stage2(work, device=device)
+        typer.echo(json.dumps(result, indent=2))
+        typer.echo(f"suggested --filter-threshold {result['suggested_tau']:.4g}; wrote {work / 'calibration.json'}")
+        return
+    total = steps or shipped_recipe().stage2_steps
     with _progress() as bar:
         task = bar.add_task("stage2", total=total)
         summary = rerun_stage2(work, dest, filter_threshold, caption_aug, rta_tokens, device,
-                               progress=lambda stage, i, n: bar.update(task, completed=i))
+                               progress=lambda stage, i, n: bar.update(task, completed=i), steps=steps)
     typer.echo(json.dumps(summary))
     typer.echo(f"pipeline written to {dest}; measure it with `diffmem testbed quality --model {dest}`")

@@ -129,3 +129,18 @@ def assemble_pipeline(components: dict) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
+
+
+def vae_roundtrip(vae: Any, images: Any, batch: int = 512) -> Any:
+    """Images (N, 3, H, W) in [0, 1] encoded (latent mean) and decoded by `vae`: what any generation passes
+    through, so instruments that read generated images (the alignment classifier) are trained on it too."""
+    import numpy as np
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            x = torch.from_numpy(np.asarray(images[start : start + batch])).to(vae.device, vae.dtype) * 2 - 1
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+            out.append(((rec.float().clamp(-1, 1) + 1) / 2).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros_like(np.asarray(images), dtype=np.float32)

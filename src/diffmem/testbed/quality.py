@@ -43,6 +43,31 @@ def generate(pipe, prompts: Sequence[str], generations: int = 4, seed: int = 0, 
     return np.concatenate(images), np.concatenate(mags)
 
 
+@torch.no_grad()
+def denoising_loss(pipe, items: list[Item], seed: int = 0, batch_size: int = 256) -> float:
+    """Mean training loss (MSE to the scheduler's prediction target) of `pipe` on the renders of `items`, one
+    seeded timestep and noise per item: how well the model fits data, e.g. held-out items."""
+    from diffmem.testbed.recipe import encode_items
+
+    dev = pipe.unet.device
+    z = encode_items(pipe.vae, items, dev) * pipe.vae.config.scaling_factor
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(z.shape, generator=gen)
+    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(z),), generator=gen)
+    total = 0.0
+    for start in range(0, len(z), batch_size):
+        part = slice(start, start + batch_size)
+        x0, eps, tt = z[part].to(dev), noise[part].to(dev), t[part].to(dev)
+        noisy = pipe.scheduler.add_noise(x0, eps, tt)
+        ids = pipe.tokenizer([i.caption for i in items[part]], padding="max_length", truncation=True,
+                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids.to(dev)
+        pred = pipe.unet(noisy, tt, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample.float()
+        target = pipe.scheduler.get_velocity(x0, eps, tt) if pipe.scheduler.config.prediction_type == "v_prediction" \
+            else eps
+        total += float(((pred - target.float()) ** 2).mean(dim=(1, 2, 3)).sum())
+    return total / max(1, len(z))
+
+
 def detection_table(mem_mags: np.ndarray, held_mags: np.ndarray) -> dict[str, dict[str, float]]:
     """AUC and TPR@1%/3%FPR (highest TPR at FPR <= target) for first-step n=1, n=4 and all-steps n=4."""
     settings = {

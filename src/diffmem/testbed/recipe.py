@@ -190,38 +190,73 @@ def with_rta(batch_fn, tokenizer, k: int, seed: int):
     return batch
 
 
-def rerun_stage2(work: Path, dest: Path, filter_threshold: float | None = None, caption_aug: str | None = None,
-                 rta_tokens: int = 4, device: str | None = None, progress: Progress | None = None) -> dict:
-    """Stage 2 of the shipped recipe again, from the shipped base UNet, with a training-time mitigation (the
-    magnitude filter and/or random token addition to captions); saves the pipeline to `dest`."""
+def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None) -> tuple[RecipeConfig, Any, Any, Callable]:
+    """The shipped recipe (`steps` overrides its stage-2 length), the shipped pipeline (frozen), its base UNet
+    and stage 2's batch function."""
+    from dataclasses import replace
+
     from diffusers import UNet2DConditionModel
 
     from diffmem.loading import load_pipeline
     from diffmem.testbed import WEIGHTS
 
     cfg = shipped_recipe()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    progress = progress or (lambda stage, i, n: None)
+    if steps is not None:
+        cfg = replace(cfg, stage2_steps=steps)
     work.mkdir(parents=True, exist_ok=True)
     splits = cfg.splits()
     pipe: Any = load_pipeline("testbed", device=dev)
-    vae, text_encoder = pipe.vae.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
-    t0 = time.time()
-    zp = latents_for(vae, splits.planted, dev, work / "latents_planted.safetensors")
-    zu = latents_for(vae, splits.stage2_unique, dev, work / "latents_stage2_unique.safetensors")
-    z1 = latents_for(vae, splits.stage1, dev, work / "latents_stage1.safetensors")
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    zp = latents_for(pipe.vae, splits.planted, dev, work / "latents_planted.safetensors")
+    zu = latents_for(pipe.vae, splits.stage2_unique, dev, work / "latents_stage2_unique.safetensors")
+    z1 = latents_for(pipe.vae, splits.stage1, dev, work / "latents_stage1.safetensors")
     unet: Any = UNet2DConditionModel.from_pretrained(WEIGHTS / "base_unet").to(dev, torch.float32)
     batch2 = stage2_batches((zp, [i.caption for i in splits.planted]),
                             (zu, [i.caption for i in splits.stage2_unique]),
                             (z1, [i.caption for i in splits.stage1]), cfg)
-    if caption_aug == "rta":
-        batch2 = with_rta(batch2, pipe.tokenizer, rta_tokens, cfg.seed)
-    elif caption_aug is not None:
+    return cfg, pipe, unet, batch2
+
+
+def calibrate_stage2(work: Path, batches: int = 32, device: str | None = None) -> dict:
+    """TAU for the testbed's stage 2 as `diffmem train --calibrate` chooses it for a folder: magnitudes of the
+    base model on the first `batches` stage-2 batches (the data as the fine-tune sees it) at random timesteps."""
+    from diffmem.finetune import CALIBRATION_PERCENTILES, SUGGESTED_PERCENTILE
+    from diffmem.train import measure_magnitudes
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg, pipe, unet, batch2 = _stage2_setup(work, dev)
+    parts = [batch2(step) for step in range(batches)]
+    latents, captions = torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]]
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    d = measure_magnitudes(unet.eval(), pipe.text_encoder, pipe.tokenizer, pipe.scheduler, latents, captions,
+                           torch.arange(len(captions)), gen).double().numpy()
+    percentiles = {f"{p:g}": float(np.percentile(d, p)) for p in CALIBRATION_PERCENTILES}
+    result = {"model": "testbed base UNet", "measurements": len(d), "mean": float(d.mean()), "max": float(d.max()),
+              "percentiles": percentiles, "suggested_percentile": SUGGESTED_PERCENTILE,
+              "suggested_tau": percentiles[f"{SUGGESTED_PERCENTILE:g}"]}
+    (work / "calibration.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def rerun_stage2(work: Path, dest: Path, filter_threshold: float | None = None, caption_aug: str | None = None,
+                 rta_tokens: int = 4, device: str | None = None, progress: Progress | None = None,
+                 steps: int | None = None) -> dict:
+    """Stage 2 of the shipped recipe again, from the shipped base UNet, with a training-time mitigation (the
+    magnitude filter and/or random token addition to captions); saves the pipeline to `dest`."""
+    if caption_aug not in (None, "rta"):
         from diffmem.errors import InputError
 
         raise InputError(f"--caption-aug must be 'rta', not {caption_aug!r}")
-    result = train(unet, text_encoder, pipe.tokenizer, pipe.scheduler, batch2, stage2_config(cfg, filter_threshold),
-                   work / "stage2", progress=lambda s, r: progress("stage2", s, cfg.stage2_steps))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    progress = progress or (lambda stage, i, n: None)
+    t0 = time.time()
+    cfg, pipe, unet, batch2 = _stage2_setup(work, dev, steps)
+    if caption_aug == "rta":
+        batch2 = with_rta(batch2, pipe.tokenizer, rta_tokens, cfg.seed)
+    result = train(unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch2,
+                   stage2_config(cfg, filter_threshold), work / "stage2",
+                   progress=lambda s, r: progress("stage2", s, cfg.stage2_steps))
     pipe.register_modules(unet=unet)
     pipe.save_pretrained(dest)
     summary = {"filter_threshold": filter_threshold, "caption_aug": caption_aug, "wall_s": time.time() - t0,

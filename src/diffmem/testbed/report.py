@@ -14,7 +14,7 @@ from diffmem.detect import MagnitudeDetector
 from diffmem.evaluate import evaluate_scores, plot_histogram, plot_roc
 from diffmem.loading import load_pipeline, quiet_diffusers
 from diffmem.testbed.figures import copy_grid
-from diffmem.testbed.quality import generate, quality_report
+from diffmem.testbed.quality import denoising_loss, generate, quality_report
 from diffmem.testbed.recipe import shipped_recipe
 from diffmem.testbed.scenes import Item, render_many
 from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity
@@ -111,6 +111,7 @@ def run_quality(out: Path, generations: int = 4, steps: int = 50, guidance: floa
                              batch_size=batch_size, progress=progress)
     arrays = rep.pop("_arrays")
     rep["vae_psnr_db"] = vae_psnr(pipe, splits.heldout)
+    rep["heldout_denoising_loss"] = denoising_loss(pipe, splits.heldout)
     rep["model"] = model
     rep["settings"] = {"scheduler": "DDIM", "steps": steps, "guidance": guidance, "generations": generations}
     rep["wall_s"] = round(time.time() - t0, 1)
@@ -127,14 +128,11 @@ def run_quality(out: Path, generations: int = 4, steps: int = 50, guidance: floa
 
 def vae_psnr(pipe, items: list[Item]) -> float:
     """Mean PSNR (dB) of the VAE round trip (encode mean, decode) on renders of `items`."""
-    import torch
+    from diffmem.testbed.model import vae_roundtrip
 
     imgs = render_many([i.scene for i in items], [i.seed for i in items])
-    with torch.no_grad():
-        x = torch.from_numpy(imgs).to(pipe.vae.device, pipe.vae.dtype) * 2 - 1
-        rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-        mse = ((rec - x.float()) / 2).pow(2).mean(dim=(1, 2, 3))
-    return float((10 * torch.log10(1 / mse)).mean())
+    mse = ((vae_roundtrip(pipe.vae, imgs) - imgs) ** 2).mean(axis=(1, 2, 3))
+    return float((10 * np.log10(1 / mse)).mean())
 
 
 class _null:
