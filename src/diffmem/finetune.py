@@ -490,11 +490,18 @@ def calibrate(
     return result
 
 
+def magnitude_summary(d: np.ndarray) -> dict:
+    """Mean, max and percentiles of measured magnitudes, and the suggested `--filter-threshold` (a percentile)."""
+    percentiles = {f"{p:g}": float(np.percentile(d, p)) for p in CALIBRATION_PERCENTILES}
+    return {"mean": float(d.mean()), "max": float(d.max()), "percentiles": percentiles,
+            "suggested_percentile": SUGGESTED_PERCENTILE, "suggested_tau": percentiles[f"{SUGGESTED_PERCENTILE:g}"]}
+
+
 def calibration_summary(values: torch.Tensor, order: torch.Tensor, data: LatentData,
                         settings: FinetuneSettings) -> dict:
     """Percentiles of the measured magnitudes, the suggested threshold, and the files measuring highest."""
     d = values.double().numpy()
-    percentiles = {f"{p:g}": float(np.percentile(d, p)) for p in CALIBRATION_PERCENTILES}
+    summary = magnitude_summary(d)
     sums = np.bincount(order.numpy(), weights=d, minlength=len(data.files))
     counts = np.bincount(order.numpy(), minlength=len(data.files))
     means = np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)
@@ -506,11 +513,7 @@ def calibration_summary(values: torch.Tensor, order: torch.Tensor, data: LatentD
         "measurements": len(d),
         "seed": settings.seed,
         "timesteps": "uniform over the training timesteps, one per measurement (as the filter sees them)",
-        "mean": float(d.mean()),
-        "max": float(d.max()),
-        "percentiles": percentiles,
-        "suggested_percentile": SUGGESTED_PERCENTILE,
-        "suggested_tau": percentiles[f"{SUGGESTED_PERCENTILE:g}"],
+        **summary,
         "highest_files": [{"file": data.files[i], "mean_d": float(means[i]), "measurements": int(counts[i])}
                           for i in top if counts[i] > 0],
     }

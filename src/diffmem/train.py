@@ -55,6 +55,13 @@ def _tokens(tokenizer, captions: list[str], device) -> torch.Tensor:
     ).input_ids.to(device)
 
 
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the denoiser learns to predict: the noise (epsilon models) or the velocity (v-prediction)."""
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    return scheduler.get_velocity(latents, noise, t)
+
+
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < cfg.warmup:
@@ -115,8 +122,7 @@ def train(
             with torch.set_grad_enabled(cfg.train_text_encoder):
                 cond = text_encoder(ids)[0]
             pred = unet(noisy, t, encoder_hidden_states=cond).sample
-            epsilon = scheduler.config.prediction_type == "epsilon"
-            target = noise if epsilon else scheduler.get_velocity(latents, noise, t)
+            target = training_target(scheduler, latents, noise, t)
             per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
             keep = torch.ones_like(per_sample, dtype=torch.bool)

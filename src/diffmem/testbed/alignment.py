@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,7 +122,7 @@ def _train(
     rng = np.random.default_rng([seed, 1])
     scenes, seeds = _random_scenes(rng, n_train)
     pool, labels = render_many(scenes, seeds), _labels(scenes)
-    pools = (pool, roundtrip(pool)) if roundtrip is not None else (pool,)
+    pools = np.stack([pool, roundtrip(pool)]) if roundtrip is not None else pool[None]
     model = AttributeClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
@@ -131,7 +132,7 @@ def _train(
     for step in range(steps):
         idx = rng.integers(n_train, size=batch_size)
         source = rng.integers(len(pools), size=batch_size)
-        x = torch.from_numpy(_augment(np.stack([pools[s][i] for s, i in zip(source, idx, strict=True)]), rng))
+        x = torch.from_numpy(_augment(pools[source, idx], rng))
         y = labels[idx].clone()
         flip = torch.from_numpy(rng.random(batch_size) < 0.5)
         x[flip] = x[flip].flip(-1)
@@ -238,8 +239,8 @@ def main() -> None:
         from diffmem.loading import load_pipeline
         from diffmem.testbed.model import vae_roundtrip
 
-        vae = load_pipeline(args.vae, device="cpu").vae
-        roundtrip = functools.partial(vae_roundtrip, vae)
+        pipe: Any = load_pipeline(args.vae, device="cpu")
+        roundtrip = functools.partial(vae_roundtrip, pipe.vae)
     model = train_alignment_classifier(seed=args.seed, steps=args.steps, out=args.out, roundtrip=roundtrip)
     print(json.dumps(evaluate_alignment_classifier(model=model, roundtrip=roundtrip), indent=2))
 

@@ -48,6 +48,7 @@ def denoising_loss(pipe, items: list[Item], seed: int = 0, batch_size: int = 256
     """Mean training loss (MSE to the scheduler's prediction target) of `pipe` on the renders of `items`, one
     seeded timestep and noise per item: how well the model fits data, e.g. held-out items."""
     from diffmem.testbed.recipe import encode_items
+    from diffmem.train import _tokens, training_target
 
     dev = pipe.unet.device
     z = encode_items(pipe.vae, items, dev) * pipe.vae.config.scaling_factor
@@ -59,12 +60,10 @@ def denoising_loss(pipe, items: list[Item], seed: int = 0, batch_size: int = 256
         part = slice(start, start + batch_size)
         x0, eps, tt = z[part].to(dev), noise[part].to(dev), t[part].to(dev)
         noisy = pipe.scheduler.add_noise(x0, eps, tt)
-        ids = pipe.tokenizer([i.caption for i in items[part]], padding="max_length", truncation=True,
-                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids.to(dev)
+        ids = _tokens(pipe.tokenizer, [i.caption for i in items[part]], dev)
         pred = pipe.unet(noisy, tt, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample.float()
-        target = pipe.scheduler.get_velocity(x0, eps, tt) if pipe.scheduler.config.prediction_type == "v_prediction" \
-            else eps
-        total += float(((pred - target.float()) ** 2).mean(dim=(1, 2, 3)).sum())
+        target = training_target(pipe.scheduler, x0, eps, tt).float()
+        total += float(((pred - target) ** 2).mean(dim=(1, 2, 3)).sum())
     return total / max(1, len(z))
 
 

@@ -221,7 +221,7 @@ def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None) -> tu
 def calibrate_stage2(work: Path, batches: int = 32, device: str | None = None) -> dict:
     """TAU for the testbed's stage 2 as `diffmem train --calibrate` chooses it for a folder: magnitudes of the
     base model on the first `batches` stage-2 batches (the data as the fine-tune sees it) at random timesteps."""
-    from diffmem.finetune import CALIBRATION_PERCENTILES, SUGGESTED_PERCENTILE
+    from diffmem.finetune import magnitude_summary
     from diffmem.train import measure_magnitudes
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -231,10 +231,7 @@ def calibrate_stage2(work: Path, batches: int = 32, device: str | None = None) -
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     d = measure_magnitudes(unet.eval(), pipe.text_encoder, pipe.tokenizer, pipe.scheduler, latents, captions,
                            torch.arange(len(captions)), gen).double().numpy()
-    percentiles = {f"{p:g}": float(np.percentile(d, p)) for p in CALIBRATION_PERCENTILES}
-    result = {"model": "testbed base UNet", "measurements": len(d), "mean": float(d.mean()), "max": float(d.max()),
-              "percentiles": percentiles, "suggested_percentile": SUGGESTED_PERCENTILE,
-              "suggested_tau": percentiles[f"{SUGGESTED_PERCENTILE:g}"]}
+    result = {"model": "testbed base UNet", "measurements": len(d), **magnitude_summary(d)}
     (work / "calibration.json").write_text(json.dumps(result, indent=2))
     return result
 
