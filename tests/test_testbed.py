@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from diffmem.testbed import WEIGHTS
 
@@ -77,6 +78,23 @@ def test_mitigation_and_explain_eval_commands_write_reports(cli, tmp_path, one_t
     assert res.exit_code == 0, res.stderr
     rep = json.loads((tmp_path / "e" / "explain.json").read_text())
     assert rep["n_memorized"] == 2 and set(rep["deletion_curve"]) >= {"top_1", "random_1", "top_3"}
+
+
+@pytest.mark.parametrize("command", [["quality"], ["mitigation"], ["explain-eval"]])
+@pytest.mark.parametrize(("device", "expected"), [("toaster", "not a device name"), ("cuda:7", "--device cuda:7")])
+def test_testbed_commands_refuse_a_bad_device_in_one_line(cli, tmp_path, command, device, expected):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    res = cli("testbed", *command, "--out", str(tmp_path / "o"), "--device", device)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert expected in res.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_stage2_without_dest_is_a_one_line_error(cli, tmp_path):
+    res = cli("testbed", "stage2", "--work", str(tmp_path / "w"))
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "--dest is required" in res.stderr.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,22 @@ def _progress():
                     transient=False)
 
 
+def _device(device: str | None) -> Any:
+    """`--device` checked as the top-level CLI checks it; cpu when not given (the testbed's figures are CPU's)."""
+    from diffmem.cli import parse_device
+
+    return parse_device(device) or "cpu"
+
+
+def _testbed_pipeline(device: str | None) -> Any:
+    """The shipped testbed in float32 on `--device` (also on CUDA, whose default would be float16)."""
+    import torch
+
+    from diffmem.loading import load_pipeline
+
+    return load_pipeline("testbed", device=_device(device), dtype=torch.float32)
+
+
 @app.command()
 def train(
     work: Path = typer.Option(Path("runs/testbed"), help="Working folder: checkpoints, caches, logs (resumable)."),
@@ -87,12 +103,13 @@ def quality(
     batch_size: int = typer.Option(256, help="Images per pipeline call."),
     model: str = typer.Option("testbed", help="The testbed, or a folder of a variant (e.g. `testbed stage2`'s)."),
     heldout: int = typer.Option(0, help="Use only the first N held-out prompts (0: all 512)."),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu)."),
 ) -> None:
     """Measure the shipped testbed: reproduction of planted images, held-out copying and alignment, detection."""
     from diffmem.testbed.report import run_quality
 
     run_quality(out, generations=generations, steps=steps, guidance=guidance, batch_size=batch_size,
-                progress_factory=_progress, model=model, n_heldout=heldout or None)
+                progress_factory=_progress, model=model, n_heldout=heldout or None, device=_device(device))
 
 
 @app.command()
@@ -111,14 +128,15 @@ def explain_eval(
     out: Path = typer.Option(Path("out/explain"), help="Output folder for explain.json."),
     generations: int = typer.Option(4, help="Initial noises averaged per score."),
     limit: int = typer.Option(0, help="Use only the first N memorized prompts (0: all)."),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu)."),
 ) -> None:
     """Check explanations on the memorized prompts: deletion test, gradient vs leave-one-out, triggers, edits."""
-    from diffmem.loading import load_pipeline, quiet_diffusers
+    from diffmem.loading import quiet_diffusers
     from diffmem.testbed.explain_eval import explain_report
     from diffmem.testbed.recipe import shipped_recipe
 
     quiet_diffusers()
-    pipe = load_pipeline("testbed", device="cpu")
+    pipe = _testbed_pipeline(device)
     splits = shipped_recipe().splits()
     memorized = splits.planted[:limit] if limit else splits.planted
     with _progress() as bar:
@@ -141,13 +159,14 @@ def mitigation(
     generations: int = typer.Option(4, help="Seeds per prompt."),
     steps: int = typer.Option(50, help="DDIM steps."),
     limit: int = typer.Option(0, help="Use only the first N memorized prompts (0: all)."),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu)."),
 ) -> None:
     """Compare inference-time mitigations on the memorized prompts: memorization rate, alignment, time."""
     import numpy as np
 
     from diffmem.detect import MagnitudeDetector
     from diffmem.errors import InputError
-    from diffmem.loading import load_pipeline, quiet_diffusers
+    from diffmem.loading import quiet_diffusers
     from diffmem.testbed.mitigation_eval import mitigation_report
     from diffmem.testbed.recipe import shipped_recipe
 
@@ -156,7 +175,7 @@ def mitigation(
         targets = [float(v) for v in sweep.split(",") if v.strip()]
     except ValueError as exc:
         raise InputError(f"--sweep must be comma-separated numbers, not {sweep!r}") from exc
-    pipe = load_pipeline("testbed", device="cpu")
+    pipe = _testbed_pipeline(device)
     splits = shipped_recipe().splits()
     memorized = splits.planted[:limit] if limit else splits.planted
     held = np.array([r.score for r in MagnitudeDetector(pipe, generations=generations, batch_size=256).score(
@@ -188,7 +207,8 @@ def oracle(
 
 @app.command()
 def stage2(
-    dest: Path = typer.Option(..., help="Where to save the fine-tuned pipeline (diffusers format)."),
+    dest: Path = typer.Option(None, help="Where to save the fine-tuned pipeline (diffusers format; required "
+                                         "unless --calibrate)."),
     work: Path = typer.Option(Path("runs/stage2"), help="Working folder: latents, checkpoints, log (resumable)."),
     filter_threshold: float = typer.Option(None, help="Drop samples whose magnitude d >= TAU from the loss."),
     caption_aug: str = typer.Option(None, help="'rta': random token addition to every training caption."),
@@ -206,6 +226,10 @@ def stage2(
         typer.echo(json.dumps(result, indent=2))
         typer.echo(f"suggested --filter-threshold {result['suggested_tau']:.4g}; wrote {work / 'calibration.json'}")
         return
+    if dest is None:
+        from diffmem.errors import InputError
+
+        raise InputError("--dest is required (where the fine-tuned pipeline goes), unless --calibrate")
     total = steps or shipped_recipe().stage2_steps
     with _progress() as bar:
         task = bar.add_task("stage2", total=total)

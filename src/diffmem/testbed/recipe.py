@@ -205,7 +205,7 @@ def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None) -> tu
         cfg = replace(cfg, stage2_steps=steps)
     work.mkdir(parents=True, exist_ok=True)
     splits = cfg.splits()
-    pipe: Any = load_pipeline("testbed", device=dev)
+    pipe: Any = load_pipeline("testbed", device=dev, dtype=torch.float32)  # not CUDA's float16: it trains
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     zp = latents_for(pipe.vae, splits.planted, dev, work / "latents_planted.safetensors")

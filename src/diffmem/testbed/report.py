@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from diffmem.detect import MagnitudeDetector
 from diffmem.evaluate import evaluate_scores, plot_histogram, plot_roc
@@ -90,13 +91,14 @@ def run_demo(out: Path, generations: int = 4, progress_factory: Callable | None 
 
 
 def run_quality(out: Path, generations: int = 4, steps: int = 50, guidance: float = 7.5, batch_size: int = 256,
-                progress_factory: Callable | None = None, model: str = "testbed", n_heldout: int | None = None) -> dict:
+                progress_factory: Callable | None = None, model: str = "testbed", n_heldout: int | None = None,
+                device: Any = "cpu") -> dict:
     """Generate for every memorized and (the first `n_heldout`) held-out prompts of the testbed's ground truth with
     `model` (the testbed or a variant of it, e.g. a mitigated stage 2); write quality.json, ROC plots, a picture."""
     quiet_diffusers()
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(model, device="cpu")
+    pipe = load_pipeline(model, device=device, dtype=torch.float32)  # the testbed's figures are float32's
     splits = shipped_recipe().splits()
     tasks: dict[str, int] = {}
     with progress_factory() if progress_factory else _null() as bar:
