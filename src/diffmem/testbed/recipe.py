@@ -190,6 +190,11 @@ def with_rta(batch_fn, tokenizer, k: int, seed: int):
     return batch
 
 
+def _training_device(device: str | None) -> torch.device:
+    """`device`, or CUDA when present, else the CPU (the recipe does not train on MPS unless asked)."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None) -> tuple[RecipeConfig, Any, Any, Callable]:
     """The shipped recipe (`steps` overrides its stage-2 length), the shipped pipeline (frozen), its base UNet
     and stage 2's batch function."""
@@ -224,7 +229,7 @@ def calibrate_stage2(work: Path, batches: int = 32, device: str | None = None) -
     from diffmem.finetune import magnitude_summary
     from diffmem.train import measure_magnitudes
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _training_device(device)
     cfg, pipe, unet, batch2 = _stage2_setup(work, dev)
     parts = [batch2(step) for step in range(batches)]
     latents, captions = torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]]
@@ -245,7 +250,7 @@ def rerun_stage2(work: Path, dest: Path, filter_threshold: float | None = None, 
         from diffmem.errors import InputError
 
         raise InputError(f"--caption-aug must be 'rta', not {caption_aug!r}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _training_device(device)
     progress = progress or (lambda stage, i, n: None)
     t0 = time.time()
     cfg, pipe, unet, batch2 = _stage2_setup(work, dev, steps)
@@ -267,7 +272,7 @@ def run_recipe(cfg: RecipeConfig, work: Path, dest: Path | None, device: str | N
     """Run all stages in `work` (resumable), then save the pipeline and base UNet to `dest` in diffusers format."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(asdict(cfg), indent=2))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _training_device(device)
     progress = progress or (lambda stage, i, n: None)
     timings: dict[str, float] = {}
     t0 = time.time()
