@@ -80,6 +80,19 @@ def test_mitigation_and_explain_eval_commands_write_reports(cli, tmp_path, one_t
     assert rep["n_memorized"] == 2 and set(rep["deletion_curve"]) >= {"top_1", "random_1", "top_3"}
 
 
+def test_quality_command_writes_its_report(cli, tmp_path, one_thread):
+    res = cli("testbed", "quality", "--out", str(tmp_path / "q"), "--heldout", "3", "--generations", "1",
+              "--steps", "2")
+    assert res.exit_code == 0, res.stderr
+    rep = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert (rep["n_memorized"], rep["n_heldout"], rep["generations"]) == (128, 3, 1)
+    assert rep["heldout_denoising_items"] == 512 and rep["heldout_denoising_loss"] > 0  # cheap: always all items
+    assert 20 < rep["vae_psnr_db"] < 40 and 0 <= rep["memorized_reproduced_2of4"] <= 1
+    assert set(rep["detection"]) == {"first_step_n1", "first_step_n4", "all_steps_n4"}
+    for name in ("roc_first_n1.png", "roc_all_n4.png", "copies.png", "magnitudes.npz"):
+        assert (tmp_path / "q" / name).is_file()
+
+
 @pytest.mark.parametrize("command", [["quality"], ["mitigation"], ["explain-eval"]])
 @pytest.mark.parametrize(("device", "expected"), [("toaster", "not a device name"), ("cuda:7", "--device cuda:7")])
 def test_testbed_commands_refuse_a_bad_device_in_one_line(cli, tmp_path, command, device, expected):

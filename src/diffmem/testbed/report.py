@@ -113,7 +113,9 @@ def run_quality(out: Path, generations: int = 4, steps: int = 50, guidance: floa
                              batch_size=batch_size, progress=progress)
     arrays = rep.pop("_arrays")
     rep["vae_psnr_db"] = vae_psnr(pipe, splits.heldout)
+    # One forward per item, so the loss always covers every held-out item, whatever `n_heldout` generates.
     rep["heldout_denoising_loss"] = denoising_loss(pipe, splits.heldout)
+    rep["heldout_denoising_items"] = len(splits.heldout)
     rep["model"] = model
     rep["settings"] = {"scheduler": "DDIM", "steps": steps, "guidance": guidance, "generations": generations}
     rep["wall_s"] = round(time.time() - t0, 1)
