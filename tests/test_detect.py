@@ -48,6 +48,23 @@ def test_multi_step_scores_follow_the_guided_trajectory(pipe, reference, steps: 
         assert len(res.timesteps) == n_steps and res.timesteps == sorted(res.timesteps, reverse=True)
 
 
+def test_first_step_runs_the_empty_prompt_once_per_detector(sd1_pipe, reference) -> None:
+    # Every prompt starts from the same noise, so eps(x_T, "") is shared: one UNet call over the n generations,
+    # then each batch runs its conditional rows only (a full CFG batch would be 2x the rows).
+    rows: list[int] = []
+    handle = sd1_pipe.unet.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    try:
+        detector = MagnitudeDetector(sd1_pipe, generations=2, batch_size=4)
+        first = detector.score(PROMPTS)  # batches of 2 prompts x 2 generations, then 1 x 2
+        again = detector.score(PROMPTS[:1])
+    finally:
+        handle.remove()
+    assert rows == [4, 2, 2, 2]
+    hand = [reference.magnitudes(sd1_pipe, PROMPTS[0], reference.noise(g), n_steps=1)[0] for g in range(2)]
+    for res in (first[0], again[0]):  # the cached prediction serves later calls too
+        assert res.magnitudes == [[pytest.approx(h, rel=REL)] for h in hand]
+
+
 def test_score_does_not_depend_on_batch_size_or_neighbours(sd1_pipe) -> None:
     prompts = [f"a photo of object number {i} in a garden" for i in range(7)]
 

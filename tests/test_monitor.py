@@ -90,3 +90,22 @@ def test_scores_reject_a_wrong_images_per_prompt(sd1_pipe, reference) -> None:
     with pytest.raises(InputError, match="multiple"):
         monitor.scores(num_images_per_prompt=3)
     assert monitor.scores(num_images_per_prompt=4).shape == (1,)  # legal reshape, caller's responsibility
+
+
+def test_stop_after_detaches_and_on_record_can_stop_the_call(pipe, reference) -> None:
+    seen: list[torch.Tensor] = []
+    with Monitor(pipe, stop_after=1, on_record=seen.append) as monitor:
+        generate(pipe, reference, PROMPTS, n=2, steps=4)
+        assert not monitor.attached  # removed itself after the first guided step
+    assert monitor.magnitudes().shape == (4, 1) and len(seen) == 1
+    assert seen[0].tolist() == pytest.approx(monitor.magnitudes()[:, 0].tolist(), rel=1e-12)
+
+    class Stop(Exception):
+        pass
+
+    def stop(_: torch.Tensor) -> None:
+        raise Stop
+
+    with pytest.raises(Stop), Monitor(pipe, on_record=stop) as monitor:
+        generate(pipe, reference, PROMPTS[:1], steps=4)
+    assert monitor.magnitudes().shape == (1, 1) and not pipe.unet._forward_hooks

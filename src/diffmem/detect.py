@@ -1,8 +1,9 @@
 """Memorization detection by text-conditional noise magnitude (Wen et al., ICLR 2024; METHOD.md section 1).
 
 `d_t = || eps(x_t, prompt) - eps(x_t, "") ||_2` over the whole latent; a prompt's score is the mean of `d_t`
-over the chosen steps and generations. Scoring batches prompts x generations: at the first step one batched
-CFG denoiser call per batch, with a single device-to-host copy per batch.
+over the chosen steps and generations. Scoring batches prompts x generations, with a single device-to-host copy
+per batch; at the first step the empty prompt's prediction is shared by every prompt (same noise), so it is computed
+once and each batch runs the denoiser on its conditional rows only.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class MagnitudeDetector:
     """Wen et al.'s detector: scores prompts by the text-conditional noise magnitude of the denoiser.
 
     Like a scikit-learn estimator it holds its settings; `score(prompts)` returns one `PromptScore` each.
-    `batch_size` counts (prompt, generation) rows, so a batch runs 2 x batch_size denoiser evaluations.
+    `batch_size` counts (prompt, generation) rows: a batch runs batch_size denoiser evaluations at the first step
+    and 2 x batch_size at each later one.
     """
 
     name = "wen"
@@ -127,6 +129,7 @@ class MagnitudeDetector:
         self.batch_size = batch_size
         self._uncond: torch.Tensor | None = None
         self._noise: torch.Tensor | None = None
+        self._uncond_pred: torch.Tensor | None = None
 
     def score(self, prompts: Sequence[str]) -> list[PromptScore]:
         """Score every prompt (see `iter_scores` to consume results batch by batch)."""
@@ -141,27 +144,37 @@ class MagnitudeDetector:
 
     @torch.no_grad()
     def magnitudes(self, cond: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-        """`d_t` for conditioning rows `cond` (one per prompt) x generations: shape (prompts, generations, steps)."""
+        """`d_t` for conditioning rows `cond` (one per prompt) x generations: shape (prompts, generations, steps).
+
+        At the first step every prompt starts from the same noise, so `eps(x_T, "")` of generation g is the
+        same for all of them: it is computed once per detector and the denoiser runs on the conditional rows
+        only, half a CFG batch. Later steps, where trajectories differ per prompt, run the full CFG batch.
+        """
         pipe, n = self.pipe, self.generations
         device = pipe.unet.device
         uncond = self._empty_embedding()
         rows = cond.shape[0] * n
         cond = cond.repeat_interleave(n, dim=0)
-        embeds = torch.cat([uncond.expand(rows, -1, -1), cond])
-        latents = self._initial_noise().repeat(cond.shape[0] // n, 1, 1, 1).to(device, pipe.unet.dtype)
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         scheduler.set_timesteps(self.num_inference_steps, device=device)
-        latents = latents * scheduler.init_noise_sigma
+        latents = self._initial_noise().to(device, pipe.unet.dtype) * scheduler.init_noise_sigma
+        latents = latents.repeat(rows // n, 1, 1, 1)
         out, timesteps = [], []
-        for t in scheduler.timesteps[: self.n_steps]:
-            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            pred = pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
-            eps = to_epsilon(pred, model_in, t, scheduler)
-            eps_u, eps_c = eps.chunk(2)
+        for i, t in enumerate(scheduler.timesteps[: self.n_steps]):
+            if i == 0:
+                model_in = scheduler.scale_model_input(latents, t)
+                pred_c = pipe.unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0]
+                pred_u = self._first_uncond(model_in[:n], t).repeat(rows // n, 1, 1, 1)
+            else:
+                model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+                embeds = torch.cat([uncond.expand(rows, -1, -1), cond])
+                pred_u, pred_c = pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0].chunk(2)
+                model_in = model_in[:rows]
+            eps_u = to_epsilon(pred_u, model_in, t, scheduler)
+            eps_c = to_epsilon(pred_c, model_in, t, scheduler)
             out.append((eps_c - eps_u).flatten(1).norm(dim=1))
             timesteps.append(t)
             if len(out) < self.n_steps:
-                pred_u, pred_c = pred.chunk(2)
                 guided = pred_u + self.guidance_scale * (pred_c - pred_u)
                 latents = scheduler.step(guided, t, latents, return_dict=False)[0]
         mags = torch.stack(out, dim=1).reshape(-1, n, len(out))
@@ -195,6 +208,13 @@ class MagnitudeDetector:
         if self._uncond is None:
             self._uncond = encode_text(self.pipe, [""])
         return self._uncond
+
+    def _first_uncond(self, model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output for the empty prompt at the first step, one row per generation (computed once)."""
+        if self._uncond_pred is None:
+            embeds = self._empty_embedding().expand(model_in.shape[0], -1, -1)
+            self._uncond_pred = self.pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        return self._uncond_pred
 
     def _initial_noise(self) -> torch.Tensor:
         if self._noise is None:

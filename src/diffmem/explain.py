@@ -118,16 +118,18 @@ def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int 
     latents = noise * scheduler.init_noise_sigma
     total = torch.zeros((), device=device)
     for k, t in enumerate(scheduler.timesteps[:n_steps]):
-        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        embeds = torch.cat([uncond.expand(generations, -1, -1), e.to(pipe.unet.dtype).expand(generations, -1, -1)])
-        pred = pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
-        eps_u, eps_c = to_epsilon(pred, model_in, t, scheduler).chunk(2)
+        model_in = scheduler.scale_model_input(latents, t)
+        with torch.no_grad():  # the empty prompt's branch has no gradient: no graph, no backward through it
+            pred_u = pipe.unet(model_in, t, encoder_hidden_states=uncond.expand(generations, -1, -1),
+                               return_dict=False)[0]
+        pred_c = pipe.unet(model_in, t, encoder_hidden_states=e.to(pipe.unet.dtype).expand(generations, -1, -1),
+                           return_dict=False)[0]
+        eps_u, eps_c = to_epsilon(pred_u, model_in, t, scheduler), to_epsilon(pred_c, model_in, t, scheduler)
         total = total + (eps_c - eps_u).flatten(1).norm(dim=1).mean()
         if k + 1 < n_steps:
             with torch.no_grad():
-                pred_u, pred_c = pred.detach().chunk(2)
-                latents = scheduler.step(pred_u + guidance_scale * (pred_c - pred_u), t, latents,
-                                         return_dict=False)[0]
+                guided = pred_u + guidance_scale * (pred_c.detach() - pred_u)
+                latents = scheduler.step(guided, t, latents, return_dict=False)[0]
     loss = total / n_steps
     (grad,) = torch.autograd.grad(loss, e)
     return grad[0].float().norm(dim=-1).cpu(), float(loss.detach())

@@ -7,6 +7,8 @@ does changes the UNet's output, so images are bit-identical with and without it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from diffmem.detect import parse_steps
@@ -18,10 +20,15 @@ class Monitor:
     """Attach to `pipe`, run `pipe(...)` as usual, then read `scores()`; use as a context manager to detach.
 
     With `pipe(prompts, num_images_per_prompt=n)` rows are prompt-major (p0g0, p0g1, ..., p1g0, ...).
+    `stop_after=k` removes the hook once k guided steps are recorded, so later steps run without it;
+    `on_record(d_t)` is called with each recorded step's magnitudes (an exception it raises stops the call).
     """
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe, stop_after: int | None = None,
+                 on_record: Callable[[torch.Tensor], None] | None = None) -> None:
         self.pipe = pipe
+        self.stop_after = stop_after
+        self.on_record = on_record
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._steps: list[torch.Tensor] = []
         self._timesteps: list[torch.Tensor] = []
@@ -67,6 +74,10 @@ class Monitor:
             eps_u, eps_c = eps.chunk(2)
             self._steps.append((eps_c - eps_u).flatten(1).norm(dim=1))
             self._timesteps.append(torch.as_tensor(timestep).reshape(-1)[:1].detach())
+        if self.stop_after is not None and len(self._steps) >= self.stop_after:
+            self.detach()
+        if self.on_record is not None:
+            self.on_record(self._steps[-1])
 
     def _guided(self) -> bool:
         """Whether the running pipeline call does CFG (guidance_scale <= 1: an even batch is no CFG pair)."""

@@ -2,10 +2,10 @@
 
 Design: each prompt is one ordinary `pipe(...)` call from `initial_noise(pipe, generations, seed)` (generation g
 from seed + g). A `Monitor` hook reads the first-step score off the CFG batch the pipeline computes anyway and is
-detached after that step; a `callback_on_step_end` at step 0 compares it with the threshold.
+detached after that step, comparing it with the threshold as it records it.
 - Unflagged (score < threshold): the call simply runs on. No extra denoiser evaluation, and the images are
   bit-identical to `pipe(prompt, num_images_per_prompt=n, latents=noise, ...)`.
-- Flagged: the callback aborts the call after its first step (one CFG step of the 50 is thrown away), the
+- Flagged: the hook aborts the call at its first step (one CFG step of the 50 is thrown away), the
   mitigation is applied (for `embedding`, `mitigate_embedding`: at most `iters` forward + backward passes over
   the conditional rows), and a normal generation runs from the same noise with the mitigated conditioning and the
   empty prompt's embedding as the negative one. Cost: one step + the optimisation + one generation.
@@ -68,7 +68,7 @@ class GuardResult:
 
 
 class _Flagged(Exception):
-    """Raised from the step-0 callback to stop a generation whose prompt is to be mitigated."""
+    """Raised from the monitor's first-step record to stop a generation whose prompt is to be mitigated."""
 
     def __init__(self, score: float) -> None:
         super().__init__(score)
@@ -98,23 +98,20 @@ def _sample(pipe, noise: torch.Tensor, settings: dict[str, Any], abort_at: float
     >= abort_at raises `_Flagged` right after the first step. `conditioning`: prompt=..., or prompt_embeds=...
     and negative_prompt_embeds=... (one row, or one per generation)."""
     n = noise.shape[0]
-    monitor = Monitor(pipe)
     first: list[float] = []
 
-    def on_step_end(_pipe: Any, i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        if i == 0:
-            first.append(float(monitor.scores(n)[0]))  # the one host copy of the guard
-            monitor.detach()  # later steps run without the hook
-            if abort_at is not None and first[0] >= abort_at:
-                raise _Flagged(first[0])
-        return tensors
+    def on_first_step(magnitudes: torch.Tensor) -> None:
+        first.append(float(magnitudes.double().mean()))  # the one host copy of the guard
+        if abort_at is not None and first[0] >= abort_at:
+            raise _Flagged(first[0])
 
+    monitor = Monitor(pipe, stop_after=1, on_record=on_first_step)  # later steps run without the hook
     embeds = conditioning.get("prompt_embeds")
     per_prompt = n if embeds is None or embeds.shape[0] == 1 else 1
     with monitor:
         out = pipe(**conditioning, num_images_per_prompt=per_prompt, latents=noise,
                    num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
-                   output_type=settings["output_type"], callback_on_step_end=on_step_end)
+                   output_type=settings["output_type"])
     return out.images, first[0]
 
 
