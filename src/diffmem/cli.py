@@ -11,7 +11,7 @@ import errno
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from enum import Enum
 from pathlib import Path
@@ -132,12 +132,6 @@ def shorten(text: str, width: int = 60) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
-    """Consecutive slices of `items` of at most `size` elements."""
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
-
-
 @contextmanager
 def progress_bar(total: int, description: str) -> Iterator[Any]:
     """A rich progress bar on stderr; yields the Progress (its `.console` prints above the bar)."""
@@ -220,28 +214,70 @@ def detect(
         typer.Option("--dtype", help="Weight dtype (default: float16 on CUDA, float32 elsewhere)."),
     ] = None,
 ) -> None:
-    """Score each prompt by its text-conditional noise magnitude (Wen et al. 2024): higher, more memorized."""
+    """Score each prompt by its text-conditional noise magnitude (Wen et al. 2024): higher, more memorized.
+
+    Under `accelerate launch` with several processes the scan runs data-parallel: each process scores its slice
+    of every global batch on its own device, and the main process writes the rows in input order.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
     from diffmem.detect import parse_steps
     from diffmem.prompts import read_prompts
     from diffmem.results import ResultWriter
 
-    prompt_file = read_prompts(prompts, column)
-    if notice := prompt_file.skipped_summary():
-        say(stderr, f"notice: {notice}")
+    state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if state.num_processes > 1 and device is not None:
+        raise InputError("--device is chosen by `accelerate launch` when it starts several processes; leave it out")
     n_steps = parse_steps(steps, num_inference_steps)
-    torch_device = parse_device(device)
+    torch_device = state.device if state.num_processes > 1 else parse_device(device)
     values = (model_id(model), "wen", n_steps, generations, seed, guidance, num_inference_steps)
     settings = dict(zip(SETTING_KEYS, values, strict=True))
-    with ResultWriter(out, match=settings) as writer:
-        if writer.repaired:
-            say(stderr, f"notice: {out}: {writer.repaired}")
-        todo = writer.pending(prompt_file.prompts)
+    with ExitStack() as stack:
+
+        def open_run() -> tuple[Any, list[str], Any]:
+            """Read the prompts and open (or resume) the result file: the main process's part."""
+            prompt_file = read_prompts(prompts, column)
+            if notice := prompt_file.skipped_summary():
+                say(stderr, f"notice: {notice}")
+            writer = stack.enter_context(ResultWriter(out, match=settings))
+            if writer.repaired:
+                say(stderr, f"notice: {out}: {writer.repaired}")
+            todo = writer.pending(prompt_file.prompts)
+            resumed = len(set(prompt_file.prompts)) - len(todo)
+            if resumed:
+                say(stderr, f"notice: resuming {out}: {resumed} of {resumed + len(todo)} prompts already scored")
+            return prompt_file, todo, writer
+
+        prompt_file, todo, writer = _on_main(state, open_run)
+        counts = _score_into(writer, todo, model, torch_device, dtype, settings, batch_size, state) if todo else {}
+    if state.is_main_process:
         n_distinct = len(set(prompt_file.prompts))
-        resumed = n_distinct - len(todo)
-        if resumed:
-            say(stderr, f"notice: resuming {out}: {resumed} of {n_distinct} prompts already scored")
-        counts = _score_into(writer, todo, model, torch_device, dtype, settings, batch_size) if todo else {}
-    _summary(out, len(todo), resumed, len(prompt_file.skipped), len(prompt_file) - n_distinct, counts)
+        _summary(out, len(todo), n_distinct - len(todo), len(prompt_file.skipped), len(prompt_file) - n_distinct,
+                 counts)
+
+
+def _on_main(state: Any, fn: Any) -> Any:
+    """`fn()` on the main process only; the other processes get (None, its `todo`, None). A user error there
+    ends every process: the main one says why, the others exit quietly with the same code."""
+    if state.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    payload: list[Any] = [None, None]
+    if state.is_main_process:
+        try:
+            payload = [fn(), None]
+        except DiffmemError as exc:
+            payload = [None, str(exc)]
+    shared = [None if payload[0] is None else payload[0][1], payload[1]]
+    broadcast_object_list(shared)
+    if shared[1] is not None:
+        if state.is_main_process:
+            raise InputError(shared[1])
+        raise typer.Exit(USAGE_ERROR)
+    return payload[0] if state.is_main_process else (None, shared[0], None)
 
 
 def _score_into(
@@ -252,15 +288,20 @@ def _score_into(
     dtype: DType | None,
     settings: dict[str, Any],
     batch_size: int,
-) -> dict[str, int]:
-    """Load the model, score `todo` batch by batch and append each batch's rows; returns warning counts."""
+    state: Any,
+) -> dict[str, Any]:
+    """Load the model, score `todo` batch by batch (data-parallel over `state`'s processes) and, on the main
+    process (`writer` is None elsewhere), append each global batch's rows; returns warning and process counts."""
+    from contextlib import nullcontext
+
     import torch
 
-    from diffmem.detect import MagnitudeDetector
+    from diffmem.detect import MagnitudeDetector, iter_data_parallel
     from diffmem.loading import load_pipeline
 
     quiet_libraries()
-    with stderr.status(f"loading {model} ..."):
+    main = writer is not None
+    with stderr.status(f"loading {model} ...") if main else nullcontext(), state.main_process_first():
         pipe: Any = load_pipeline(model, device=device, dtype=getattr(torch, dtype.value) if dtype else None)
     pipe.set_progress_bar_config(disable=True)  # load_pipeline does it too; the CLI must never show tqdm
     detector = MagnitudeDetector(
@@ -272,44 +313,46 @@ def _score_into(
         num_inference_steps=settings["num_inference_steps"],
         batch_size=batch_size,
     )
-    per_batch = max(1, batch_size // detector.generations)  # prompts per batch, as MagnitudeDetector batches
-    counts = {"truncated": 0, "errors": 0}
+    counts: dict[str, Any] = {"truncated": 0, "errors": 0, "per_process": [0] * state.num_processes}
     limit = pipe.tokenizer.model_max_length - 2
-    with progress_bar(len(todo), "scoring prompts") as progress:
-        for batch in chunks(todo, per_batch):
-            try:
-                scores = detector.score(batch)
-            except torch.cuda.OutOfMemoryError:
-                raise InputError(
-                    f"out of memory on {pipe.device}: lower --batch-size ({batch_size})"
-                ) from None
-            for s in scores:
-                name = f'prompt "{shorten(s.prompt)}"'
-                if s.truncated:
-                    counts["truncated"] += 1
-                    cut = s.truncated_text.strip()
-                    say(
-                        progress.console,
-                        f"warning: {name} has {s.n_tokens} tokens, over the text encoder's "
-                        f'{limit}; scored without the cut-off words "{cut}"',
-                    )
-                if s.error:
-                    counts["errors"] += 1
-                    say(progress.console, f"warning: {name}: {s.error}; its score is null")
-            writer.write_many({**s.to_dict(), **settings} for s in scores)
-            progress.advance(progress.task_ids[0], len(batch))
+    bar: Any = progress_bar(len(todo), "scoring prompts") if main else nullcontext()
+    with bar as progress:
+        try:
+            for scores, per_process in iter_data_parallel(detector, todo, state):
+                counts["per_process"] = [a + b for a, b in zip(counts["per_process"], per_process, strict=True)]
+                if not main:
+                    continue
+                for s in scores:
+                    name = f'prompt "{shorten(s.prompt)}"'
+                    if s.truncated:
+                        counts["truncated"] += 1
+                        cut = s.truncated_text.strip()
+                        say(
+                            progress.console,
+                            f"warning: {name} has {s.n_tokens} tokens, over the text encoder's "
+                            f'{limit}; scored without the cut-off words "{cut}"',
+                        )
+                    if s.error:
+                        counts["errors"] += 1
+                        say(progress.console, f"warning: {name}: {s.error}; its score is null")
+                writer.write_many({**s.to_dict(), **settings} for s in scores)
+                progress.advance(progress.task_ids[0], len(scores))
+        except torch.cuda.OutOfMemoryError:
+            raise InputError(f"out of memory on {pipe.device}: lower --batch-size ({batch_size})") from None
     return counts
 
 
 def _summary(
-    out: Path, scored: int, resumed: int, skipped: int, duplicates: int, counts: dict[str, int]
+    out: Path, scored: int, resumed: int, skipped: int, duplicates: int, counts: dict[str, Any]
 ) -> None:
     """Print the run's one-line summary on stdout."""
     parts = [f"{resumed} were already in the file", f"{skipped} empty rows skipped"]
     if duplicates:
         parts.append(f"{duplicates} repeated prompts written once")
     parts += [f"{counts.get('truncated', 0)} truncated", f"{counts.get('errors', 0)} errors (null score)"]
-    typer.echo(f"scored {scored} prompts -> {out}; {', '.join(parts)}")
+    per_process = counts.get("per_process", [])
+    where = f" on {len(per_process)} processes ({' + '.join(map(str, per_process))})" if len(per_process) > 1 else ""
+    typer.echo(f"scored {scored} prompts{where} -> {out}; {', '.join(parts)}")
 
 
 def _scores(path: Path) -> tuple[list[float | None], dict[str, Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -225,3 +226,27 @@ class MagnitudeDetector:
 def detect(pipe, prompts: Sequence[str], **settings) -> list[PromptScore]:
     """Score `prompts` with `MagnitudeDetector(pipe, **settings)`; the one-call entry point."""
     return MagnitudeDetector(pipe, **settings).score(prompts)
+
+
+def iter_data_parallel(
+    detector: MagnitudeDetector, prompts: Sequence[str], state: Any = None
+) -> Iterator[tuple[list[PromptScore], list[int]]]:
+    """Score `prompts` data-parallel over accelerate's processes (`state`: a `PartialState`; None: one process).
+
+    Every process walks the same global batches of `num_processes` x (prompts per batch); process r scores the
+    r-th contiguous slice of each, and the slices are gathered in rank order, which is input order. Yields per
+    global batch its scores (on every process) and how many each process scored. Call it on every process.
+    """
+    n_proc = state.num_processes if state is not None else 1
+    rank = state.process_index if state is not None else 0
+    per = max(1, detector.batch_size // detector.generations)
+    for start in range(0, len(prompts), per * n_proc):
+        mine = list(prompts[start + rank * per : start + (rank + 1) * per])
+        scores = detector.score(mine) if mine else []
+        if n_proc == 1:
+            yield scores, [len(scores)]
+            continue
+        from accelerate.utils import gather_object
+
+        parts = gather_object([scores])  # one list per process, in rank order
+        yield [s for part in parts for s in part], [len(part) for part in parts]
