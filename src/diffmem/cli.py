@@ -236,8 +236,9 @@ def detect(
     settings = dict(zip(SETTING_KEYS, values, strict=True))
     with ExitStack() as stack:
 
-        def open_run() -> tuple[Any, list[str], Any]:
-            """Read the prompts and open (or resume) the result file: the main process's part."""
+        def open_run() -> tuple[tuple[Any, Any], list[str]]:
+            """Read the prompts and open (or resume) the result file: the main process's part. Returns what
+            stays on it (the prompt file and the writer) and the prompts left to score, which all processes get."""
             prompt_file = read_prompts(prompts, column)
             if notice := prompt_file.skipped_summary():
                 say(stderr, f"notice: {notice}")
@@ -248,9 +249,9 @@ def detect(
             resumed = len(set(prompt_file.prompts)) - len(todo)
             if resumed:
                 say(stderr, f"notice: resuming {out}: {resumed} of {resumed + len(todo)} prompts already scored")
-            return prompt_file, todo, writer
+            return (prompt_file, writer), todo
 
-        prompt_file, todo, writer = _on_main(state, open_run)
+        (prompt_file, writer), todo = _on_main(state, open_run)
         counts = _score_into(writer, todo, model, torch_device, dtype, settings, batch_size, state) if todo else {}
     if state.is_main_process:
         n_distinct = len(set(prompt_file.prompts))
@@ -258,26 +259,26 @@ def detect(
                  counts)
 
 
-def _on_main(state: Any, fn: Any) -> Any:
-    """`fn()` on the main process only; the other processes get (None, its `todo`, None). A user error there
-    ends every process: the main one says why, the others exit quietly with the same code."""
+def _on_main(state: Any, fn: Any) -> tuple[Any, Any]:
+    """Run `fn() -> (local, shared)` on the main process only; the other processes get `((None, None), shared)`.
+    A user error there ends every process: the main one says why, the others exit quietly with the same code."""
     if state.num_processes == 1:
         return fn()
     from accelerate.utils import broadcast_object_list
 
-    payload: list[Any] = [None, None]
+    local: Any = (None, None)
+    payload: list[Any] = [None, None]  # [shared, error message]
     if state.is_main_process:
         try:
-            payload = [fn(), None]
+            local, payload[0] = fn()
         except DiffmemError as exc:
-            payload = [None, str(exc)]
-    shared = [None if payload[0] is None else payload[0][1], payload[1]]
-    broadcast_object_list(shared)
-    if shared[1] is not None:
+            payload[1] = str(exc)
+    broadcast_object_list(payload)
+    if payload[1] is not None:
         if state.is_main_process:
-            raise InputError(shared[1])
+            raise InputError(payload[1])
         raise typer.Exit(USAGE_ERROR)
-    return payload[0] if state.is_main_process else (None, shared[0], None)
+    return local, payload[0]
 
 
 def _score_into(
