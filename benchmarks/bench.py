@@ -9,7 +9,9 @@
     the testbed pipeline: unflagged (threshold +inf) and flagged (threshold -inf, target loss 0 by default so that
     every optimisation iteration runs: the worst case);
 (e) a gradient explanation (`diffmem.explain.explain`, first step, one generation) of one prompt over its
-    first-step detection, on the testbed pipeline.
+    first-step detection, on the testbed pipeline;
+(f) the peer detectors (anisotropy, sharpness) over Wen's first-step detection, one batch of prompts, one
+    generation, on the testbed pipeline (informative: no target).
 
 Timings interleave the compared variants and take medians after a warm-up; only ratios are reported, since
 absolute times depend on the machine. On a CPU the SD1.4-architecture UNet takes tens of seconds per call, so
@@ -33,7 +35,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
-from diffmem.detect import MagnitudeDetector, initial_noise  # noqa: E402
+from diffmem.detect import AnisotropyDetector, MagnitudeDetector, SharpnessDetector, initial_noise  # noqa: E402
 from diffmem.explain import explain  # noqa: E402
 from diffmem.loading import load_pipeline, quiet_diffusers  # noqa: E402
 from diffmem.mitigate import guarded_generate  # noqa: E402
@@ -263,6 +265,18 @@ def explain_cost(pipe, repeats: int, device: torch.device) -> dict:
     return {"repeats": repeats, "seconds": med, "ratio": med["explain"] / med["detect"]}
 
 
+def peer_cost(pipe, batch: int, repeats: int, device: torch.device) -> dict:
+    """(f) one batch scored by each peer detector over the same batch scored by `MagnitudeDetector` (first step)."""
+    batch_prompts = prompts(batch)
+    detectors = {"wen": MagnitudeDetector, "anisotropy": AnisotropyDetector, "sharpness": SharpnessDetector}
+    variants = {name: (lambda d=cls(pipe, batch_size=batch): d.score(batch_prompts)) for name, cls in detectors.items()}
+    for fn in variants.values():  # warm-up; also fills each detector's shared empty-prompt predictions
+        fn()
+    med = interleaved(variants, repeats, device)
+    return {"batch": batch, "repeats": repeats, "seconds": med,
+            "ratio_anisotropy": med["anisotropy"] / med["wen"], "ratio_sharpness": med["sharpness"] / med["wen"]}
+
+
 def verdict(key: str, value: float) -> str:
     """`value` against its target: e.g. `<= 1.15: ok`."""
     op, target = TARGETS[key]
@@ -329,6 +343,10 @@ def main(argv: list[str] | None = None) -> dict:
     report["d_flagged"] = {"ratio": report["d"]["ratio_flagged"]}
     print("(e) testbed, gradient explanation ...", flush=True)
     report["e"] = explain_cost(testbed, 3 * args.tiny_repeats, device)
+    print(f"(f) testbed, peer detectors, batch {args.tiny_batch} ...", flush=True)
+    report["f"] = peer_cost(testbed, args.tiny_batch, args.tiny_repeats, device)
+    report["f_anisotropy"] = {"ratio": report["f"]["ratio_anisotropy"]}
+    report["f_sharpness"] = {"ratio": report["f"]["ratio_sharpness"]}
     if not args.skip_sd and not args.guard_only:
         print(f"(a) SD1.4 architecture, batch {sd_batch}, {args.sd_latent}x{args.sd_latent} latents ...",
               flush=True)
@@ -348,6 +366,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("(d) guarded / plain generation, unflagged prompt, testbed", "d_unflagged", "d_unflagged"),
         ("(d) guarded / plain generation, flagged prompt, testbed", "d_flagged", "d_flagged"),
         ("(e) gradient explanation / first-step detection, testbed", "e", "e"),
+        ("(f) anisotropy detector / Wen first-step detection, testbed", "f_anisotropy", None),
+        ("(f) sharpness detector / Wen first-step detection, testbed", "f_sharpness", None),
     ]
     print(f"\n{'measurement':60} {'ratio':>8}  target")
     for label, key, target in rows:
@@ -366,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
     d = report["d"]
     details.append(f"(d) 1 prompt x {d['steps']} steps, flagged: {d['iters_used']} of {d['max_iters']} iterations "
                    f"(target loss {d['target_loss']:g}), {d['repeats']} repeats")
+    details.append(f"(f) batch {report['f']['batch']}, n=1")
     print("; ".join(details))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -139,6 +139,58 @@ class Reference:
             x = scheduler.step(pred_u + guidance * (pred_c - pred_u), t, x).prev_sample
         return out
 
+    @staticmethod
+    @torch.no_grad()
+    def anisotropy(pipe, prompt: str, latent: torch.Tensor, step: int = -3) -> tuple[float, float]:
+        """Asthana & Belagiannis's two terms for one prompt and pure-noise latent (METHOD.md section 6):
+        `d_T` at the first timestep, and at `timesteps[step]` of a 50-step schedule the mean over pixels of the
+        channel cosine between eps_u and eps_c - eps_u, both on `latent` itself (DDIM: no input scaling)."""
+        cond, uncond = pipe.encode_prompt(prompt, pipe.device, 1, True)
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(50)
+        terms = []
+        for index in (0, step):
+            t = scheduler.timesteps[index]
+            eps_c = pipe.unet(latent, t, encoder_hidden_states=cond).sample
+            eps_u = pipe.unet(latent, t, encoder_hidden_states=uncond).sample
+            if scheduler.config.prediction_type == "v_prediction":
+                alpha, sigma = _alpha_sigma(scheduler, t, index)
+                eps_c, eps_u = alpha * eps_c + sigma * latent, alpha * eps_u + sigma * latent
+            diff = eps_c - eps_u
+            if index == 0:
+                terms.append(float(diff.flatten().norm()))
+            else:
+                cos = (eps_u * diff).sum(dim=1) / (eps_u.norm(dim=1) * diff.norm(dim=1))
+                terms.append(float(cos.mean()))
+        return terms[0], terms[1]
+
+    @staticmethod
+    @torch.no_grad()
+    def sharpness(pipe, prompt: str, latent: torch.Tensor) -> float:
+        """Jeon et al.'s `||H_delta s_delta||^2` at the first DDIM step by a central finite difference in float64,
+        independent of forward-mode autodiff: `(s_delta(x + h v) - s_delta(x - h v)) / 2h` along `v = s_delta(x)`."""
+        import copy
+
+        cond, uncond = pipe.encode_prompt(prompt, pipe.device, 1, True)
+        cond, uncond = cond.double(), uncond.double()
+        unet = copy.deepcopy(pipe.unet).double()
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(50)
+        t = scheduler.timesteps[0]
+        alpha, sigma = _alpha_sigma(scheduler, t, 0)
+
+        def s_delta(x: torch.Tensor) -> torch.Tensor:
+            eps_c = unet(x, t, encoder_hidden_states=cond).sample
+            eps_u = unet(x, t, encoder_hidden_states=uncond).sample
+            if scheduler.config.prediction_type == "v_prediction":
+                eps_c, eps_u = alpha * eps_c + sigma * x, alpha * eps_u + sigma * x
+            return -(eps_c - eps_u) / sigma
+
+        x = latent.double()
+        v = s_delta(x)
+        h = 1e-4 / float(v.norm())
+        return float(((s_delta(x + h * v) - s_delta(x - h * v)) / (2 * h)).pow(2).sum())
+
 
 @pytest.fixture(scope="session")
 def reference() -> type[Reference]:

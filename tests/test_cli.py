@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from diffmem.detect import MagnitudeDetector
+from diffmem.detect import AnisotropyDetector, MagnitudeDetector, SharpnessDetector
 from diffmem.results import read_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,6 +89,35 @@ def test_detect_passes_every_setting_to_the_detector(tmp_path: Path, sd1_dir: Pa
         assert settings == (2, 5, 3.0, 4)
 
 
+def test_detect_runs_the_anisotropy_peer(tmp_path: Path, sd1_dir: Path, sd1_pipe, cli) -> None:
+    prompts = write(tmp_path / "p.txt", "\n".join(PROMPTS))
+    out = tmp_path / "out.jsonl"
+    peer = ["--detector", "anisotropy", "--cosine-weight", "1.5", "--generations", "2"]
+    result = cli("detect", "--model", sd1_dir, "--prompts", prompts, "--out", out, *peer)
+    assert result.exit_code == 0, result.output
+    expected = AnisotropyDetector(sd1_pipe, generations=2, cosine_weight=1.5).score(PROMPTS)
+    rows = read_results(out)
+    for row, want in zip(rows, expected, strict=True):
+        assert (row["detector"], row["cosine_weight"]) == ("anisotropy", 1.5)
+        assert row["score"] == pytest.approx(want.score, rel=1e-5)
+        assert row["terms"] == [pytest.approx(c, rel=1e-4, abs=1e-6) for c in want.terms]
+    wen = MagnitudeDetector(sd1_pipe, generations=2).score(PROMPTS)
+    assert [r["score"] for r in rows] != pytest.approx([w.score for w in wen], rel=1e-3)  # not Wen's score
+    other = cli("detect", "--model", sd1_dir, "--prompts", prompts, "--out", out, "--generations", "2")
+    user_error(other, "detector='anisotropy'", "detector='wen'")
+
+
+def test_detect_runs_the_sharpness_peer(tmp_path: Path, sd1_dir: Path, sd1_pipe, cli) -> None:
+    prompts = write(tmp_path / "p.txt", "\n".join(PROMPTS))
+    out = tmp_path / "out.jsonl"
+    result = cli("detect", "--model", sd1_dir, "--prompts", prompts, "--out", out, "--detector", "sharpness")
+    assert result.exit_code == 0, result.output
+    expected = SharpnessDetector(sd1_pipe).score(PROMPTS)
+    for row, want in zip(read_results(out), expected, strict=True):
+        assert row["detector"] == "sharpness" and "cosine_weight" not in row
+        assert row["score"] == pytest.approx(want.score, rel=1e-4) and row["terms"] == [row["score"]]
+
+
 def test_truncated_prompt_warns_with_the_cut_words(tmp_path: Path, sd1_dir: Path, cli: Callable) -> None:
     long = " ".join(["cat"] * 75) + " dog bird fish"
     prompts = write(tmp_path / "p.txt", f"a cat\n{long}\n")
@@ -151,6 +180,8 @@ def test_ctrl_c_keeps_the_finished_batches(
         ("bad --steps", ["--prompts", "p.csv", "--steps", "some"], "--steps"),
         ("steps > T", ["--prompts", "p.csv", "--steps", "9", "--num-inference-steps", "5"], "between"),
         ("bad --device", ["--prompts", "p.csv", "--device", "toaster"], "--device"),
+        ("anisotropy over steps", ["--prompts", "p.csv", "--detector", "anisotropy", "--steps", "all"], "--steps"),
+        ("nan weight", ["--prompts", "p.csv", "--detector", "anisotropy", "--cosine-weight", "nan"], "finite"),
         ("unreadable model", ["--prompts", "p.csv", "--model", "no/such/folder"], "not found"),
     ],
 )
@@ -163,7 +194,9 @@ def test_detect_user_errors(case: str, args: list[str], expected: str, tmp_path:
     user_error(cli("detect", *resolved, "--out", tmp_path / "out.jsonl"), expected)
 
 
-@pytest.mark.parametrize("option", [["--generations", "0"], ["--dtype", "float64"], ["--batch-size", "x"]])
+@pytest.mark.parametrize(
+    "option", [["--generations", "0"], ["--dtype", "float64"], ["--batch-size", "x"], ["--detector", "carlini"]]
+)
 def test_bad_option_values_are_usage_errors(option: list[str], tmp_path: Path, cli: Callable) -> None:
     prompts = write(tmp_path / "p.txt", "a cat\n")
     result = cli("detect", "--prompts", prompts, "--out", tmp_path / "out.jsonl", *option)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffmem.detect import MagnitudeDetector
+from diffmem.detect import AnisotropyDetector, MagnitudeDetector, SharpnessDetector
 from diffmem.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,3 +131,52 @@ def test_non_finite_denoiser_output_gives_null_score_for_that_prompt_only(
 def test_bad_settings_are_input_errors(sd1_pipe, settings: dict) -> None:
     with pytest.raises(InputError):
         MagnitudeDetector(sd1_pipe, **settings)
+
+
+def test_anisotropy_score_is_norm_plus_weighted_low_noise_cosine(pipe, reference) -> None:
+    results = AnisotropyDetector(pipe, generations=2, seed=5, cosine_weight=1.5).score(PROMPTS)
+    for prompt, res in zip(PROMPTS, results, strict=True):
+        hand = [reference.anisotropy(pipe, prompt, reference.noise(5 + g)) for g in range(2)]
+        assert res.magnitudes == [[pytest.approx(d, rel=REL)] for d, _ in hand]
+        assert res.terms == [pytest.approx(c, rel=1e-3, abs=1e-5) for _, c in hand]
+        norm, cos = sum(d for d, _ in hand) / 2, sum(c for _, c in hand) / 2
+        assert res.score == pytest.approx(norm + 1.5 * cos, rel=1e-4)
+        assert res.timesteps == [981.0]  # where `magnitudes` is read; the cosine is at 41 (hook test below)
+
+
+def test_anisotropy_without_its_cosine_term_is_wen_first_step(sd1_pipe) -> None:
+    wen = MagnitudeDetector(sd1_pipe, generations=2).score(PROMPTS)
+    plain = AnisotropyDetector(sd1_pipe, generations=2, cosine_weight=0.0).score(PROMPTS)
+    weighted = AnisotropyDetector(sd1_pipe, generations=2, cosine_weight=3.0).score(PROMPTS)
+    for w, p, q in zip(wen, plain, weighted, strict=True):
+        assert p.score == pytest.approx(w.score, rel=1e-5)
+        assert q.score - p.score == pytest.approx(3.0 * sum(q.terms) / 2, rel=1e-4, abs=1e-6)
+    assert wen[0].terms is None
+
+
+def test_anisotropy_runs_the_empty_prompt_once_per_timestep(sd1_pipe) -> None:
+    rows: list[tuple[int, float]] = []
+    hook = sd1_pipe.unet.register_forward_hook(lambda _m, args, _o: rows.append((args[0].shape[0], float(args[1]))))
+    try:
+        detector = AnisotropyDetector(sd1_pipe, generations=2, batch_size=4)
+        detector.score(PROMPTS)  # 2 prompts x 2 generations, then 1 x 2
+    finally:
+        hook.remove()
+    assert rows == [(4, 981), (2, 981), (4, 41), (2, 41), (2, 981), (2, 41)]  # 41: third from last of DDIM's 50
+
+
+@pytest.mark.parametrize("settings", [{"cosine_weight": float("inf")}, {"cosine_step": 50}, {"generations": 0}])
+def test_bad_anisotropy_settings_are_input_errors(sd1_pipe, settings: dict) -> None:
+    with pytest.raises(InputError):
+        AnisotropyDetector(sd1_pipe, **settings)
+
+
+def test_sharpness_is_the_squared_hessian_vector_product_of_the_score_difference(pipe, reference) -> None:
+    results = SharpnessDetector(pipe, generations=2, seed=2, batch_size=3).score(PROMPTS)
+    wen = MagnitudeDetector(pipe, generations=2, seed=2).score(PROMPTS)
+    for prompt, res, w in zip(PROMPTS, results, wen, strict=True):
+        hand = [reference.sharpness(pipe, prompt, reference.noise(2 + g)) for g in range(2)]
+        assert res.terms == [pytest.approx(h, rel=2e-3) for h in hand]
+        assert res.score == pytest.approx(sum(hand) / 2, rel=2e-3)
+        assert res.magnitudes == [pytest.approx(m, rel=REL) for m in w.magnitudes]  # d_T comes for free
+        assert res.timesteps == [981.0]

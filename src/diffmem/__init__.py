@@ -12,6 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AnisotropyDetector": "diffmem.detect",
     "MagnitudeDetector": "diffmem.detect",
     "PromptScore": "diffmem.detect",
     "detect": "diffmem.detect",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -74,6 +75,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+class DetectorName(str, Enum):
+    """Detectors `diffmem detect` can run (METHOD.md sections 1 and 6)."""
+
+    wen = "wen"
+    anisotropy = "anisotropy"
+    sharpness = "sharpness"
 
 
 class DType(str, Enum):
@@ -213,6 +222,19 @@ def detect(
         DType | None,
         typer.Option("--dtype", help="Weight dtype (default: float16 on CUDA, float32 elsewhere)."),
     ] = None,
+    detector: Annotated[
+        DetectorName,
+        typer.Option(
+            "--detector",
+            help="wen: mean text-conditional noise magnitude (Wen et al. 2024); anisotropy: first-step magnitude "
+            "plus a weighted low-noise alignment term (Asthana & Belagiannis 2026); sharpness: ||H_delta s_delta||^2 "
+            "(Jeon et al. 2025). The peers score the first step's pure noise only.",
+        ),
+    ] = DetectorName.wen,
+    cosine_weight: Annotated[
+        float,
+        typer.Option("--cosine-weight", help="anisotropy: weight of the alignment term (the authors' SD v1.4 value)."),
+    ] = 2.0,
 ) -> None:
     """Score each prompt by its text-conditional noise magnitude (Wen et al. 2024): higher, more memorized.
 
@@ -231,9 +253,15 @@ def detect(
     if state.num_processes > 1 and device is not None:
         raise InputError("--device is chosen by `accelerate launch` when it starts several processes; leave it out")
     n_steps = parse_steps(steps, num_inference_steps)
+    if detector is not DetectorName.wen and n_steps != 1:
+        raise InputError(f"--steps applies to the wen detector; {detector.value} scores the first step's noise only")
+    if not math.isfinite(cosine_weight):
+        raise InputError(f"--cosine-weight must be a finite number, not {cosine_weight}")
     torch_device = state.device if state.num_processes > 1 else parse_device(device)
-    values = (model_id(model), "wen", n_steps, generations, seed, guidance, num_inference_steps)
-    settings = dict(zip(SETTING_KEYS, values, strict=True))
+    values = (model_id(model), detector.value, n_steps, generations, seed, guidance, num_inference_steps)
+    settings: dict[str, Any] = dict(zip(SETTING_KEYS, values, strict=True))
+    if detector is DetectorName.anisotropy:
+        settings["cosine_weight"] = cosine_weight
     with ExitStack() as stack:
 
         def open_run() -> tuple[tuple[Any, Any], list[str]]:
@@ -297,7 +325,7 @@ def _score_into(
 
     import torch
 
-    from diffmem.detect import MagnitudeDetector, iter_data_parallel
+    from diffmem.detect import iter_data_parallel
     from diffmem.loading import load_pipeline
 
     quiet_libraries()
@@ -305,15 +333,7 @@ def _score_into(
     with stderr.status(f"loading {model} ...") if main else nullcontext(), state.main_process_first():
         pipe: Any = load_pipeline(model, device=device, dtype=getattr(torch, dtype.value) if dtype else None)
     pipe.set_progress_bar_config(disable=True)  # load_pipeline does it too; the CLI must never show tqdm
-    detector = MagnitudeDetector(
-        pipe,
-        steps=settings["steps"],
-        generations=settings["generations"],
-        seed=settings["seed"],
-        guidance_scale=settings["guidance_scale"],
-        num_inference_steps=settings["num_inference_steps"],
-        batch_size=batch_size,
-    )
+    detector = _detector(pipe, settings, batch_size)
     counts: dict[str, Any] = {"truncated": 0, "errors": 0, "per_process": [0] * state.num_processes}
     limit = pipe.tokenizer.model_max_length - 2
     bar: Any = progress_bar(len(todo), "scoring prompts") if main else nullcontext()
@@ -341,6 +361,19 @@ def _score_into(
         except torch.cuda.OutOfMemoryError:
             raise InputError(f"out of memory on {pipe.device}: lower --batch-size ({batch_size})") from None
     return counts
+
+
+def _detector(pipe: Any, settings: dict[str, Any], batch_size: int) -> Any:
+    """The detector a `diffmem detect` run's settings name."""
+    from diffmem.detect import AnisotropyDetector, MagnitudeDetector, SharpnessDetector
+
+    common = {"generations": settings["generations"], "seed": settings["seed"],
+              "num_inference_steps": settings["num_inference_steps"], "batch_size": batch_size}
+    if settings["detector"] == DetectorName.anisotropy.value:
+        return AnisotropyDetector(pipe, cosine_weight=settings["cosine_weight"], **common)
+    if settings["detector"] == DetectorName.sharpness.value:
+        return SharpnessDetector(pipe, **common)
+    return MagnitudeDetector(pipe, steps=settings["steps"], guidance_scale=settings["guidance_scale"], **common)
 
 
 def _summary(

@@ -1,9 +1,11 @@
-"""Memorization detection by text-conditional noise magnitude (Wen et al., ICLR 2024; METHOD.md section 1).
+"""Memorization detectors, one small class each, sharing one shape (settings in `__init__`, `score(prompts)`).
 
-`d_t = || eps(x_t, prompt) - eps(x_t, "") ||_2` over the whole latent; a prompt's score is the mean of `d_t`
-over the chosen steps and generations. Scoring batches prompts x generations, with a single device-to-host copy
-per batch; at the first step the empty prompt's prediction is shared by every prompt (same noise), so it is computed
-once and each batch runs the denoiser on its conditional rows only.
+`MagnitudeDetector` is Wen et al. (ICLR 2024; METHOD.md section 1): `d_t = || eps(x_t, prompt) - eps(x_t, "") ||_2`
+over the whole latent, a prompt's score the mean of `d_t` over the chosen steps and generations.
+`AnisotropyDetector` (Asthana & Belagiannis, ICLR 2026) and `SharpnessDetector` (Jeon et al., ICML 2025) are
+peers from METHOD.md section 6. Scoring batches prompts x generations, with a single device-to-host copy per
+batch; on the shared initial noise the empty prompt's prediction is the same for every prompt, so it is computed
+once per detector and timestep.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from diffmem.epsilon import to_epsilon
+from diffmem.epsilon import alpha_sigma, to_epsilon
 from diffmem.errors import InputError
 
 Steps = str | int  # "first", "all" or a number k of leading steps
@@ -23,7 +25,9 @@ Steps = str | int  # "first", "all" or a number k of leading steps
 
 @dataclass
 class PromptScore:
-    """One prompt's detection result; `magnitudes[g][s]` is `d_t` for generation g at scored step s."""
+    """One prompt's detection result; `magnitudes[g][s]` is `d_t` for generation g at scored step s, and
+    `terms[g]` a peer detector's own quantity for generation g (anisotropy: the low-noise cosine; sharpness:
+    `||H_delta s_delta||^2`), None for Wen's detector."""
 
     prompt: str
     score: float | None
@@ -34,6 +38,7 @@ class PromptScore:
     truncated_text: str = ""
     timesteps: list[float] = field(default_factory=list)
     error: str | None = None
+    terms: list[float | None] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,12 +97,136 @@ def encode_text(pipe, prompts: Sequence[str]) -> torch.Tensor:
     return pipe.text_encoder(tok.input_ids.to(device), attention_mask=mask)[0].to(pipe.unet.dtype)
 
 
-class MagnitudeDetector:
+class Detector:
+    """What every detector shares: the settings that fix a score, batching, and the cached empty-prompt branch.
+
+    Like a scikit-learn estimator it holds its settings; `score(prompts)` returns one `PromptScore` each. A
+    subclass implements `_measure` (its per-generation quantities for a batch of conditioning rows) and
+    `_combine` (those quantities to one score per prompt). `batch_size` counts (prompt, generation) rows.
+    """
+
+    name = ""
+
+    def __init__(
+        self, pipe, generations: int = 1, seed: int = 0, num_inference_steps: int = 50, batch_size: int = 32
+    ) -> None:
+        if generations < 1:
+            raise InputError(f"--generations must be at least 1, not {generations}")
+        if batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, not {batch_size}")
+        if num_inference_steps < 1:
+            raise InputError(f"--num-inference-steps must be at least 1, not {num_inference_steps}")
+        self.pipe = pipe
+        self.generations = generations
+        self.seed = seed
+        self.num_inference_steps = num_inference_steps
+        self.batch_size = batch_size
+        self._uncond: torch.Tensor | None = None
+        self._noise: torch.Tensor | None = None
+        self._uncond_preds: dict[float, torch.Tensor] = {}
+
+    def score(self, prompts: Sequence[str]) -> list[PromptScore]:
+        """Score every prompt (see `iter_scores` to consume results batch by batch)."""
+        return list(self.iter_scores(prompts))
+
+    def iter_scores(self, prompts: Sequence[str]) -> Iterator[PromptScore]:
+        """Yield each prompt's score in input order, one batch of prompts at a time."""
+        per_batch = max(1, self.batch_size // self.generations)
+        for start in range(0, len(prompts), per_batch):
+            chunk = list(prompts[start : start + per_batch])
+            yield from self._score_batch(chunk)
+
+    def _measure(self, cond: torch.Tensor) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
+        """Per conditioning row: `d_t` (prompts, generations, steps), its timesteps, and the detector's own
+        per-generation terms (prompts, generations) or None."""
+        raise NotImplementedError
+
+    def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
+        """One score per prompt from what `_measure` returned (on the host, float64)."""
+        raise NotImplementedError
+
+    def _score_batch(self, prompts: list[str]) -> list[PromptScore]:
+        info = token_info(self.pipe.tokenizer, prompts)
+        with torch.no_grad():
+            cond = encode_text(self.pipe, prompts)
+        mags, timesteps, terms = self._measure(cond)
+        both = mags.flatten(1) if terms is None else torch.cat([mags.flatten(1), terms], dim=1)
+        both = both.double().cpu()  # the one host copy per batch
+        mags_cpu = both[:, : mags[0].numel()].reshape(mags.shape)
+        terms_cpu = None if terms is None else both[:, mags[0].numel() :]
+        scores = self._combine(mags_cpu, terms_cpu)
+        results = []
+        for i, (prompt, (n_tokens, truncated, cut)) in enumerate(zip(prompts, info, strict=True)):
+            finite = bool(torch.isfinite(both[i]).all())
+            results.append(
+                PromptScore(
+                    prompt=prompt,
+                    score=float(scores[i]) if finite else None,
+                    magnitudes=[[_number(v) for v in g] for g in mags_cpu[i].tolist()],
+                    seed=self.seed,
+                    n_tokens=n_tokens,
+                    truncated=truncated,
+                    truncated_text=cut,
+                    timesteps=timesteps,
+                    error=None if finite else "non-finite denoiser output (NaN/inf; fp16 overflow?)",
+                    terms=None if terms_cpu is None else [_number(v) for v in terms_cpu[i].tolist()],
+                )
+            )
+        return results
+
+    def _schedule(self):
+        """A fresh copy of the pipeline's scheduler, set to `num_inference_steps`."""
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        scheduler.set_timesteps(self.num_inference_steps, device=self.pipe.unet.device)
+        return scheduler
+
+    def _first_input(self, scheduler) -> torch.Tensor:
+        """The denoiser input of the first step for generations 0..n-1: the shared pure-noise `x_T`."""
+        latents = self._initial_noise().to(self.pipe.unet.device, self.pipe.unet.dtype) * scheduler.init_noise_sigma
+        return scheduler.scale_model_input(latents, scheduler.timesteps[0])
+
+    def _on_noise(self, model_in: torch.Tensor, t: torch.Tensor, cond: torch.Tensor):
+        """Denoiser outputs `(pred_c, pred_u, input)` at timestep `t` for conditioning rows `cond` x generations,
+        all on the shared input `model_in` (one row per generation, repeated per prompt in `input`); the empty
+        prompt's rows are computed once per detector and timestep."""
+        repeated = model_in.repeat(cond.shape[0], 1, 1, 1)
+        embeds = cond.repeat_interleave(self.generations, dim=0)
+        pred_c = self.pipe.unet(repeated, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        pred_u = self._shared_uncond(model_in, t).repeat(cond.shape[0], 1, 1, 1)
+        return pred_c, pred_u, repeated
+
+    def _eps_on_noise(self, model_in: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, scheduler):
+        """`eps_c` and `eps_u` of `_on_noise`, in epsilon space."""
+        pred_c, pred_u, x = self._on_noise(model_in, t, cond)
+        return to_epsilon(pred_c, x, t, scheduler), to_epsilon(pred_u, x, t, scheduler)
+
+    def _empty_embedding(self) -> torch.Tensor:
+        if self._uncond is None:
+            self._uncond = encode_text(self.pipe, [""])
+        return self._uncond
+
+    def _shared_uncond(self, model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output for the empty prompt on the shared noise at `t`, one row per generation."""
+        key = float(t)
+        if key not in self._uncond_preds:
+            embeds = self._empty_embedding().expand(model_in.shape[0], -1, -1)
+            self._uncond_preds[key] = self.pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        return self._uncond_preds[key]
+
+    def _initial_noise(self) -> torch.Tensor:
+        if self._noise is None:
+            self._noise = initial_noise(self.pipe, self.generations, self.seed)
+        return self._noise
+
+
+def _number(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+class MagnitudeDetector(Detector):
     """Wen et al.'s detector: scores prompts by the text-conditional noise magnitude of the denoiser.
 
-    Like a scikit-learn estimator it holds its settings; `score(prompts)` returns one `PromptScore` each.
-    `batch_size` counts (prompt, generation) rows: a batch runs batch_size denoiser evaluations at the first step
-    and 2 x batch_size at each later one.
+    A batch runs batch_size denoiser evaluations at the first step and 2 x batch_size at each later one.
     """
 
     name = "wen"
@@ -112,36 +241,12 @@ class MagnitudeDetector:
         num_inference_steps: int = 50,
         batch_size: int = 32,
     ) -> None:
-        if generations < 1:
-            raise InputError(f"--generations must be at least 1, not {generations}")
-        if batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, not {batch_size}")
-        if num_inference_steps < 1:
-            raise InputError(f"--num-inference-steps must be at least 1, not {num_inference_steps}")
+        super().__init__(pipe, generations, seed, num_inference_steps, batch_size)
         if not math.isfinite(guidance_scale):
             raise InputError(f"--guidance must be a finite number, not {guidance_scale}")
-        self.pipe = pipe
         self.n_steps = parse_steps(steps, num_inference_steps)
         self.steps = steps
-        self.generations = generations
-        self.seed = seed
         self.guidance_scale = guidance_scale
-        self.num_inference_steps = num_inference_steps
-        self.batch_size = batch_size
-        self._uncond: torch.Tensor | None = None
-        self._noise: torch.Tensor | None = None
-        self._uncond_pred: torch.Tensor | None = None
-
-    def score(self, prompts: Sequence[str]) -> list[PromptScore]:
-        """Score every prompt (see `iter_scores` to consume results batch by batch)."""
-        return list(self.iter_scores(prompts))
-
-    def iter_scores(self, prompts: Sequence[str]) -> Iterator[PromptScore]:
-        """Yield each prompt's score in input order, one batch of prompts at a time."""
-        per_batch = max(1, self.batch_size // self.generations)
-        for start in range(0, len(prompts), per_batch):
-            chunk = list(prompts[start : start + per_batch])
-            yield from self._score_batch(chunk)
 
     @torch.no_grad()
     def magnitudes(self, cond: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
@@ -152,23 +257,18 @@ class MagnitudeDetector:
         only, half a CFG batch. Later steps, where trajectories differ per prompt, run the full CFG batch.
         """
         pipe, n = self.pipe, self.generations
-        device = pipe.unet.device
         uncond = self._empty_embedding()
         rows = cond.shape[0] * n
-        cond = cond.repeat_interleave(n, dim=0)
-        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        scheduler.set_timesteps(self.num_inference_steps, device=device)
-        latents = self._initial_noise().to(device, pipe.unet.dtype) * scheduler.init_noise_sigma
-        latents = latents.repeat(rows // n, 1, 1, 1)
+        scheduler = self._schedule()
+        first = self._first_input(scheduler)
+        latents = (self._initial_noise().to(first) * scheduler.init_noise_sigma).repeat(rows // n, 1, 1, 1)
         out, timesteps = [], []
         for i, t in enumerate(scheduler.timesteps[: self.n_steps]):
             if i == 0:
-                model_in = scheduler.scale_model_input(latents, t)
-                pred_c = pipe.unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0]
-                pred_u = self._first_uncond(model_in[:n], t).repeat(rows // n, 1, 1, 1)
+                pred_c, pred_u, model_in = self._on_noise(first, t, cond)
             else:
                 model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                embeds = torch.cat([uncond.expand(rows, -1, -1), cond])
+                embeds = torch.cat([uncond.expand(rows, -1, -1), cond.repeat_interleave(n, dim=0)])
                 pred_u, pred_c = pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0].chunk(2)
                 model_in = model_in[:rows]
             eps_u = to_epsilon(pred_u, model_in, t, scheduler)
@@ -181,46 +281,102 @@ class MagnitudeDetector:
         mags = torch.stack(out, dim=1).reshape(-1, n, len(out))
         return mags, [float(t) for t in torch.stack(timesteps).cpu()]
 
-    def _score_batch(self, prompts: list[str]) -> list[PromptScore]:
-        info = token_info(self.pipe.tokenizer, prompts)
-        with torch.no_grad():
-            cond = encode_text(self.pipe, prompts)
+    def _measure(self, cond: torch.Tensor) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
         mags, timesteps = self.magnitudes(cond)
-        mags_cpu = mags.double().cpu()  # the one host copy per batch
-        results = []
-        for prompt, m, (n_tokens, truncated, cut) in zip(prompts, mags_cpu, info, strict=True):
-            finite = bool(torch.isfinite(m).all())
-            results.append(
-                PromptScore(
-                    prompt=prompt,
-                    score=float(m.mean()) if finite else None,
-                    magnitudes=[[float(v) if math.isfinite(v) else None for v in g] for g in m.tolist()],
-                    seed=self.seed,
-                    n_tokens=n_tokens,
-                    truncated=truncated,
-                    truncated_text=cut,
-                    timesteps=timesteps,
-                    error=None if finite else "non-finite denoiser output (NaN/inf; fp16 overflow?)",
-                )
-            )
-        return results
+        return mags, timesteps, None
 
-    def _empty_embedding(self) -> torch.Tensor:
-        if self._uncond is None:
-            self._uncond = encode_text(self.pipe, [""])
-        return self._uncond
+    def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
+        return mags.mean(dim=(1, 2))
 
-    def _first_uncond(self, model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The denoiser's output for the empty prompt at the first step, one row per generation (computed once)."""
-        if self._uncond_pred is None:
-            embeds = self._empty_embedding().expand(model_in.shape[0], -1, -1)
-            self._uncond_pred = self.pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
-        return self._uncond_pred
 
-    def _initial_noise(self) -> torch.Tensor:
-        if self._noise is None:
-            self._noise = initial_noise(self.pipe, self.generations, self.seed)
-        return self._noise
+class AnisotropyDetector(Detector):
+    """Asthana & Belagiannis (ICLR 2026): `d_T` plus `cosine_weight` x the anisotropy term, on pure noise.
+
+    The anisotropy term is the cosine, over latent channels and averaged over latent pixels, between `eps_u` and
+    `eps_c - eps_u` at a low-noise timestep (`cosine_step` of the sampling schedule; the authors take the third
+    from last), evaluated on the same pure-noise input as the first step: at low noise a memorized prompt's
+    guidance points along the unconditional score. Both terms are in epsilon space (the cosine does not depend
+    on the scale, so it equals the authors' score-space one). Scores are `mean_g d_T + cosine_weight *
+    mean_g cos`; the authors' weights are 2.0 for SD v1.4 (norm weight 1), 0.1 for SD v2 in their units.
+    Cost: 2 conditional evaluations per prompt and generation, plus 2 shared empty-prompt ones per detector.
+    `timesteps` names the first step, where `magnitudes` is read; the cosine's timestep follows from `cosine_step`.
+    """
+
+    name = "anisotropy"
+
+    def __init__(
+        self,
+        pipe,
+        generations: int = 1,
+        seed: int = 0,
+        cosine_weight: float = 2.0,
+        cosine_step: int = -3,
+        num_inference_steps: int = 50,
+        batch_size: int = 32,
+    ) -> None:
+        super().__init__(pipe, generations, seed, num_inference_steps, batch_size)
+        if not math.isfinite(cosine_weight):
+            raise InputError(f"--cosine-weight must be a finite number, not {cosine_weight}")
+        if not -num_inference_steps <= cosine_step < num_inference_steps:
+            raise InputError(f"cosine_step {cosine_step} is outside a schedule of {num_inference_steps} steps")
+        self.cosine_weight = cosine_weight
+        self.cosine_step = cosine_step
+
+    @torch.no_grad()
+    def _measure(self, cond: torch.Tensor) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
+        scheduler = self._schedule()
+        noise = self._first_input(scheduler)
+        t_first, t_low = scheduler.timesteps[0], scheduler.timesteps[self.cosine_step]
+        eps_c, eps_u = self._eps_on_noise(noise, t_first, cond, scheduler)
+        mags = (eps_c - eps_u).flatten(1).norm(dim=1).reshape(-1, self.generations, 1)
+        eps_c, eps_u = self._eps_on_noise(noise, t_low, cond, scheduler)
+        cos = torch.nn.functional.cosine_similarity(eps_u, eps_c - eps_u, dim=1).mean(dim=(1, 2))
+        return mags, [float(t_first)], cos.reshape(-1, self.generations)
+
+    def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
+        assert terms is not None
+        return mags.mean(dim=(1, 2)) + self.cosine_weight * terms.mean(dim=1)
+
+
+class SharpnessDetector(Detector):
+    """Jeon et al. (ICML 2025): the sharpness of the conditional log-density at the first step,
+    `|| H_delta s_delta ||^2` with `s_delta = s(x_T, prompt) - s(x_T, "")` (scores `s = -eps / sigma_t`) and
+    `H_delta` its Jacobian in `x`, a Hessian-vector product computed by one forward-mode pass (`torch.func.jvp`).
+
+    A memorized prompt sits in a sharp peak of the density: its guidance direction changes fast along itself.
+    Cost: a CFG batch for `s_delta`, then a forward-mode pass of the same batch (about 3x a forward), per prompt and
+    generation. Attention runs on PyTorch's math kernel, the one with forward-mode derivatives.
+    `magnitudes` holds each generation's `d_T`, which comes for free.
+    """
+
+    name = "sharpness"
+
+    @torch.no_grad()
+    def _measure(self, cond: torch.Tensor) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        scheduler = self._schedule()
+        t = scheduler.timesteps[0]
+        rows = cond.shape[0] * self.generations
+        x = self._first_input(scheduler).repeat(cond.shape[0], 1, 1, 1)
+        embeds = torch.cat([self._empty_embedding().expand(rows, -1, -1), cond.repeat_interleave(self.generations, 0)])
+        _, sigma = alpha_sigma(scheduler, t, x.device)
+
+        def score_difference(z: torch.Tensor) -> torch.Tensor:
+            pred = self.pipe.unet(torch.cat([z, z]), t, encoder_hidden_states=embeds, return_dict=False)[0]
+            eps_u, eps_c = to_epsilon(pred, torch.cat([z, z]), t, scheduler).chunk(2)
+            return (eps_u - eps_c) / sigma
+
+        with sdpa_kernel(SDPBackend.MATH):
+            direction = score_difference(x)
+            hvp = torch.func.jvp(score_difference, (x,), (direction,))[1]
+        mags = (direction * sigma).flatten(1).norm(dim=1).reshape(-1, self.generations, 1)
+        sharpness = hvp.flatten(1).pow(2).sum(dim=1).reshape(-1, self.generations)
+        return mags, [float(t)], sharpness
+
+    def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
+        assert terms is not None
+        return terms.mean(dim=1)
 
 
 def detect(pipe, prompts: Sequence[str], **settings) -> list[PromptScore]:
@@ -229,7 +385,7 @@ def detect(pipe, prompts: Sequence[str], **settings) -> list[PromptScore]:
 
 
 def iter_data_parallel(
-    detector: MagnitudeDetector, prompts: Sequence[str], state: Any = None
+    detector: Detector, prompts: Sequence[str], state: Any = None
 ) -> Iterator[tuple[list[PromptScore], list[int]]]:
     """Score `prompts` data-parallel over accelerate's processes (`state`: a `PartialState`; None: one process).
 
