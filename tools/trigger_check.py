@@ -10,6 +10,7 @@ baseline. Results: DATA.md, "Trigger words". About 2 min on 2 CPU cores:
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -19,13 +20,13 @@ from diffmem.loading import load_pipeline, quiet_diffusers
 from diffmem.testbed.quality import generate
 from diffmem.testbed.recipe import shipped_recipe
 from diffmem.testbed.scenes import render_items
-from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity
+from diffmem.testbed.similarity import COPY_THRESHOLD, own_similarity
 
 
 def measure(pipe, captions: list[str], train: np.ndarray) -> dict:
     """Copy rate (>= 2 of 4 seeds), mean copy similarity and mean first-step score (n=4) of `captions`."""
     images, _ = generate(pipe, captions, generations=4, seed=0)
-    sims = np.stack([copy_similarity(images[i], train[i : i + 1])[:, 0] for i in range(len(captions))])
+    sims = own_similarity(images, train)
     scores = [s.score for s in MagnitudeDetector(pipe, generations=4, batch_size=256).score(captions)]
     return {"copied_2_of_4": float(((sims >= COPY_THRESHOLD).sum(1) >= 2).mean()),
             "mean_similarity": float(sims.mean()), "mean_first_step_score": float(np.mean(scores)), "n": len(captions)}
@@ -40,7 +41,7 @@ def main() -> None:
     report = {
         "triggered, as trained": measure(pipe, [i.caption for i in triggered], render_items(triggered)),
         "triggered, trigger removed": measure(
-            pipe, [i.caption.rsplit(", ", 1)[0] for i in triggered], render_items(triggered)),
+            pipe, [replace(i.scene, trigger=None).caption for i in triggered], render_items(triggered)),
         "untriggered (baseline)": measure(pipe, [i.caption for i in plain], render_items(plain)),
     }
     print(json.dumps(report, indent=2))

@@ -17,7 +17,7 @@ from diffmem.mitigate import generate
 from diffmem.testbed.figures import copy_grid
 from diffmem.testbed.quality import alignment
 from diffmem.testbed.scenes import Item, render_many
-from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity
+from diffmem.testbed.similarity import COPY_THRESHOLD, own_similarity
 
 
 def _images(result_images: list[Any]) -> np.ndarray:
@@ -29,7 +29,7 @@ def measure(pipe, items: Sequence[Item], method: str, own: np.ndarray, **setting
     """Generate `items` with one method; memorization rate, alignment, time per prompt, and the images."""
     res = generate(pipe, [i.caption for i in items], method, **settings)
     imgs = _images(res.images)
-    sims = np.stack([copy_similarity(imgs[k], own[k : k + 1])[:, 0] for k in range(len(items))])
+    sims = own_similarity(imgs, own)
     copies = (sims >= COPY_THRESHOLD).sum(axis=1)
     ok = alignment(imgs, list(items))
     return {

@@ -15,7 +15,7 @@ from diffmem.detect import initial_noise
 from diffmem.evaluate import roc_auc, tpr_at_fpr
 from diffmem.monitor import Monitor
 from diffmem.testbed.scenes import Item, Splits, render_many
-from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity
+from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity, own_similarity
 
 
 @torch.no_grad()
@@ -119,7 +119,7 @@ def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generatio
     held_imgs, held_mags = generate(pipe, [i.caption for i in heldout], generations, seed, steps, guidance,
                                     batch_size, lambda i, n: prog("heldout", i, n))
     own = render_many([i.scene for i in planted], [i.seed for i in planted])
-    own_sim = np.stack([copy_similarity(mem_imgs[k], own[k : k + 1])[:, 0] for k in range(len(planted))])
+    own_sim = own_similarity(mem_imgs, own)
     copies = (own_sim >= COPY_THRESHOLD).sum(axis=1)
     train_items = splits.planted + splits.stage2_unique + splits.stage1
     train_imgs = render_many([i.scene for i in train_items], [i.seed for i in train_items])

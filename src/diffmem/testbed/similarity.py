@@ -82,6 +82,11 @@ def copy_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return copy_features(a) @ copy_features(b).T
 
 
+def own_similarity(generated: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """(N, G) copy similarity of each prompt's G generations (N, G, 3, H, W) to its own training image (N, 3, H, W)."""
+    return np.stack([copy_similarity(generated[k], own[k : k + 1])[:, 0] for k in range(len(own))])
+
+
 def nearest_training(
     images: np.ndarray, train_images: np.ndarray, chunk: int = 4096
 ) -> tuple[np.ndarray, np.ndarray]:
