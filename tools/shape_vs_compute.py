@@ -5,7 +5,7 @@ recipe's loop (lr 5e-4, batch 64; 600 steps, then resumed to 1200 with a new 120
 attributes of 96 held-out prompts x 2 seeds (DDIM 50) at guidance 3 and 7.5 with the testbed's classifier, before
 and after. First it measures the ceiling the VAE sets: the held-out items' own renders after a VAE round trip,
 read by the same classifier, by object size. Results: DATA.md, "Held-out alignment against training compute".
-About 45 min on 2 CPU cores:
+About 16 min on 2 CPU cores:
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 python tools/shape_vs_compute.py runs/shape
 """
 
