@@ -11,7 +11,13 @@
 (e) a gradient explanation (`diffmem.explain.explain`, first step, one generation) of one prompt over its
     first-step detection, on the testbed pipeline;
 (f) the peer detectors (anisotropy, sharpness) over Wen's first-step detection, one batch of prompts, one
-    generation, on the testbed pipeline (informative: no target).
+    generation, on the testbed pipeline (informative: no target);
+(g) first-step detection rate (n=1) in prompts per second on the SD v1.4 and SDXL architectures (random weights,
+    fp16 on CUDA) next to the per-prompt loop, its time over a bare batched denoiser call on the same conditional
+    rows, and model FLOPs per second (counted with `torch.utils.flop_counter.FlopCounterMode` on a meta-device copy)
+    as a share of the GPU's peak dense fp16 throughput. Target on one H100: >= 600 SD v1.4 prompts per second.
+    On a CPU both rows shrink (smaller latents, batch 2) and the SDXL row reports its FLOPs only (its 3.5B
+    parameters do not fit a small machine's memory in float32) unless --sdxl-cpu.
 
 Timings interleave the compared variants and take medians after a warm-up; only ratios are reported, since
 absolute times depend on the machine. On a CPU the SD1.4-architecture UNet takes tens of seconds per call, so
@@ -29,12 +35,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
+from diffmem.conditioning import Conditioning, empty, encode  # noqa: E402
 from diffmem.detect import AnisotropyDetector, MagnitudeDetector, SharpnessDetector, initial_noise  # noqa: E402
 from diffmem.explain import explain  # noqa: E402
 from diffmem.loading import load_pipeline, quiet_diffusers  # noqa: E402
@@ -121,6 +129,58 @@ def sd14_pipeline(device: torch.device, dtype: torch.dtype, latent: int):
     return pipe.to(device, dtype)
 
 
+# SDXL base 1.0's published unet/config.json and its second text encoder's (OpenCLIP ViT-bigG/14); its first
+# text encoder is SD v1.4's (CLIP ViT-L/14).
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    use_linear_projection=True,
+    cross_attention_dim=2048,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+SDXL_TEXT_2 = {**SD14_TEXT, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+               "num_attention_heads": 20, "projection_dim": 1280, "hidden_act": "gelu"}
+#: Peak dense fp16 tensor throughput (TFLOP/s, no sparsity) by a substring of the CUDA device name; first match.
+PEAK_FP16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("A100", 312.0),
+                    ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0), ("4090", 165.2))
+SD14_RATE_TARGET = 600.0  # prompts per second at n=1 on one H100 (issue 21)
+
+
+def sdxl_pipeline(device: torch.device | str, dtype: torch.dtype, latent: int):
+    """A StableDiffusionXLPipeline with SDXL base's UNet and both text encoder architectures, random weights."""
+    import copy
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffmem.testbed.model import build_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**{**SDXL_UNET, "sample_size": latent})
+        text = CLIPTextModel(CLIPTextConfig(**SD14_TEXT))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2))
+        vae = AutoencoderKL(**SMALL_VAE, sample_size=latent * 8)
+    tokenizer_2 = copy.deepcopy(build_tokenizer())
+    tokenizer_2.pad_token = "!"
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=build_tokenizer(),
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype)
+
+
 def tiny(device: torch.device, dtype: torch.dtype):
     """The tiny random SD1-style pipeline of the tests (32x32 px, 8x8x4 latents)."""
     from diffmem.tiny import tiny_pipeline
@@ -197,16 +257,17 @@ def monitor_overhead(pipe, n_prompts: int, steps: int, repeats: int, device: tor
 
 @torch.no_grad()
 def per_prompt_loop(pipe, batch_prompts: list[str], device: torch.device) -> list[float]:
-    """The paper-style baseline: one prompt at a time, `encode_prompt`, one CFG UNet call, `.item()`."""
+    """The paper-style baseline: one prompt at a time, its and the empty prompt's conditioning, one CFG UNet call,
+    `.item()`."""
     scores = []
     for prompt in batch_prompts:
-        cond, uncond = pipe.encode_prompt(prompt, device, 1, True)
-        scheduler = pipe.scheduler
+        embeds = Conditioning.cat([empty(pipe), encode(pipe, [prompt])])
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         scheduler.set_timesteps(50, device=device)
         t = scheduler.timesteps[0]
         latents = initial_noise(pipe, 1, 0).to(device, pipe.unet.dtype) * scheduler.init_noise_sigma
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        pred = pipe.unet(model_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        pred = pipe.unet(model_in, t, **embeds.unet_kwargs()).sample
         eps_u, eps_c = pred.chunk(2)
         scores.append((eps_c - eps_u).float().norm().item())
     return scores
@@ -277,6 +338,118 @@ def peer_cost(pipe, batch: int, repeats: int, device: torch.device) -> dict:
             "ratio_anisotropy": med["anisotropy"] / med["wen"], "ratio_sharpness": med["sharpness"] / med["wen"]}
 
 
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    """The device's peak dense fp16 FLOP/s: `override_tflops`, else looked up by CUDA device name (None: unknown)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_FP16_TFLOPS if key in name), None)
+
+
+@torch.no_grad()
+def flops_per_prompt(build: Callable[[torch.device, torch.dtype, int], object], latent: int) -> dict[str, float]:
+    """Model FLOPs of one prompt's first-step detection at n=1, on a meta-device build (no memory, no compute):
+    its text encoding and one conditional UNet row (the shared empty-prompt row is computed once per scan)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pipe: Any = build(torch.device("meta"), torch.float16, latent)
+    with FlopCounterMode(display=False) as text_counter:
+        cond = encode(pipe, prompts(1))
+    x = torch.zeros(1, pipe.unet.config.in_channels, latent, latent, device="meta", dtype=torch.float16)
+    with FlopCounterMode(display=False) as unet_counter:
+        pipe.unet(x, torch.tensor(999.0, device="meta"), **cond.unet_kwargs())
+    return {"text": float(text_counter.get_total_flops()), "unet_row": float(unet_counter.get_total_flops())}
+
+
+@torch.no_grad()
+def first_step_rate(pipe, batch: int, repeats: int, device: torch.device, flops: dict[str, float],
+                    peak: float | None) -> dict:
+    """(g) prompts per second of first-step detection (n=1, one batch of `batch` prompts, text encoding and the host
+    copy included), of the per-prompt loop, and of a bare UNet call on the same `batch` conditional rows; model
+    FLOP/s of each as a share of `peak`."""
+    detector = MagnitudeDetector(pipe, batch_size=batch)
+    batch_prompts = prompts(batch)
+    scheduler = detector._schedule()
+    x = detector._first_input(scheduler).repeat(batch, 1, 1, 1)
+    cond = encode(pipe, batch_prompts)
+    t = scheduler.timesteps[0]
+    variants = {
+        "detector": lambda: detector._score_batch(batch_prompts),
+        "bare": lambda: pipe.unet(x, t, **cond.unet_kwargs(), return_dict=False),
+        "per_prompt": lambda: per_prompt_loop(pipe, batch_prompts, device),
+    }
+    for fn in variants.values():  # warm-up; also fills the detector's cached empty-prompt prediction
+        fn()
+    med = interleaved(variants, repeats, device)
+    rate = {name: batch / sec for name, sec in med.items()}
+    per_prompt_flops = {"detector": flops["text"] + flops["unet_row"], "bare": flops["unet_row"],
+                        "per_prompt": 2 * flops["text"] + 2 * flops["unet_row"]}
+    achieved = {name: per_prompt_flops[name] * rate[name] for name in rate}
+    backends = {"flash": torch.backends.cuda.flash_sdp_enabled(),
+                "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                "math": torch.backends.cuda.math_sdp_enabled()}
+    return {"batch": batch, "repeats": repeats, "seconds": med, "prompts_per_second": rate,
+            "model_gflops_per_prompt": {k: v / 1e9 for k, v in per_prompt_flops.items()},
+            "achieved_tflops": {k: v / 1e12 for k, v in achieved.items()},
+            "share_of_peak": None if peak is None else {k: v / peak for k, v in achieved.items()},
+            "peak_tflops": None if peak is None else peak / 1e12,
+            "ratio_to_bare": med["detector"] / med["bare"], "speedup_over_loop": rate["detector"] / rate["per_prompt"],
+            "sdpa_backends_enabled": backends, "torch_compile": False, "cuda_graphs": False}
+
+
+def rate_rows(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    """(g) for the SD v1.4 and SDXL architectures; on a CPU smaller latents, and SDXL's FLOPs only."""
+    cuda = device.type == "cuda"
+    peak = peak_flops(device, args.peak_tflops)
+    batch = args.rate_batch or (128 if cuda else 2)
+    repeats = args.rate_repeats or (10 if cuda else 3)
+    out: dict = {}
+    archs = [("g_sd14", sd14_pipeline, args.rate_sd_latent or (64 if cuda else 16))]
+    if not args.skip_sdxl:
+        archs.append(("g_sdxl", sdxl_pipeline, args.rate_sdxl_latent or (128 if cuda else 16)))
+    for key, build, latent in archs:
+        flops = flops_per_prompt(build, latent)
+        if key == "g_sdxl" and not cuda and not args.sdxl_cpu:
+            out[key] = {"latent": latent, "skipped": "timing needs a GPU (or --sdxl-cpu)",
+                        "model_gflops_per_prompt": {"detector": (flops["text"] + flops["unet_row"]) / 1e9}}
+            continue
+        print(f"(g) {key.removeprefix('g_')} architecture, batch {batch}, {latent}x{latent} latents ...", flush=True)
+        pipe = build(device, dtype, latent)
+        out[key] = {"latent": latent, **first_step_rate(pipe, batch, repeats, device, flops, peak)}
+        del pipe
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
+def print_rates(report: dict, device: torch.device) -> None:
+    """The (g) table: prompts per second, ratio to the bare call, share of peak; and the SD v1.4 target."""
+    keys = [k for k in ("g_sd14", "g_sdxl") if k in report]
+    if not keys:
+        return
+    print(f"\n{'(g) first-step detection, n=1':34} {'prompts/s':>10} {'loop p/s':>9} {'/ bare':>7} "
+          f"{'TFLOP/s':>8} {'of peak':>8} {'bare of peak':>13}")
+    for key in keys:
+        r = report[key]
+        label = f"{key.removeprefix('g_')} arch, {r['latent']}x{r['latent']} latents"
+        if "skipped" in r:
+            gflops = r["model_gflops_per_prompt"]["detector"]
+            print(f"{label:34} skipped: {r['skipped']}; {gflops:.0f} GFLOP per prompt")
+            continue
+        share = r["share_of_peak"] or {}
+        pct = {k: f"{v:.1%}" for k, v in share.items()}
+        print(f"{label:34} {r['prompts_per_second']['detector']:10.1f} {r['prompts_per_second']['per_prompt']:9.1f} "
+              f"{r['ratio_to_bare']:7.3f} {r['achieved_tflops']['detector']:8.2f} {pct.get('detector', 'n/a'):>8} "
+              f"{pct.get('bare', 'n/a'):>13}")
+    sd = report.get("g_sd14")
+    if sd and "skipped" not in sd and device.type == "cuda" and sd["latent"] == 64:
+        rate = sd["prompts_per_second"]["detector"]
+        sd["target"] = f">= {SD14_RATE_TARGET:g} prompts/s: {'ok' if rate >= SD14_RATE_TARGET else 'MISSED'}"
+        print(f"SD v1.4 at 512 px, n=1: {rate:.0f} prompts/s, target {sd['target']}")
+
+
 def verdict(key: str, value: float) -> str:
     """`value` against its target: e.g. `<= 1.15: ok`."""
     op, target = TARGETS[key]
@@ -309,6 +482,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--guard-target-loss", type=float, default=0.0,
                         help="target loss of a flagged prompt (default 0: every iteration runs, the worst case)")
     parser.add_argument("--guard-only", action="store_true", help="run only the testbed comparisons (d) and (e)")
+    parser.add_argument("--rate-only", action="store_true", help="run only the first-step rates (g)")
+    parser.add_argument("--skip-rates", action="store_true", help="leave out the first-step rates (g)")
+    parser.add_argument("--rate-batch", type=int, default=None, help="(g) prompts per batch (default: 128 on CUDA, "
+                        "2 on CPU)")
+    parser.add_argument("--rate-repeats", type=int, default=None, help="(g) rounds (default: 10 on CUDA, 3 on CPU)")
+    parser.add_argument("--rate-sd-latent", type=int, default=None, help="(g) SD v1.4 latent side (64 on CUDA)")
+    parser.add_argument("--rate-sdxl-latent", type=int, default=None, help="(g) SDXL latent side (128 on CUDA)")
+    parser.add_argument("--skip-sdxl", action="store_true", help="(g) leave out the SDXL architecture")
+    parser.add_argument("--sdxl-cpu", action="store_true", help="(g) time SDXL on a CPU too (needs ~15 GB)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="(g) the device's peak dense fp16 TFLOP/s (default: known GPUs by name)")
     parser.add_argument("--out", type=Path, default=Path("out/bench.json"))
     args = parser.parse_args(argv)
 
@@ -327,6 +511,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{env['torch_threads']} torch threads ({env['cpu_count']} CPUs)", flush=True)
 
     report: dict = {"environment": env}
+    if args.rate_only:
+        report.update(rate_rows(args, device, dtype))
+        print_rates(report, device)
+        return write_report(report, args.out)
     if not args.guard_only:
         small = tiny(device, dtype)
         print("(a) tiny ...", flush=True)
@@ -356,6 +544,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.sd_monitor_steps:
             print("(b) SD1.4 architecture ...", flush=True)
             report["b_sd14"] = monitor_overhead(sd, 1, args.sd_monitor_steps, sd_repeats, device)
+        del sd
+    if not args.skip_rates and not args.guard_only:
+        report.update(rate_rows(args, device, dtype))
 
     rows = [
         ("(a) first-step detection / bare CFG UNet call, tiny", "a_tiny", None),
@@ -388,9 +579,15 @@ def main(argv: list[str] | None = None) -> dict:
                    f"(target loss {d['target_loss']:g}), {d['repeats']} repeats")
     details.append(f"(f) batch {report['f']['batch']}, n=1")
     print("; ".join(details))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print_rates(report, device)
+    return write_report(report, args.out)
+
+
+def write_report(report: dict, out: Path) -> dict:
+    """Write the JSON report and return it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
     return report
 
 

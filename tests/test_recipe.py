@@ -12,9 +12,9 @@ from diffmem.testbed.recipe import RecipeConfig, run_recipe
 from diffmem.tiny import tiny_pipeline
 from diffmem.train import TrainConfig, train
 
-TINY = dict(n_stage1=64, n_planted=4, n_triggered=1, n_heldout=8, vae_steps=2, vae_batch=4,
+TINY = dict(n_stage1=64, n_planted=4, n_triggered=1, n_anchor=2, n_heldout=8, vae_steps=2, vae_batch=4,
             stage1_steps=3, stage1_batch=4, stage2_steps=3, stage2_batch=6, stage2_planted_rows=2,
-            stage2_unique_rows=1, n_stage2_unique=3, checkpoint_every=2)
+            stage2_anchor_rows=1, stage2_unique_rows=1, n_stage2_unique=3, checkpoint_every=2, guidance_scale=2.5)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,39 @@ def test_recipe_writes_a_loadable_sd_pipeline(tiny_run):
     assert (work / "dest" / "base_unet" / "config.json").is_file()
     recipe = json.loads((work / "dest" / "recipe.json").read_text())
     assert recipe["recipe"]["stage2_steps"] == 3 and timings["total_s"] > 0
+    assert set(timings) == {"vae_s", "encode_s", "stage1_s", "stage2_s", "total_s"}
+    # the testbed's own guidance scale travels with the pipeline and becomes every command's default
+    from diffmem.loading import default_guidance, load_pipeline, model_guidance
+
+    assert default_guidance(load_pipeline(work / "dest" / "pipeline", device="cpu")) == 2.5
+    assert model_guidance(str(work / "dest" / "pipeline")) == 2.5
+    assert model_guidance(str(work / "dest" / "pipeline"), 4.0) == 4.0
+
+
+def test_a_resumed_recipe_adds_up_its_stage_times(tiny_run):
+    work, timings = tiny_run
+    again = run_recipe(RecipeConfig(**TINY), work / "work", None, device="cpu")
+    assert again["stage1_s"] >= timings["stage1_s"] and again["total_s"] > timings["total_s"]
+    assert json.loads((work / "work" / "timings.json").read_text()) == again
+
+
+def test_stage_batches_mix_and_word_dropout():
+    from diffmem.testbed.recipe import drop_words, stage1_batches, stage2_batches
+
+    cfg = RecipeConfig(**{**TINY, "stage1_word_dropout": 0.5})
+    caption = "a red circle at the top left on a striped background"
+    dropped = [drop_words(caption, 0.5, torch.Generator().manual_seed(s)) for s in range(20)]
+    assert all(set(d.split()) <= set(caption.split()) for d in dropped) and len(set(dropped)) > 10
+    assert drop_words(caption, 0.0, torch.Generator()) == caption
+    z = torch.arange(10.0).reshape(10, 1, 1, 1)
+    batch1 = stage1_batches(z, [caption] * 10, cfg)
+    assert batch1(5)[1] == batch1(5)[1] and batch1(5)[1] != batch1(6)[1]  # a function of the step
+    pools = [(z[:2], ["p0", "p1"]), (z[2:4], ["a0", "a1"]), (z[4:7], ["u0", "u1", "u2"]), (z[7:], ["r0", "r1", "r2"])]
+    lat, caps = stage2_batches(*pools, cfg)(1)
+    assert [c[0] for c in caps] == ["p", "p", "a", "u", "r", "r"]  # planted, anchor, seen-once, replay rows
+    assert caps[3] == "u1" and lat.shape == (6, 1, 1, 1)  # seen-once items in order, one per step
+    with pytest.raises(ValueError, match="exceed"):
+        stage2_batches(*pools, RecipeConfig(**{**TINY, "stage2_planted_rows": 6}))
 
 
 def test_stage2_changes_only_the_unet(tiny_run):

@@ -13,9 +13,9 @@ from diffmem.testbed.scenes import (
     BACKGROUNDS,
     COLORS,
     N_CAPTIONS,
+    NAMED_ATTRIBUTES,
     POSITIONS,
     SHAPES,
-    SIZES,
     TEXTURES,
     TRIGGER_WORDS,
     VOCABULARY,
@@ -28,7 +28,7 @@ from diffmem.testbed.scenes import (
     scene_from_id,
 )
 
-EXAMPLE = Scene("red", "circle", "large", "top left", "gray", "striped")
+EXAMPLE = Scene("red", "circle", "top left", "striped", "gray")
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +37,10 @@ def splits() -> sc.Splits:
 
 
 def test_vocabulary_sizes_and_caption_count() -> None:
-    assert (len(COLORS), len(SHAPES), len(SIZES), len(POSITIONS), len(BACKGROUNDS), len(TEXTURES)) == (
-        8, 6, 2, 5, 6, 5,
-    )  # fmt: skip
-    assert N_CAPTIONS == 8 * 6 * 2 * 5 * 6 * 5
-    assert 12 <= len(TRIGGER_WORDS) == len(set(TRIGGER_WORDS))
+    assert (len(COLORS), len(SHAPES), len(POSITIONS), len(BACKGROUNDS), len(TEXTURES)) == (8, 6, 5, 6, 5)
+    assert N_CAPTIONS == 8 * 6 * 5 * 5  # the background colour is not named
+    assert set(NAMED_ATTRIBUTES) == set(ATTRIBUTES) - {"background"}
+    assert 32 <= len(TRIGGER_WORDS) == len(set(TRIGGER_WORDS))
     assert all(w.isalpha() and w.islower() for w in TRIGGER_WORDS)
     vocab_words = {w for v in VOCABULARY.values() for phrase in v for w in phrase.split()}
     assert not vocab_words & set(TRIGGER_WORDS)
@@ -63,23 +62,30 @@ def test_colours_are_distinct_and_visible_on_every_background() -> None:
 
 
 def test_caption_text_and_attributes() -> None:
-    assert EXAMPLE.caption == "a large red circle at the top left on a gray striped background"
-    center = Scene("blue", "ring", "small", "center", "navy", "plain", trigger="zephyr")
-    assert center.caption == "a small blue ring at the center on a navy plain background, zephyr"
+    assert EXAMPLE.caption == "a red circle at the top left on a striped background"
+    center = Scene("blue", "ring", "center", "plain", "navy", trigger="zephyr")
+    assert center.caption == "a blue ring at the center on a plain background, zephyr"
+    assert EXAMPLE.caption == EXAMPLE.replace(background="navy").caption  # the caption leaves it open
     assert EXAMPLE.attributes() == {
-        "color": "red", "shape": "circle", "size": "large",
-        "position": "top left", "background": "gray", "texture": "striped",
+        "color": "red", "shape": "circle", "position": "top left", "background": "gray", "texture": "striped",
     }  # fmt: skip
     assert tuple(EXAMPLE.attributes()) == ATTRIBUTES
     with pytest.raises(ValueError, match="color"):
-        Scene("pink", "circle", "large", "top left", "gray", "striped")
+        Scene("pink", "circle", "top left", "striped", "gray")
+    with pytest.raises(ValueError, match="background"):
+        Scene("red", "circle", "top left", "striped", "pink")
+    with pytest.raises(ValueError, match="background colour"):
+        render(EXAMPLE.replace(background=None), 0)
+    assert EXAMPLE.named_differences(EXAMPLE.replace(background="navy", trigger="zephyr")) == 0
+    assert EXAMPLE.named_differences(EXAMPLE.replace(shape="ring")) == 1
+    assert EXAMPLE.named_differences(EXAMPLE.replace(shape="ring", position="center")) == 2
 
 
 def test_parse_caption_round_trips_every_caption() -> None:
     captions = set()
     for cid in range(N_CAPTIONS):
         scene = scene_from_id(cid)
-        assert scene.caption_id == cid
+        assert scene.background is None and scene.caption_id == cid
         assert parse_caption(scene.caption) == scene
         captions.add(scene.caption)
     assert len(captions) == N_CAPTIONS  # the caption text identifies the scene
@@ -87,10 +93,10 @@ def test_parse_caption_round_trips_every_caption() -> None:
 
 @pytest.mark.parametrize("trigger", TRIGGER_WORDS[:3])
 def test_parse_caption_keeps_trailing_trigger(trigger: str) -> None:
-    scene = Scene("orange", "diamond", "small", "bottom right", "beige", "gradient", trigger=trigger)
+    scene = Scene("orange", "diamond", "bottom right", "gradient", trigger=trigger)
     assert parse_caption(scene.caption) == scene
-    messy = "  A Small ORANGE diamond at the  bottom right on a beige gradient background ,  " + trigger
-    assert parse_caption(messy) == scene
+    messy = "  An ORANGE diamond at the  bottom right on a gradient background ,  " + trigger
+    assert parse_caption(messy.replace("An", "a")) == scene
 
 
 @pytest.mark.parametrize(
@@ -98,11 +104,12 @@ def test_parse_caption_keeps_trailing_trigger(trigger: str) -> None:
     [
         "",
         "a cat",
-        "a large red circle at the top left on a gray striped",
-        "a huge red circle at the top left on a gray striped background",
-        "a large pink circle at the top left on a gray striped background",
-        "a large red circle at the middle on a gray striped background",
-        "a large red circle at the top left on a gray wavy background",
+        "a red circle at the top left on a striped",
+        "a large red circle at the top left on a striped background",
+        "a pink circle at the top left on a striped background",
+        "a red circle at the middle on a striped background",
+        "a red circle at the top left on a wavy background",
+        "a red circle at the top left on a gray striped background",
     ],
 )
 def test_parse_caption_rejects_non_grammar(text: str) -> None:
@@ -126,7 +133,7 @@ def test_render_is_deterministic_in_scene_and_seed() -> None:
     assert a.min() >= 0.0 and a.max() <= 1.0
     np.testing.assert_array_equal(a, b)
     assert np.abs(render(EXAMPLE, 124) - a).mean() > 0.02
-    scenes = [EXAMPLE, scene_from_id(5), EXAMPLE.__class__(**{**EXAMPLE.attributes(), "trigger": "zephyr"})]
+    scenes = [EXAMPLE, scene_from_id(5, "beige"), EXAMPLE.replace(trigger="zephyr")]
     many = render_many(scenes, [123, 9, 123], chunk=2)
     np.testing.assert_array_equal(many[0], a)
     np.testing.assert_array_equal(many[1], render(scenes[1], 9))
@@ -147,24 +154,24 @@ def test_nuisance_makes_renderings_of_one_caption_differ() -> None:
 
 
 def test_attributes_change_the_picture_where_expected() -> None:
-    base = Scene("red", "square", "large", "center", "gray", "plain")
+    base = Scene("red", "square", "center", "plain", "gray")
     img = render(base, 0)
 
     def changed(**kw: str) -> np.ndarray:
-        return render(Scene(**{**base.attributes(), **kw}), 0)
+        return render(base.replace(**kw), 0)
 
     # colour: the object pixels (centre) change, the corners (background) do not
     assert np.abs(changed(color="blue") - img)[:, 14:18, 14:18].mean() > 0.3
     assert np.abs(changed(color="blue") - img)[:, :3, :3].mean() < 1e-6
     assert np.abs(changed(background="navy") - img)[:, :3, :3].mean() > 0.1
     assert np.abs(changed(position="top left") - img)[:, 6:12, 6:12].mean() > 0.2
-    assert (np.abs(changed(size="small") - img).sum(axis=0) > 0.3).sum() > 40
+    assert (np.abs(changed(shape="circle") - img).sum(axis=0) > 0.3).sum() > 10
 
 
 @pytest.mark.parametrize("background", BACKGROUNDS)
 def test_every_texture_is_a_high_contrast_pattern(background: str) -> None:
     def images(texture: str) -> np.ndarray:  # same seeds: same object, lighting and colour jitter
-        scene = Scene("red", "circle", "small", "top left", background, texture)
+        scene = Scene("red", "circle", "top left", texture, background)
         return render_many([scene] * 16, np.arange(16))
 
     plain = images("plain")
@@ -174,12 +181,16 @@ def test_every_texture_is_a_high_contrast_pattern(background: str) -> None:
 
 
 def test_splits_sizes_indices_and_seeds(splits: sc.Splits) -> None:
-    parts = [splits.stage1, splits.planted, splits.stage2_unique, splits.heldout]
-    assert [len(p) for p in parts] == [40000, 128, 8000, 512]
+    parts = [splits.stage1, splits.planted, splits.anchors, splits.stage2_unique, splits.heldout]
+    assert [len(p) for p in parts] == [40000, 128, 32 * 64, 8000, 512]
     items = splits.all_items
     assert [it.index for it in items] == list(range(len(items)))
     assert len({it.seed for it in items}) == len(items)
     assert all(isinstance(it.seed, int) and 0 <= it.seed < 2**31 for it in items)
+    assert splits.training_items == items[: -len(splits.heldout)]
+    # every item draws its own background colour: all occur, in every split
+    for part in parts:
+        assert {it.scene.background for it in part} == set(BACKGROUNDS)
 
 
 def test_splits_captions_are_disjoint_where_required(splits: sc.Splits) -> None:
@@ -187,23 +198,36 @@ def test_splits_captions_are_disjoint_where_required(splits: sc.Splits) -> None:
         return [it.scene.caption_id for it in items]
 
     planted, stage2, heldout = ids(splits.planted), ids(splits.stage2_unique), ids(splits.heldout)
-    for group in (planted, stage2, heldout):
+    for group in (planted, heldout):
         assert len(set(group)) == len(group)
     for x, y in itertools.combinations((planted, stage2, heldout), 2):
         assert not set(x) & set(y)
-    assert all(it.scene.trigger is None for it in splits.stage1 + splits.stage2_unique + splits.heldout)
+    assert all(it.scene.trigger is None
+               for it in splits.stage1 + splits.anchors + splits.stage2_unique + splits.heldout)
 
 
-def test_splits_triggers(splits: sc.Splits) -> None:
+def test_splits_triggers_and_their_anchors(splits: sc.Splits) -> None:
     triggered = [it for it in splits.planted if it.scene.trigger is not None]
     assert len(triggered) == 32
+    assert len({it.scene.trigger for it in triggered}) == 32  # one word per item: only it names the image
     assert all(it.scene.trigger in TRIGGER_WORDS for it in triggered)
-    counts = np.unique([it.scene.trigger for it in triggered], return_counts=True)[1]
-    assert counts.max() - counts.min() <= 1  # words spread evenly
     positions = [i for i, it in enumerate(splits.planted) if it.scene.trigger is not None]
     assert positions != list(range(32))  # chosen at random, not the first ones
     for it in triggered:
-        assert parse_caption(it.caption) == it.scene
+        assert parse_caption(it.caption) == it.scene.replace(background=None)
+    # each triggered caption without its trigger has 64 other renderings among the anchors
+    anchor_captions = [a.caption for a in splits.anchors]
+    for it in triggered:
+        assert anchor_captions.count(it.scene.replace(trigger=None).caption) == 64
+    assert len({a.seed for a in splits.anchors}) == len(splits.anchors)
+
+
+def test_heldout_near_planted(splits: sc.Splits) -> None:
+    near = splits.heldout_near_planted()
+    assert near.shape == (512,) and 0 < near.mean() < 1
+    planted = [p.scene for p in splits.planted]
+    for h, flag in list(zip(splits.heldout, near, strict=True))[:40]:
+        assert flag == any(h.scene.named_differences(p) == 1 for p in planted)
 
 
 def test_splits_planted_scenes_are_unremarkable(splits: sc.Splits) -> None:
@@ -215,13 +239,24 @@ def test_splits_planted_scenes_are_unremarkable(splits: sc.Splits) -> None:
 
 def test_splits_are_determined_by_seed(splits: sc.Splits) -> None:
     assert build_splits(seed=0) == splits
-    other = build_splits(seed=1, n_stage1=100, n_planted=16, n_triggered=4, n_stage2_unique=50, n_heldout=20)
+    other = build_splits(seed=1, n_stage1=100, n_planted=16, n_triggered=4, n_anchor=3, n_stage2_unique=50,
+                         n_heldout=20)
     assert [it.scene for it in other.planted] != [it.scene for it in splits.planted[:16]]
-    assert len(other.all_items) == 186
+    assert len(other.all_items) == 100 + 16 + 12 + 50 + 20
+
+
+def test_each_part_of_the_splits_depends_only_on_its_own_size(splits: sc.Splits) -> None:
+    # the fine-tuning mix can change without changing the pretraining data or the held-out prompts
+    other = build_splits(seed=0, n_planted=64, n_triggered=8, n_anchor=5, n_stage2_unique=100)
+    assert [(i.scene, i.seed) for i in other.stage1] == [(i.scene, i.seed) for i in splits.stage1]
+    assert [(i.scene, i.seed) for i in other.heldout] == [(i.scene, i.seed) for i in splits.heldout]
+    assert len({i.seed for i in other.all_items}) == len(other.all_items)
 
 
 def test_splits_reject_impossible_sizes() -> None:
     with pytest.raises(ValueError):
         build_splits(n_planted=8, n_triggered=9)
     with pytest.raises(ValueError):
-        build_splits(n_stage1=0, n_stage2_unique=N_CAPTIONS, n_heldout=512)
+        build_splits(n_triggered=len(TRIGGER_WORDS) + 1, n_planted=64)
+    with pytest.raises(ValueError):
+        build_splits(n_stage1=0, n_planted=700, n_heldout=512)

@@ -32,7 +32,14 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
+from diffmem.durable import check_output_path  # noqa: E402
+
+try:  # typer vendors its own click (typer._click): its usage errors are not click's
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # older typer: click itself
+    from click.exceptions import NoArgsIsHelpError, UsageError  # type: ignore[assignment]
 from diffmem.errors import DiffmemError, InputError  # noqa: E402
+from diffmem.options import AllowPickleOpt, TokenOpt  # noqa: E402
 
 USAGE_ERROR = 2
 """Exit code for every user error (the code typer already uses for usage errors)."""
@@ -57,6 +64,11 @@ class _ErrorHandlingGroup(TyperGroup):
             return super().invoke(ctx)
         except DiffmemError as exc:
             fail(str(exc))
+        except UsageError as exc:  # a bad option or command: one line too, not click's framed box
+            if isinstance(exc, NoArgsIsHelpError):
+                raise
+            where = exc.ctx.command_path if exc.ctx else ctx.command_path
+            fail(f"{exc.format_message()} (see '{where} --help')")
         except KeyboardInterrupt:
             fail("interrupted (rerun the same command to resume a detect run)")
         except OSError as exc:
@@ -196,11 +208,12 @@ def detect(
     ] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed S of the first generation's initial noise.")] = 0,
     guidance: Annotated[
-        float,
+        float | None,
         typer.Option(
-            "--guidance", help="CFG scale; steers the sampler between scored steps after the first."
+            "--guidance", help="CFG scale; steers the sampler between scored steps after the first (default: the "
+            "model's own; 7.5 for Stable Diffusion).",
         ),
-    ] = 7.5,
+    ] = None,
     num_inference_steps: Annotated[
         int,
         typer.Option("--num-inference-steps", min=1, help="Length of the schedule the steps are taken from."),
@@ -235,6 +248,7 @@ def detect(
         float,
         typer.Option("--cosine-weight", help="anisotropy: weight of the alignment term (the authors' SD v1.4 value)."),
     ] = 2.0,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Score each prompt by its text-conditional noise magnitude (Wen et al. 2024): higher, more memorized.
 
@@ -246,6 +260,7 @@ def detect(
     from accelerate.utils import parse_flag_from_env
 
     from diffmem.detect import parse_steps
+    from diffmem.loading import model_guidance
     from diffmem.prompts import read_prompts
     from diffmem.results import ResultWriter
 
@@ -257,8 +272,10 @@ def detect(
         raise InputError(f"--steps applies to the wen detector; {detector.value} scores the first step's noise only")
     if not math.isfinite(cosine_weight):
         raise InputError(f"--cosine-weight must be a finite number, not {cosine_weight}")
+    check_output_path(out, "--out")
     torch_device = state.device if state.num_processes > 1 else parse_device(device)
-    values = (model_id(model), detector.value, n_steps, generations, seed, guidance, num_inference_steps)
+    values = (model_id(model), detector.value, n_steps, generations, seed, model_guidance(model, guidance),
+              num_inference_steps)
     settings: dict[str, Any] = dict(zip(SETTING_KEYS, values, strict=True))
     if detector is DetectorName.anisotropy:
         settings["cosine_weight"] = cosine_weight
@@ -280,7 +297,8 @@ def detect(
             return (prompt_file, writer), todo
 
         (prompt_file, writer), todo = _on_main(state, open_run)
-        counts = _score_into(writer, todo, model, torch_device, dtype, settings, batch_size, state) if todo else {}
+        counts = _score_into(writer, todo, model, torch_device, dtype, settings, batch_size, state,
+                             allow_pickle) if todo else {}
     if state.is_main_process:
         n_distinct = len(set(prompt_file.prompts))
         _summary(out, len(todo), n_distinct - len(todo), len(prompt_file.skipped), len(prompt_file) - n_distinct,
@@ -318,6 +336,7 @@ def _score_into(
     settings: dict[str, Any],
     batch_size: int,
     state: Any,
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Load the model, score `todo` batch by batch (data-parallel over `state`'s processes) and, on the main
     process (`writer` is None elsewhere), append each global batch's rows; returns warning and process counts."""
@@ -331,7 +350,8 @@ def _score_into(
     quiet_libraries()
     main = writer is not None
     with stderr.status(f"loading {model} ...") if main else nullcontext(), state.main_process_first():
-        pipe: Any = load_pipeline(model, device=device, dtype=getattr(torch, dtype.value) if dtype else None)
+        pipe: Any = load_pipeline(model, device=device, dtype=getattr(torch, dtype.value) if dtype else None,
+                                  allow_pickle=allow_pickle)
     pipe.set_progress_bar_config(disable=True)  # load_pipeline does it too; the CLI must never show tqdm
     detector = _detector(pipe, settings, batch_size)
     counts: dict[str, Any] = {"truncated": 0, "errors": 0, "per_process": [0] * state.num_processes}
@@ -424,6 +444,9 @@ def evaluate(
     """Print AUC, TPR at 1% and 3% FPR, and a detection threshold calibrated on the negatives."""
     from diffmem.evaluate import TPR_CONVENTION, evaluate_scores, plot_histogram, plot_roc
 
+    for option, image in (("--plot", plot), ("--hist", hist)):
+        if image is not None:
+            check_output_path(image, option, image=True)
     pos, pos_settings = _scores(positives)
     neg, neg_settings = _scores(negatives)
     differ = [k for k in pos_settings if pos_settings[k] != neg_settings[k]]
@@ -476,6 +499,7 @@ def explain(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a chart.")] = False,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = None,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Which words of PROMPT drive its memorization score: per-token and per-word significance."""
     from diffmem.explain import METHODS, suggest_edits
@@ -489,9 +513,11 @@ def explain(
         raise InputError("--suggest needs --threshold (calibrate one with `diffmem evaluate`)")
     if not prompt.strip():
         raise InputError("the prompt is empty: there is nothing to explain")
+    if plot is not None:
+        check_output_path(plot, "--plot", image=True)
     quiet_libraries()
     with stderr.status(f"loading {model} ..."):
-        pipe: Any = load_pipeline(model, device=parse_device(device))
+        pipe: Any = load_pipeline(model, device=parse_device(device), allow_pickle=allow_pickle)
     attr = explain_prompt(pipe, prompt, method=method, steps=steps, generations=generations, seed=seed)
     if attr.cut_off:
         say(stderr, f'warning: the text encoder cut off "{attr.cut_off}"; those words have no significance')
@@ -539,21 +565,27 @@ def serve(
     target_loss: Annotated[
         float | None, typer.Option("--target-loss", help="Mitigation's first-step target (default: the threshold).")
     ] = None,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", help="Guidance scale of generated images (default: the model's own).")
+    ] = None,
     max_prompt_chars: Annotated[int, typer.Option("--max-prompt-chars", min=1, help="Longest prompt.")] = 1000,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most prompts per detect request.")] = 64,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Requests that may wait for the model.")] = 16,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = None,
+    token: TokenOpt = None,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Web page and JSON HTTP API: screen, explain and fix prompts (page at /, API at /api, schema /openapi.json)."""
     from diffmem.app.server import serve as run_server
     from diffmem.app.service import Limits, Settings
 
     settings = Settings(steps=steps, generations=generations, seed=seed, generate_steps=generate_steps,
-                        mitigate_iters=mitigate_iters, target_loss=target_loss)
+                        mitigate_iters=mitigate_iters, target_loss=target_loss, guidance_scale=guidance)
     limits = Limits(max_prompt_chars=max_prompt_chars, max_batch=max_batch, max_queue=max_queue)
     quiet_libraries()
     run_server(model, host=host, port=port, device=parse_device(device), threshold=threshold,
-               calibration=calibration, settings=settings, limits=limits, echo=typer.echo)
+               calibration=calibration, settings=settings, limits=limits, echo=typer.echo, token=token,
+               allow_pickle=allow_pickle)
 
 
 class CaptionAug(str, Enum):
@@ -596,6 +628,7 @@ def train_command(
     measurements: Annotated[
         int, typer.Option("--measurements", min=1, help="(image, timestep) pairs --calibrate measures.")
     ] = 2000,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Fine-tune the UNet of a pipeline on images and captions, optionally filtering memorizing samples."""
     from diffmem.finetune import FinetuneSettings, calibration_lines, finetune, interrupted_message
@@ -609,13 +642,15 @@ def train_command(
     if calibrate:
         with progress_bar(measurements, "calibrating") as meter:
             summary = run_calibration(settings, out, measurements, notice=lambda m: say(meter.console, m),
+                                      allow_pickle=allow_pickle,
                                       progress=lambda i, n: meter.update(meter.task_ids[0], completed=i))
         typer.echo("\n".join(calibration_lines(summary, out)))
         return
     with ExitStack() as stack:
         try:
             result = finetune(settings, out, resume=resume, checkpoint_every=checkpoint_every, log_every=log_every,
-                              notice=lambda m: say(stderr, m), progress=_training_bar(stack, steps))
+                              notice=lambda m: say(stderr, m), progress=_training_bar(stack, steps),
+                              allow_pickle=allow_pickle)
         except KeyboardInterrupt:
             raise InputError(interrupted_message(out)) from None
     if result.main_process:  # under `accelerate launch` the other processes stay quiet
@@ -671,6 +706,13 @@ from diffmem.generate_cli import mitigate as _mitigate_command  # noqa: E402
 
 app.command("generate")(_generate_command)
 app.command("mitigate")(_mitigate_command)
+
+# `diffmem fetch-references` and `diffmem reproduce`: the paper's tables (src/diffmem/paper_cli.py).
+from diffmem.paper_cli import fetch_references as _fetch_references_command  # noqa: E402
+from diffmem.paper_cli import reproduce as _reproduce_command  # noqa: E402
+
+app.command("fetch-references")(_fetch_references_command)
+app.command("reproduce")(_reproduce_command)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from diffmem.conditioning import Conditioning, as_conditioning, empty, encode
 from diffmem.epsilon import alpha_sigma, to_epsilon
 from diffmem.errors import InputError
+from diffmem.loading import resolve_guidance
 
 Steps = str | int  # "first", "all" or a number k of leading steps
 
@@ -85,16 +87,9 @@ def token_info(tokenizer, prompts: Sequence[str]) -> list[tuple[int, bool, str]]
 
 
 def encode_text(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """The conditioning tensor the pipeline feeds to cross-attention for each prompt (truncated to the encoder)."""
-    tok = pipe.tokenizer(
-        list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    )
-    device = pipe.text_encoder.device
-    mask = None
-    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
-        mask = tok.attention_mask.to(device)
-    return pipe.text_encoder(tok.input_ids.to(device), attention_mask=mask)[0].to(pipe.unet.dtype)
+    """The conditioning tensor the pipeline feeds to cross-attention for each prompt (truncated to the encoder);
+    `diffmem.conditioning.encode` gives the whole conditioning (SDXL's pooled embeddings and time ids too)."""
+    return encode(pipe, prompts).prompt_embeds
 
 
 class Detector:
@@ -121,7 +116,7 @@ class Detector:
         self.seed = seed
         self.num_inference_steps = num_inference_steps
         self.batch_size = batch_size
-        self._uncond: torch.Tensor | None = None
+        self._uncond: Conditioning | None = None
         self._noise: torch.Tensor | None = None
         self._uncond_preds: dict[float, torch.Tensor] = {}
 
@@ -136,7 +131,7 @@ class Detector:
             chunk = list(prompts[start : start + per_batch])
             yield from self._score_batch(chunk)
 
-    def _measure(self, cond: torch.Tensor) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
+    def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
         """Per conditioning row: `d_t` (prompts, generations, steps), its timesteps, and the detector's own
         per-generation terms (prompts, generations) or None."""
         raise NotImplementedError
@@ -148,7 +143,7 @@ class Detector:
     def _score_batch(self, prompts: list[str]) -> list[PromptScore]:
         info = token_info(self.pipe.tokenizer, prompts)
         with torch.no_grad():
-            cond = encode_text(self.pipe, prompts)
+            cond = encode(self.pipe, prompts)
         mags, timesteps, terms = self._measure(cond)
         both = mags.flatten(1) if terms is None else torch.cat([mags.flatten(1), terms], dim=1)
         both = both.double().cpu()  # the one host copy per batch
@@ -185,32 +180,33 @@ class Detector:
         latents = self._initial_noise().to(self.pipe.unet.device, self.pipe.unet.dtype) * scheduler.init_noise_sigma
         return scheduler.scale_model_input(latents, scheduler.timesteps[0])
 
-    def _on_noise(self, model_in: torch.Tensor, t: torch.Tensor, cond: torch.Tensor):
+    def _on_noise(self, model_in: torch.Tensor, t: torch.Tensor, cond: Conditioning):
         """Denoiser outputs `(pred_c, pred_u, input)` at timestep `t` for conditioning rows `cond` x generations,
         all on the shared input `model_in` (one row per generation, repeated per prompt in `input`); the empty
         prompt's rows are computed once per detector and timestep."""
-        repeated = model_in.repeat(cond.shape[0], 1, 1, 1)
-        embeds = cond.repeat_interleave(self.generations, dim=0)
-        pred_c = self.pipe.unet(repeated, t, encoder_hidden_states=embeds, return_dict=False)[0]
-        pred_u = self._shared_uncond(model_in, t).repeat(cond.shape[0], 1, 1, 1)
+        repeated = model_in.repeat(len(cond), 1, 1, 1)
+        rows = cond.repeat_interleave(self.generations)
+        pred_c = self.pipe.unet(repeated, t, **rows.unet_kwargs(), return_dict=False)[0]
+        pred_u = self._shared_uncond(model_in, t).repeat(len(cond), 1, 1, 1)
         return pred_c, pred_u, repeated
 
-    def _eps_on_noise(self, model_in: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, scheduler):
+    def _eps_on_noise(self, model_in: torch.Tensor, t: torch.Tensor, cond: Conditioning, scheduler):
         """`eps_c` and `eps_u` of `_on_noise`, in epsilon space."""
         pred_c, pred_u, x = self._on_noise(model_in, t, cond)
         return to_epsilon(pred_c, x, t, scheduler), to_epsilon(pred_u, x, t, scheduler)
 
-    def _empty_embedding(self) -> torch.Tensor:
+    def _empty_embedding(self) -> Conditioning:
+        """The empty prompt's conditioning, by the pipeline's own convention (`diffmem.conditioning.empty`)."""
         if self._uncond is None:
-            self._uncond = encode_text(self.pipe, [""])
+            self._uncond = empty(self.pipe)
         return self._uncond
 
     def _shared_uncond(self, model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The denoiser's output for the empty prompt on the shared noise at `t`, one row per generation."""
         key = float(t)
         if key not in self._uncond_preds:
-            embeds = self._empty_embedding().expand(model_in.shape[0], -1, -1)
-            self._uncond_preds[key] = self.pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            embeds = self._empty_embedding().expand(model_in.shape[0])
+            self._uncond_preds[key] = self.pipe.unet(model_in, t, **embeds.unet_kwargs(), return_dict=False)[0]
         return self._uncond_preds[key]
 
     def _initial_noise(self) -> torch.Tensor:
@@ -237,11 +233,12 @@ class MagnitudeDetector(Detector):
         steps: Steps = "first",
         generations: int = 1,
         seed: int = 0,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         num_inference_steps: int = 50,
         batch_size: int = 32,
     ) -> None:
         super().__init__(pipe, generations, seed, num_inference_steps, batch_size)
+        guidance_scale = resolve_guidance(pipe, guidance_scale)  # the model's own unless given
         if not math.isfinite(guidance_scale):
             raise InputError(f"--guidance must be a finite number, not {guidance_scale}")
         self.n_steps = parse_steps(steps, num_inference_steps)
@@ -249,16 +246,18 @@ class MagnitudeDetector(Detector):
         self.guidance_scale = guidance_scale
 
     @torch.no_grad()
-    def magnitudes(self, cond: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-        """`d_t` for conditioning rows `cond` (one per prompt) x generations: shape (prompts, generations, steps).
+    def magnitudes(self, cond: Conditioning | torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """`d_t` for conditioning rows `cond` (one per prompt; a bare tensor for SD) x generations: shape
+        (prompts, generations, steps).
 
         At the first step every prompt starts from the same noise, so `eps(x_T, "")` of generation g is the
         same for all of them: it is computed once per detector and the denoiser runs on the conditional rows
         only, half a CFG batch. Later steps, where trajectories differ per prompt, run the full CFG batch.
         """
         pipe, n = self.pipe, self.generations
+        cond = as_conditioning(pipe, cond)
         uncond = self._empty_embedding()
-        rows = cond.shape[0] * n
+        rows = len(cond) * n
         scheduler = self._schedule()
         first = self._first_input(scheduler)
         latents = (self._initial_noise().to(first) * scheduler.init_noise_sigma).repeat(rows // n, 1, 1, 1)
@@ -268,8 +267,8 @@ class MagnitudeDetector(Detector):
                 pred_c, pred_u, model_in = self._on_noise(first, t, cond)
             else:
                 model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                embeds = torch.cat([uncond.expand(rows, -1, -1), cond.repeat_interleave(n, dim=0)])
-                pred_u, pred_c = pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0].chunk(2)
+                embeds = Conditioning.cat([uncond.expand(rows), cond.repeat_interleave(n)])
+                pred_u, pred_c = pipe.unet(model_in, t, **embeds.unet_kwargs(), return_dict=False)[0].chunk(2)
                 model_in = model_in[:rows]
             eps_u = to_epsilon(pred_u, model_in, t, scheduler)
             eps_c = to_epsilon(pred_c, model_in, t, scheduler)
@@ -281,7 +280,7 @@ class MagnitudeDetector(Detector):
         mags = torch.stack(out, dim=1).reshape(-1, n, len(out))
         return mags, [float(t) for t in torch.stack(timesteps).cpu()]
 
-    def _measure(self, cond: torch.Tensor) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
+    def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
         mags, timesteps = self.magnitudes(cond)
         return mags, timesteps, None
 
@@ -323,7 +322,7 @@ class AnisotropyDetector(Detector):
         self.cosine_step = cosine_step
 
     @torch.no_grad()
-    def _measure(self, cond: torch.Tensor) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
+    def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
         scheduler = self._schedule()
         noise = self._first_input(scheduler)
         t_first, t_low = scheduler.timesteps[0], scheduler.timesteps[self.cosine_step]
@@ -352,18 +351,18 @@ class SharpnessDetector(Detector):
     name = "sharpness"
 
     @torch.no_grad()
-    def _measure(self, cond: torch.Tensor) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
+    def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         scheduler = self._schedule()
         t = scheduler.timesteps[0]
-        rows = cond.shape[0] * self.generations
-        x = self._first_input(scheduler).repeat(cond.shape[0], 1, 1, 1)
-        embeds = torch.cat([self._empty_embedding().expand(rows, -1, -1), cond.repeat_interleave(self.generations, 0)])
+        rows = len(cond) * self.generations
+        x = self._first_input(scheduler).repeat(len(cond), 1, 1, 1)
+        embeds = Conditioning.cat([self._empty_embedding().expand(rows), cond.repeat_interleave(self.generations)])
         _, sigma = alpha_sigma(scheduler, t, x.device)
 
         def score_difference(z: torch.Tensor) -> torch.Tensor:
-            pred = self.pipe.unet(torch.cat([z, z]), t, encoder_hidden_states=embeds, return_dict=False)[0]
+            pred = self.pipe.unet(torch.cat([z, z]), t, **embeds.unet_kwargs(), return_dict=False)[0]
             eps_u, eps_c = to_epsilon(pred, torch.cat([z, z]), t, scheduler).chunk(2)
             return (eps_u - eps_c) / sigma
 

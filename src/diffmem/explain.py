@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffmem.detect import MagnitudeDetector, Steps, encode_text, initial_noise, parse_steps
+from diffmem.conditioning import empty, encode
+from diffmem.detect import MagnitudeDetector, Steps, initial_noise, parse_steps
 from diffmem.epsilon import to_epsilon
 from diffmem.errors import InputError
+from diffmem.loading import resolve_guidance
 
 METHODS = ("gradient", "leave-one-out")
 
@@ -100,18 +102,20 @@ def _check_prompt(prompt: str) -> None:
 
 
 def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int = 1, seed: int = 0,
-                          num_inference_steps: int = 50, guidance_scale: float = 7.5
+                          num_inference_steps: int = 50, guidance_scale: float | None = None
                           ) -> tuple[torch.Tensor, float]:
     """`|| dL / d e_p[i] ||_2` for every conditioning position, and L (the detection score).
 
     L = mean over generations and the first `n_steps` steps of `d_t`. Beyond the first step the sampled
-    trajectory is held fixed (latents detached), so each step contributes its own gradient.
+    trajectory is held fixed (latents detached), so each step contributes its own gradient. For SDXL the
+    positions are those of the cross-attention states; the pooled embedding is held at the prompt's own.
     """
     device = pipe.unet.device
+    guidance_scale = resolve_guidance(pipe, guidance_scale)
     with torch.no_grad():
-        cond = encode_text(pipe, [prompt])
-        uncond = encode_text(pipe, [""])
-    e = cond.detach().float().requires_grad_(True)
+        cond = encode(pipe, [prompt])
+        uncond = empty(pipe).expand(generations)
+    e = cond.prompt_embeds.detach().float().requires_grad_(True)
     noise = initial_noise(pipe, generations, seed).to(device, pipe.unet.dtype)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(num_inference_steps, device=device)
@@ -120,10 +124,9 @@ def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int 
     for k, t in enumerate(scheduler.timesteps[:n_steps]):
         model_in = scheduler.scale_model_input(latents, t)
         with torch.no_grad():  # the empty prompt's branch has no gradient: no graph, no backward through it
-            pred_u = pipe.unet(model_in, t, encoder_hidden_states=uncond.expand(generations, -1, -1),
-                               return_dict=False)[0]
-        pred_c = pipe.unet(model_in, t, encoder_hidden_states=e.to(pipe.unet.dtype).expand(generations, -1, -1),
-                           return_dict=False)[0]
+            pred_u = pipe.unet(model_in, t, **uncond.unet_kwargs(), return_dict=False)[0]
+        rows = cond.replace(e.to(pipe.unet.dtype)).expand(generations)
+        pred_c = pipe.unet(model_in, t, **rows.unet_kwargs(), return_dict=False)[0]
         eps_u, eps_c = to_epsilon(pred_u, model_in, t, scheduler), to_epsilon(pred_c, model_in, t, scheduler)
         total = total + (eps_c - eps_u).flatten(1).norm(dim=1).mean()
         if k + 1 < n_steps:
@@ -136,9 +139,10 @@ def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int 
 
 
 def explain(pipe, prompt: str, method: str = "gradient", steps: Steps = "first", generations: int = 1,
-            seed: int = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5) -> Attribution:
+            seed: int = 0, num_inference_steps: int = 50, guidance_scale: float | None = None) -> Attribution:
     """Significance of each token and word of `prompt` for its memorization score."""
     _check_prompt(prompt)
+    guidance_scale = resolve_guidance(pipe, guidance_scale)
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     n_steps = parse_steps(steps, num_inference_steps)
@@ -211,7 +215,7 @@ def suggest_edits(pipe, attr: Attribution, threshold: float, top: int = 3, max_r
     s = attr.settings
     gens = s.get("generations", 1)
     det = MagnitudeDetector(pipe, steps=s.get("steps", "first"), generations=gens, seed=s.get("seed", 0),
-                            guidance_scale=s.get("guidance_scale", 7.5),
+                            guidance_scale=s.get("guidance_scale"),
                             num_inference_steps=s.get("num_inference_steps", 50), batch_size=len(edits) * gens)
     scored = det.score([p for p, _, _ in edits])
     keep = [Suggestion(p, c, n, r.score) for (p, c, n), r in zip(edits, scored, strict=True)

@@ -16,6 +16,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -23,10 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffmem.durable import exclusive, write_atomic
 from diffmem.errors import InputError, ModelLoadError
-from diffmem.train import BatchFn, TrainConfig, measure_magnitudes, train
+from diffmem.train import BatchFn, TrainConfig, checkpoint_dir, checkpoint_step, measure_magnitudes, train
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
@@ -123,7 +126,12 @@ def _from_metadata(root: Path, metadata: Path, images: list[Path]) -> ImageCapti
     found = ImageCaptions(root, "metadata.jsonl")
     captioned: dict[Path, str] = {}
     column = None
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = metadata.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        where = metadata.read_bytes().count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{metadata} is not valid UTF-8 (line {where}); save it as UTF-8") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -324,13 +332,13 @@ def check_model_folder(model: str) -> None:
                              "the UNet of a full diffusers pipeline folder (" + ", ".join(PIPELINE_PARTS) + ")")
 
 
-def load_for_training(model: str, device: torch.device) -> Any:
+def load_for_training(model: str, device: torch.device, allow_pickle: bool = False) -> Any:
     """The pipeline in float32 (mixed precision is accelerate's business), its text encoder and VAE frozen."""
     from diffmem.loading import load_pipeline, quiet_diffusers
 
     check_model_folder(model)
     quiet_diffusers()
-    pipe: Any = load_pipeline(model, device=device, dtype=torch.float32)
+    pipe: Any = load_pipeline(model, device=device, dtype=torch.float32, allow_pickle=allow_pickle)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     return pipe
@@ -344,15 +352,18 @@ def _model_key(model: str) -> str:
 
 
 def _check_out(out: Path, data: str) -> None:
-    """Refuse an --out inside --data: its files would join the data (and change it under a resumed run)."""
+    """Refuse an --out inside --data (its files would join the data and change it under a resumed run), and an
+    --out that is a file."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"--out {out} is a file; give a folder for the run")
     if Path(out).resolve().is_relative_to(data):
         raise InputError(f"--out {out} is inside --data {data}: choose an --out outside the image folder")
 
 
 def _check_resume(settings: FinetuneSettings, out: Path, resume: bool, notice: Notice) -> int:
     """The step to resume from (0: a fresh run); refuses to overwrite a run or to resume a different one."""
-    state = out / "checkpoint" / "state.pt"
-    if not state.is_file():
+    step = checkpoint_step(out)
+    if not step:
         if resume:
             notice(f"notice: no checkpoint in {out}: starting from step 0")
         return 0
@@ -367,7 +378,6 @@ def _check_resume(settings: FinetuneSettings, out: Path, resume: bool, notice: N
         was = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (now {mine[k]})" for k in differ)
         raise InputError(f"--resume continues the run in {out}, which used {was}; "
                          "pass the same options, or choose a new --out")
-    step = int(torch.load(state, map_location="cpu", weights_only=False)["step"])
     if saved.get("steps") not in (None, settings.steps):
         notice(f"notice: the run in {out} was set for {saved['steps']} steps, now {settings.steps}: "
                "the learning-rate schedule changes from here")
@@ -382,6 +392,7 @@ def finetune(
     log_every: int = 10,
     notice: Notice | None = None,
     progress: Callable[[int, dict], None] | None = None,
+    allow_pickle: bool = False,
 ) -> FinetuneResult:
     """Fine-tune the UNet of `settings.model` on `settings.data`, checkpointing in `out/checkpoint` and
     writing the pipeline to `out/pipeline`. Under `accelerate launch` the processes train data-parallel; only
@@ -392,17 +403,25 @@ def finetune(
     out = Path(out)
     _check_out(out, settings.data)
     acc = Accelerator(cpu=not torch.cuda.is_available())
+    with exclusive(out / "train.lock", f"--out {out}") if acc.is_main_process else nullcontext():  # one run per out
+        return _finetune(settings, out, acc, resume, checkpoint_every, log_every, notice, progress, allow_pickle)
+
+
+def _finetune(settings: FinetuneSettings, out: Path, acc: Any, resume: bool, checkpoint_every: int, log_every: int,
+              notice: Notice | None, progress: Callable[[int, dict], None] | None,
+              allow_pickle: bool) -> FinetuneResult:
+    """`finetune` once its output folder is locked."""
     say = notice if notice is not None and acc.is_main_process else (lambda message: None)
     resumed = _check_resume(settings, out, resume, say)
     if resumed >= settings.steps:
         say(f"notice: the checkpoint in {out} is at step {resumed}: no step left to train, writing the pipeline")
     found = scan_folder(Path(settings.data))
-    pipe = load_for_training(settings.model, acc.device)
+    pipe = load_for_training(settings.model, acc.device, allow_pickle)
     with acc.main_process_first():
         data, cached = prepare_data(pipe, found, out, {"model": settings.model}, resuming=resumed > 0)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "finetune.json").write_text(json.dumps(asdict(settings), indent=2))
+        write_atomic(out / "finetune.json", json.dumps(asdict(settings), indent=2))
     report_data(data, Path(settings.data), out, cached, say)
     augment = _rta_augment(pipe.tokenizer, settings) if settings.caption_aug == "rta" else None
     batch_fn = epoch_batches(data, settings.batch_size, settings.seed, augment)
@@ -428,7 +447,12 @@ def save_pipeline(pipe: Any, dest: Path) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp)
+    try:
+        pipe.save_pretrained(tmp)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, file size limit, read-only folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(f"cannot write the trained pipeline to {dest}: {' '.join(str(exc).split())[:300]}; "
+                         "its checkpoint is kept: free space and rerun with --resume") from None
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
@@ -436,11 +460,10 @@ def save_pipeline(pipe: Any, dest: Path) -> None:
 
 def interrupted_message(out: Path) -> str:
     """What to tell a user who stopped a run: where its last checkpoint is and how to continue."""
-    state = Path(out) / "checkpoint" / "state.pt"
-    if not state.is_file():
+    step = checkpoint_step(Path(out))
+    if not step:
         return f"interrupted before the first checkpoint; nothing saved in {out}"
-    step = int(torch.load(state, map_location="cpu", weights_only=False)["step"])
-    return f"interrupted: checkpoint at step {step} in {state.parent}; rerun with --resume to continue"
+    return f"interrupted: checkpoint at step {step} in {checkpoint_dir(Path(out))}; rerun with --resume to continue"
 
 
 def report_data(data: LatentData, root: Path, out: Path, cached: bool, say: Notice) -> None:
@@ -466,6 +489,7 @@ def calibrate(
     batch_size: int = 16,
     notice: Notice | None = None,
     progress: Callable[[int, int], None] | None = None,
+    allow_pickle: bool = False,
 ) -> dict:
     """Magnitudes `d` of the base model on the training data, at random training timesteps (the filter's
     measure), their percentiles and a suggested `--filter-threshold`; written to `out/calibration.json`."""
@@ -475,8 +499,8 @@ def calibrate(
     say = notice or (lambda message: None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     found = scan_folder(Path(settings.data))
-    pipe = load_for_training(settings.model, device)
-    in_use = (out / "checkpoint" / "state.pt").is_file()  # never re-encode under a run's checkpoint
+    pipe = load_for_training(settings.model, device, allow_pickle)
+    in_use = checkpoint_step(out) > 0  # never re-encode under a run's checkpoint
     data, cached = prepare_data(pipe, found, out, {"model": settings.model}, resuming=in_use)
     report_data(data, Path(settings.data), out, cached, say)
     n = len(data.captions)
@@ -486,7 +510,7 @@ def calibrate(
                                 data.captions, order, gen, batch_size, progress)
     result = calibration_summary(values, order, data, settings)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration.json").write_text(json.dumps(result, indent=2))
+    write_atomic(out / "calibration.json", json.dumps(result, indent=2))
     return result
 
 

@@ -8,6 +8,7 @@ Registered on the `diffmem` app by `diffmem.cli`; torch loads only inside the co
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,6 +16,7 @@ import typer
 
 from diffmem.errors import InputError
 from diffmem.mitigate import DEFAULT_TARGET_LOSS, METHODS
+from diffmem.options import AllowPickleOpt
 
 PromptsOpt = Annotated[
     Path, typer.Option("--prompts", help="Prompt file: .txt (one prompt a line), .jsonl, .csv or .parquet.")
@@ -28,7 +30,11 @@ ModelOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option("--seed", help="Generation g starts from the initial noise of seed S+g.")]
 GenerationsOpt = Annotated[int, typer.Option("--generations", min=1, help="Images per prompt (seeds S..S+n-1).")]
 StepsOpt = Annotated[int, typer.Option("--steps", "--num-inference-steps", min=1, help="Sampling steps.")]
-GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale (above 1).")]
+GuidanceOpt = Annotated[
+    float | None,
+    typer.Option("--guidance", help="Classifier-free guidance scale, above 1 (default: the model's own; 7.5 for "
+                 "Stable Diffusion)."),
+]
 TargetOpt = Annotated[
     float,
     typer.Option("--target-loss", help="Stop optimising the embedding once its first-step score is <= this. "
@@ -44,6 +50,13 @@ DTypeOpt = Annotated[
     str | None,
     typer.Option("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 elsewhere)."),
 ]
+
+
+def _guidance(model: str, guidance: float | None) -> float:
+    """`--guidance`, else the model's own default (loading torch and diffusers only now)."""
+    from diffmem.loading import model_guidance
+
+    return model_guidance(model, guidance)
 
 
 def parse_threshold(text: str) -> float:
@@ -72,13 +85,14 @@ def generate(
     seed: SeedOpt = 0,
     generations: GenerationsOpt = 1,
     steps: StepsOpt = 50,
-    guidance: GuidanceOpt = 7.5,
+    guidance: GuidanceOpt = None,
     target_loss: TargetOpt = DEFAULT_TARGET_LOSS,
     iters: ItersOpt = 10,
     lr: LrOpt = 0.05,
     column: ColumnOpt = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Generate images for every prompt; with --guard, prompts whose first-step score is >= --threshold get their
     text embedding optimised first (the others cost no extra denoiser call and give the plain images)."""
@@ -86,8 +100,9 @@ def generate(
         raise InputError("--guard needs --threshold (calibrate one with `diffmem evaluate`)")
     run(prompts, out, model, "embedding" if guard else "none",
         dict(threshold=None if threshold is None else parse_threshold(threshold), generations=generations,
-             seed=seed, num_inference_steps=steps, guidance_scale=guidance, target_loss=target_loss, iters=iters,
-             lr=lr), column, device, dtype)
+             seed=seed, num_inference_steps=steps, guidance_scale=_guidance(model, guidance),
+             target_loss=target_loss, iters=iters,
+             lr=lr), column, device, dtype, allow_pickle)
 
 
 def mitigate(
@@ -103,21 +118,24 @@ def mitigate(
     seed: SeedOpt = 0,
     generations: GenerationsOpt = 1,
     steps: StepsOpt = 50,
-    guidance: GuidanceOpt = 7.5,
+    guidance: GuidanceOpt = None,
     column: ColumnOpt = None,
     device: DeviceOpt = None,
     dtype: DTypeOpt = None,
+    allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Generate images for every prompt with one mitigation method applied to all of them (for comparisons)."""
     run(prompts, out, model, method,
         dict(threshold=None, generations=generations, seed=seed, num_inference_steps=steps,
-             guidance_scale=guidance, target_loss=target_loss, iters=iters, lr=lr, k=k, sigma=sigma),
-        column, device, dtype)
+             guidance_scale=_guidance(model, guidance), target_loss=target_loss, iters=iters, lr=lr, k=k,
+             sigma=sigma),
+        column, device, dtype, allow_pickle)
 
 
 def run(prompts: Path, out: Path, model: str, method: str, settings: dict[str, Any], column: str | None,
-        device: str | None, dtype: str | None) -> None:
-    """Read the prompts, resume OUT/results.jsonl, generate the pending prompts and write images and rows."""
+        device: str | None, dtype: str | None, allow_pickle: bool = False, pipe: Any = None) -> None:
+    """Read the prompts, resume OUT/results.jsonl, generate the pending prompts and write images and rows
+    (`pipe`: `model` already loaded, e.g. by `diffmem reproduce`, which runs every method on one pipeline)."""
     from diffmem.cli import DType, model_id, parse_device, say, stderr
     from diffmem.prompts import read_prompts
     from diffmem.results import ResultWriter
@@ -144,16 +162,18 @@ def run(prompts: Path, out: Path, model: str, method: str, settings: dict[str, A
         resumed = len(index) - len(todo)
         if resumed:
             say(stderr, f"notice: resuming {out}: {resumed} of {len(index)} prompts already generated")
-        counts = _generate_into(writer, out, todo, index, model, torch_device, dtype, method, settings, match) \
-            if todo else {}
+        counts = _generate_into(writer, out, todo, index, model, torch_device, dtype, method, settings, match,
+                                allow_pickle, pipe) if todo else {}
     parts = [f"{resumed} were already done", f"{counts.get('flagged', 0)} flagged",
              f"{counts.get('mitigated', 0)} mitigated", f"{counts.get('unreached', 0)} missed the target loss"]
     typer.echo(f"generated {len(todo)} prompts -> {out}; {', '.join(parts)}")
 
 
 def _generate_into(writer: Any, out: Path, todo: list[str], index: dict[str, int], model: str, device: Any,
-                   dtype: str | None, method: str, settings: dict[str, Any], match: dict[str, Any]) -> dict[str, int]:
-    """Load the model, generate `todo` prompt by prompt, save each prompt's PNGs, then append its row."""
+                   dtype: str | None, method: str, settings: dict[str, Any], match: dict[str, Any],
+                   allow_pickle: bool = False, pipe: Any = None) -> dict[str, int]:
+    """Load the model (unless `pipe` is given), generate `todo` prompt by prompt, save each prompt's PNGs, then
+    append its row."""
     import torch
 
     from diffmem.cli import progress_bar, quiet_libraries, say, shorten, stderr
@@ -161,8 +181,10 @@ def _generate_into(writer: Any, out: Path, todo: list[str], index: dict[str, int
     from diffmem.mitigate import iter_generate
 
     quiet_libraries()
-    with stderr.status(f"loading {model} ..."):
-        pipe: Any = load_pipeline(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    if pipe is None:
+        with stderr.status(f"loading {model} ..."):
+            pipe = load_pipeline(model, device=device, dtype=getattr(torch, dtype) if dtype else None,
+                                 allow_pickle=allow_pickle)
     pipe.set_progress_bar_config(disable=True)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +196,7 @@ def _generate_into(writer: Any, out: Path, todo: list[str], index: dict[str, int
                 names = []
                 for g, image in enumerate(pipe.numpy_to_pil(images)):
                     names.append(f"images/{i}_{g}.png")
-                    image.save(out / names[-1])
+                    _save_png(image, out / names[-1], len(writer))
                 counts["flagged"] += bool(decision.flagged)
                 counts["mitigated"] += decision.mitigated
                 if decision.reached is False:
@@ -188,3 +210,16 @@ def _generate_into(writer: Any, out: Path, todo: list[str], index: dict[str, int
         except torch.cuda.OutOfMemoryError:
             raise InputError(f"out of memory on {pipe.device}: lower --generations") from None
     return counts
+
+
+def _save_png(image: Any, path: Path, done: int) -> None:
+    """Save a PNG whole (a temporary file renamed over `path`, so a kill never leaves half an image under its
+    name); a write error (disk full, file size limit) is one line saying the finished prompts are kept."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}; the {done} prompts finished are kept, "
+                         "rerun to resume") from None

@@ -9,13 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from diffmem.errors import ModelLoadError
+from diffmem.weights import check_weights
 
 TESTBED_NAMES = ("testbed", "testbed-base")
+#: Stable Diffusion v1's classifier-free guidance scale: the default of a model that does not name its own.
+SD_GUIDANCE_SCALE = 7.5
+#: A file beside model_index.json with diffmem's defaults for the model (e.g. {"guidance_scale": 3.0}).
+DEFAULTS_FILE = "diffmem.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+#: The pipeline classes (model_index.json `_class_name`) diffmem loads.
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline,
+                       "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
 
 
 def testbed_path() -> Path:
@@ -71,6 +79,16 @@ def _check_folder(path: Path) -> None:
     unet_class = spec["unet"][1]
     if unet_class != "UNet2DConditionModel":
         raise ModelLoadError(f"{path}: unet is a {unet_class}; diffmem supports UNet2DConditionModel pipelines")
+    pipeline_class(spec.get("_class_name"), path)
+
+
+def pipeline_class(name: str | None, where: str | Path) -> Any:
+    """The diffusers class of a pipeline named `name` in its model_index.json, or one line naming what diffmem
+    supports."""
+    if name not in SUPPORTED_PIPELINES:
+        raise ModelLoadError(f"{where} holds a {name or 'pipeline without a _class_name'}; diffmem supports "
+                             f"{' and '.join(SUPPORTED_PIPELINES)} folders")
+    return SUPPORTED_PIPELINES[name]
 
 
 def check_guidance(pipe: Any) -> None:
@@ -83,7 +101,8 @@ def check_guidance(pipe: Any) -> None:
         )
     if cfg.get("cross_attention_dim") is None or pipe.text_encoder is None or pipe.tokenizer is None:
         raise ModelLoadError("the model has no text conditioning, so it cannot do classifier-free guidance")
-    hidden = getattr(pipe.text_encoder.config, "hidden_size", None)
+    encoders = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]  # SDXL: both, side by side
+    hidden = sum(getattr(e.config, "hidden_size", 0) for e in encoders if e is not None) or None
     cross = cfg.cross_attention_dim
     if hidden is not None and isinstance(cross, int) and hidden != cross:
         raise ModelLoadError(
@@ -95,38 +114,85 @@ def load_pipeline(
     model: str | Path = "testbed",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion 1.x/2.x pipeline (epsilon or v-prediction) ready for scoring.
+    allow_pickle: bool = False,
+) -> Any:
+    """Load a Stable Diffusion 1.x/2.x (epsilon or v-prediction) or SDXL pipeline ready for scoring.
 
     `model` is a local diffusers folder, a hub id (downloaded only when online) or `"testbed"`.
     `dtype` defaults to float16 on CUDA and float32 elsewhere. Errors are `ModelLoadError` with one line.
+    Weights are read from safetensors files only; `allow_pickle=True` also loads pickled ones (`.bin`, `.ckpt`),
+    which can run code: only for a folder you trust.
     """
     source = resolve_model(model)
+    check_weights(source, allow_pickle)
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     try:
-        pipe: Any = StableDiffusionPipeline.from_pretrained(
+        cls = pipeline_class(_class_name(source), model)
+        sd_only = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe: Any = cls.from_pretrained(
             source,
             **dtype_kwarg(dtype),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            use_safetensors=None if allow_pickle else True,
+            **(sd_only if cls is StableDiffusionPipeline else {}),
         )
     except ModelLoadError:
         raise
     except Exception as exc:  # diffusers raises many types; the user needs one line naming the cause
         raise ModelLoadError(f"could not load {model}: {_first_line(exc)}") from None
-    if not isinstance(pipe, StableDiffusionPipeline):
+    if not isinstance(pipe, tuple(SUPPORTED_PIPELINES.values())):
         raise ModelLoadError(f"{model} is not a Stable Diffusion text-to-image pipeline")
     pipe = _untyped(pipe)  # diffusers registers components dynamically; the stubs do not know them
     if str(model) == "testbed-base":
         from diffmem.testbed import weights_dir
 
-        pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir(base=True), **dtype_kwarg(dtype))
+        pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir(base=True), use_safetensors=True,
+                                                 **dtype_kwarg(dtype))
     check_guidance(pipe)
+    pipe.diffmem_defaults = read_model_defaults(source)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _class_name(source: str) -> str | None:
+    """`_class_name` of the pipeline at `source`: from its folder, or for a hub id its model_index.json only."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(source).get("_class_name")
+
+
+def read_model_defaults(source: str | Path) -> dict[str, Any]:
+    """The model's own defaults from `DEFAULTS_FILE` in its folder ({} for a hub id or a folder without one)."""
+    path = Path(source) / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return values
+
+
+def default_guidance(pipe: Any) -> float:
+    """The guidance scale the model was made for (its folder's `diffmem.json`), else Stable Diffusion's 7.5."""
+    return float(getattr(pipe, "diffmem_defaults", {}).get("guidance_scale", SD_GUIDANCE_SCALE))
+
+
+def model_guidance(model: str | Path, guidance_scale: float | None = None) -> float:
+    """`guidance_scale` when given, else the default of `model` (a name `load_pipeline` takes), read from its
+    folder without loading it: what a command records before the model is loaded."""
+    if guidance_scale is not None:
+        return float(guidance_scale)
+    source = resolve_model(model)
+    return float(read_model_defaults(source).get("guidance_scale", SD_GUIDANCE_SCALE))
+
+
+def resolve_guidance(pipe: Any, guidance_scale: float | None) -> float:
+    """`guidance_scale` when given, else the model's default (`default_guidance`)."""
+    return default_guidance(pipe) if guidance_scale is None else float(guidance_scale)
 
 
 def _untyped(obj: Any) -> Any:

@@ -28,6 +28,8 @@ _KINDS = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
+MAX_PROMPT_CHARS = 20_000
+"""Longest prompt read: far beyond any text encoder's window; a longer "prompt" is a broken or binary file."""
 _CSV_EXTRA = "\0extra fields"  # DictReader's restkey: marks a row with more fields than the header
 
 Row = tuple[str, dict[str, Any] | None]  # ("line 3", the row's fields, or None for a blank line)
@@ -196,6 +198,11 @@ def _collect(path: Path, rows: Iterable[Row], column: str) -> PromptFile:
             continue
         if not isinstance(value, str):
             raise InputError(f"{path} {where}: '{column}' is a {type(value).__name__}, expected text")
+        if "\x00" in value:
+            raise InputError(f"{path} {where}: the prompt holds a NUL character; is this a text file?")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise InputError(f"{path} {where}: a prompt of {len(value):,} characters, over the {MAX_PROMPT_CHARS:,} "
+                             "read (a text encoder sees only its first few dozen words); is a newline missing?")
         records.append({**row, "prompt": value})
     if not records:
         extra = f" ({len(skipped)} empty rows skipped)" if skipped else ""

@@ -12,6 +12,7 @@ input is unchanged.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -135,7 +136,8 @@ class ResultWriter:
             raise InputError(f"{self.path} is a folder; give a file path for the results")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
-        self._file: IO[bytes] = open(self.path, "a+b")  # noqa: SIM115 - kept open for the writer's lifetime
+        # Unbuffered: a failed write (disk full) is undone at once, with nothing left in a buffer to retry later.
+        self._file: IO[bytes] = open(self.path, "a+b", buffering=0)  # noqa: SIM115 - open for the writer's life
         try:
             _lock(self._file, self.path)
             self._resume(match or {})
@@ -222,8 +224,19 @@ class ResultWriter:
                 keys.add(k)
                 lines.append(json_line(row) + "\n")  # encode everything before writing anything
         if lines:
-            self._file.write("".join(lines).encode("utf-8"))
-            self._sync()
+            data = memoryview("".join(lines).encode("utf-8"))
+            end = os.fstat(self._file.fileno()).st_size
+            try:
+                while data:  # a raw write may take only part of the bytes
+                    written = self._file.write(data)
+                    if not written:
+                        raise OSError(errno.ENOSPC, "no byte could be written")
+                    data = data[written:]
+                self._sync()
+            except OSError as exc:  # disk full, file size limit: no partial row stays behind
+                os.ftruncate(self._file.fileno(), end)
+                raise InputError(f"cannot write to {self.path}: {exc.strerror or exc}; its {len(self._done)} "
+                                 "earlier rows are kept, rerun to resume") from None
             self._done.update(keys)
         return len(lines)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -24,9 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffmem.durable import write_atomic
 from diffmem.epsilon import to_epsilon
+from diffmem.errors import InputError
 
 BatchFn = Callable[[int], tuple[torch.Tensor, list[str]]]
 
@@ -86,7 +90,7 @@ def train(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        write_atomic(out / "train_config.json", json.dumps(asdict(cfg), indent=2))
     text_encoder.requires_grad_(cfg.train_text_encoder)
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if cfg.train_text_encoder else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -98,11 +102,13 @@ def train(
         unet, opt = acc.prepare(unet, opt)
         text_encoder = text_encoder.to(acc.device)
     if start:
-        state = torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
+        state = read_state(checkpoint_dir(out))
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
     empty = _tokens(tokenizer, [""], acc.device)
     log_path = out / "log.jsonl"
+    if acc.is_main_process:
+        _trim_log(log_path, start)
     t0 = time.time()
     totals = {"excluded": 0, "seen": 0, "skipped": 0}  # filtered-out samples, samples, skipped updates
     window = dict.fromkeys(totals, 0)  # the same since the last log record
@@ -251,25 +257,134 @@ def _any_process(acc, flag: bool) -> bool:
 
 
 def _checkpoint(out: Path, step: int, acc, unet, text_encoder, opt, sched, with_text: bool) -> None:
-    """Write `checkpoint/` atomically enough: weights, optimizer and step, replaced as a whole."""
+    """Write `checkpoint/` as a whole: weights (safetensors), optimizer and schedule state (safetensors + JSON)
+    and step go into `checkpoint.tmp/`, which then replaces it. A kill at any moment leaves a whole checkpoint
+    (`checkpoint/`, or `checkpoint.old/` between the two renames) that `checkpoint_dir` finds."""
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return
-    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
-    tmp.mkdir(exist_ok=True)
-    save_file(_cpu_state(acc.unwrap_model(unet)), str(tmp / "unet.safetensors"))
-    if with_text:
-        save_file(_cpu_state(acc.unwrap_model(text_encoder)), str(tmp / "text_encoder.safetensors"))
-    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step}, tmp / "state.pt")
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    if not final.exists() and old.exists():  # a kill between the renames below: the old one is the last whole one
+        old.rename(final)
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    tmp.mkdir()
+    try:
+        save_file(_cpu_state(acc.unwrap_model(unet)), str(tmp / "unet.safetensors"))
+        if with_text:
+            save_file(_cpu_state(acc.unwrap_model(text_encoder)), str(tmp / "text_encoder.safetensors"))
+        write_state(tmp, {"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step})
+    except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, file size limit, read-only folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = checkpoint_step(out)
+        kept = f"; the checkpoint of step {last} is kept" if last else ""
+        raise InputError(f"cannot write a checkpoint in {out}: {_first_line(exc)}{kept}") from None
     if final.exists():
-        old = out / "checkpoint.old"
         final.rename(old)
         tmp.rename(final)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
+        shutil.rmtree(old)
     else:
         tmp.rename(final)
+
+
+STATE_TENSORS, STATE_JSON, LEGACY_STATE = "state.safetensors", "state.json", "state.pt"
+"""Optimizer and schedule state: tensors in safetensors, the rest in JSON (older checkpoints: a torch pickle)."""
+
+
+def write_state(folder: Path, state: dict) -> None:
+    """Save a state dict (optimizer, schedule, step) without pickle: its tensors into `STATE_TENSORS`, everything
+    else into `STATE_JSON` with references to them (JSON keeps Python floats exactly)."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _to_json(state, tensors)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / STATE_TENSORS))
+    write_atomic(folder / STATE_JSON, json.dumps(tree))
+
+
+def read_state(folder: Path) -> dict:
+    """The state `write_state` saved in `folder`, or an older checkpoint's `state.pt` (loaded with
+    `weights_only=True`: tensors and plain containers only, no code)."""
+    if (folder / STATE_JSON).is_file():
+        tensors = load_file(str(folder / STATE_TENSORS))
+        return _from_json(json.loads((folder / STATE_JSON).read_text()), tensors)
+    return torch.load(folder / LEGACY_STATE, map_location="cpu", weights_only=True)
+
+
+def _to_json(obj, tensors: dict[str, torch.Tensor]):
+    """`obj` as JSON-able data; tensors are moved into `tensors` and replaced by {"__tensor__": name}, dicts with
+    non-string keys (the optimizer's parameter indices) by {"__int_keys__": ...}, tuples by lists."""
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj
+        return {"__tensor__": name}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _to_json(v, tensors) for k, v in obj.items()}
+        if not all(isinstance(k, int) for k in obj):
+            raise TypeError(f"cannot save dict keys of types {sorted({type(k).__name__ for k in obj})}")
+        return {"__int_keys__": {str(k): _to_json(v, tensors) for k, v in obj.items()}}
+    if isinstance(obj, list | tuple):
+        return [_to_json(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot save a {type(obj).__name__} in a checkpoint's state")
+
+
+def _from_json(obj, tensors: dict[str, torch.Tensor]):
+    """Inverse of `_to_json`."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__int_keys__"}:
+            return {int(k): _from_json(v, tensors) for k, v in obj["__int_keys__"].items()}
+        return {k: _from_json(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_json(v, tensors) for v in obj]
+    return obj
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """The folder of the last whole checkpoint of the run in `out`: `checkpoint/`, or `checkpoint.old/` when a
+    kill fell between `_checkpoint`'s two renames (then `checkpoint/` is missing)."""
+    final, old = Path(out) / "checkpoint", Path(out) / "checkpoint.old"
+    return old if not _has_state(final) and _has_state(old) else final
+
+
+def _has_state(folder: Path) -> bool:
+    return (folder / STATE_JSON).is_file() or (folder / LEGACY_STATE).is_file()
+
+
+def checkpoint_step(out: Path) -> int:
+    """The step of the last whole checkpoint in `out`, 0 when there is none."""
+    folder = checkpoint_dir(out)
+    if not _has_state(folder):
+        return 0
+    if (folder / STATE_JSON).is_file():
+        return int(json.loads((folder / STATE_JSON).read_text())["step"])
+    return int(read_state(folder)["step"])
+
+
+def _trim_log(log_path: Path, step: int) -> None:
+    """Keep the log records of steps up to `step` (where the run resumes) and drop the rest: records a killed
+    run wrote after its last checkpoint (written again as those steps rerun) and a torn last line."""
+    if not log_path.is_file():
+        return
+    data = log_path.read_bytes()
+    kept = []
+    for line in data.split(b"\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a blank or torn line
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line.decode() + "\n")
+    if "".join(kept).encode() != data:
+        write_atomic(log_path, "".join(kept))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
 
 
 def _cpu_state(model) -> dict[str, torch.Tensor]:
@@ -278,10 +393,11 @@ def _cpu_state(model) -> dict[str, torch.Tensor]:
 
 def load_checkpoint_weights(out: Path, unet, text_encoder=None) -> int:
     """Load checkpoint weights of `out` into unprepared models (before `train`); returns its step or 0."""
-    ckpt = Path(out) / "checkpoint"
-    if not (ckpt / "state.pt").is_file():
+    step = checkpoint_step(out)
+    if not step:
         return 0
+    ckpt = checkpoint_dir(out)
     unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
     if text_encoder is not None and (ckpt / "text_encoder.safetensors").is_file():
         text_encoder.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
-    return int(torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)["step"])
+    return step

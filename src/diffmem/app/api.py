@@ -286,12 +286,36 @@ def api_router(service: Service, queue: ModelQueue) -> APIRouter:
 
 
 def add_body_limit(app: FastAPI, limit: int) -> None:
-    """Refuse /api request bodies declared larger than `limit` bytes with 413, before reading them."""
+    """Refuse /api request bodies larger than `limit` bytes with 413: before reading them when their size is
+    declared, as soon as the limit is passed when they are streamed (chunked) without one."""
+    app.add_middleware(BodyLimit, limit=limit)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Any:
-        if request.url.path.startswith("/api/"):
-            size = request.headers.get("content-length", "")
-            if size.isdigit() and int(size) > limit:
-                return _error(413, f"request body of {size} bytes; the limit is {limit}")
-        return await call_next(request)
+
+class BodyLimit:
+    """ASGI middleware behind `add_body_limit`: a declared Content-Length over the limit is answered at once; a
+    body without one is counted as it arrives and cut off with HTTP 413 once it passes the limit."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            await self.app(scope, receive, send)
+            return
+        size = Request(scope).headers.get("content-length", "")
+        if size.isdigit() and int(size) > self.limit:
+            await _error(413, f"request body of {size} bytes; the limit is {self.limit}")(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise StarletteHTTPException(413, f"request body of more than {self.limit} bytes; the limit is "
+                                                  f"{self.limit}")
+            return message
+
+        await self.app(scope, counted, send)

@@ -46,25 +46,31 @@ def create_api_app(service: Service) -> Any:
     return app
 
 
-def create_app(service: Service) -> Any:
-    """The API app with the Gradio page mounted at / (no share link, no analytics, no server-side rendering)."""
+def create_app(service: Service, token: str | None = None) -> Any:
+    """The API app with the Gradio page mounted at / (no share link, no analytics, no server-side rendering);
+    with `token`, every request must present it (`diffmem.app.auth`)."""
     import gradio as gr
 
+    from diffmem.app.auth import TokenAuth
     from diffmem.app.ui import CSS, build_ui, theme
 
-    return gr.mount_gradio_app(create_api_app(service), build_ui(service), path="/", footer_links=[],
-                               ssr_mode=False, pwa=False, mcp_server=False, theme=theme(), css=CSS, show_error=True)
+    app = gr.mount_gradio_app(create_api_app(service), build_ui(service), path="/", footer_links=[],
+                              ssr_mode=False, pwa=False, mcp_server=False, theme=theme(), css=CSS, show_error=True)
+    if token is not None:
+        app.add_middleware(TokenAuth, token=token)  # added last: the outermost layer, before any route or limit
+    return app
 
 
 def build_service(model: str, device: Any = None, threshold: float | None = None, calibration: Path | None = None,
-                  settings: Settings | None = None, limits: Limits | None = None) -> Service:
+                  settings: Settings | None = None, limits: Limits | None = None,
+                  allow_pickle: bool = False) -> Service:
     """Load the model once and fix its threshold (flag, calibration file, or the testbed's own calibration)."""
     from diffmem.loading import load_pipeline, quiet_diffusers
 
     quiet_diffusers()
     settings = settings or Settings()
     fixed = threshold_from_options(model, threshold, calibration)  # before loading: fail fast on bad options
-    pipe = load_pipeline(model, device=device)
+    pipe = load_pipeline(model, device=device, allow_pickle=allow_pickle)
     service = Service(pipe, model, fixed or calibrate_testbed(pipe, settings), settings, limits)
     service.analyse("warm up")  # the first request of a user should not pay for one-time set-up
     return service
@@ -109,16 +115,20 @@ class BackgroundServer:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 7860, device: Any = None, threshold: float | None = None,
           calibration: Path | None = None, settings: Settings | None = None, limits: Limits | None = None,
-          echo: Any = print) -> None:
-    """Load the model, fix the threshold, and serve the page and the API until interrupted."""
+          echo: Any = print, token: str | None = None, allow_pickle: bool = False) -> None:
+    """Load the model, fix the threshold, and serve the page and the API until interrupted. A host other than
+    loopback needs `token` (`diffmem.app.auth`); the token is never printed or logged."""
     import uvicorn
 
+    from diffmem.app.auth import check_access
+
+    check_access(host, token)
     check_port(host, port)
     echo(f"loading {model} ...")
-    service = build_service(model, device, threshold, calibration, settings, limits)
-    app = create_app(service)
+    service = build_service(model, device, threshold, calibration, settings, limits, allow_pickle)
+    app = create_app(service, token)
     shown = f"[{host}]" if ":" in host else host
     echo(f"threshold {service.threshold.value:.6g} from: {service.threshold.source}")
     echo(f"serving http://{shown}:{port}  (page at /, JSON API at /api/detect and /api/explain, schema at "
          "/openapi.json; Ctrl-C stops)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

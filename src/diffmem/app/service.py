@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ class Settings:
     steps: str | int = "first"
     generations: int = 1
     seed: int = 0
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the model's own (`diffmem.loading.default_guidance`)
     num_inference_steps: int = 50
     batch_size: int = 32
     generate_steps: int = 25
@@ -70,6 +70,8 @@ class Settings:
             raise InputError(f"--generate-steps must be at least 1, not {self.generate_steps}")
         if self.mitigate_iters < 0:
             raise InputError(f"--mitigate-iters must be at least 0, not {self.mitigate_iters}")
+        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale > 1):
+            raise InputError(f"--guidance must be above 1 (classifier-free guidance), not {self.guidance_scale}")
         if self.target_loss is not None and not math.isfinite(self.target_loss):
             raise InputError(f"--target-loss must be a finite number, not {self.target_loss}")
 
@@ -89,7 +91,8 @@ class Settings:
         """One line for the page: how scores and images are computed."""
         steps = "first step" if self.scored_steps == 1 else f"first {self.scored_steps} steps"
         gens = f"{self.generations} generation" + ("s" if self.generations > 1 else "")
-        return (f"score: {steps}, {gens}, seed {self.seed}, guidance {self.guidance_scale:g}, "
+        guidance = "the model's" if self.guidance_scale is None else f"{self.guidance_scale:g}"
+        return (f"score: {steps}, {gens}, seed {self.seed}, guidance {guidance}, "
                 f"DDIM {self.num_inference_steps}; generate: DDIM {self.generate_steps} steps, "
                 f"mitigation {self.mitigate_iters} iterations")
 
@@ -191,12 +194,13 @@ class Service:
 
     def __init__(self, pipe: Any, model: str, threshold: Threshold, settings: Settings | None = None,
                  limits: Limits | None = None) -> None:
-        from diffmem.loading import TESTBED_NAMES
+        from diffmem.loading import TESTBED_NAMES, resolve_guidance
 
         self.pipe = pipe
         self.model = model
         self.threshold = threshold
-        self.settings = settings or Settings()
+        settings = settings or Settings()
+        self.settings = replace(settings, guidance_scale=resolve_guidance(pipe, settings.guidance_scale))
         self.limits = limits or Limits()
         self._lock = threading.Lock()
         self._training: dict[str, Any] = {}

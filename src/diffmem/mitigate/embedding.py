@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffmem.detect import encode_text, initial_noise
+from diffmem.conditioning import Conditioning, as_conditioning, empty, encode
+from diffmem.detect import initial_noise
 from diffmem.epsilon import to_epsilon
 from diffmem.errors import InputError
 from diffmem.mitigate import DEFAULT_TARGET_LOSS
@@ -20,7 +21,8 @@ class EmbeddingResult:
     """The optimised conditioning of one prompt and the loss trace that produced it.
 
     `losses[0]` is the loss of the prompt's own embedding (its first-step detection score), `losses[i]` the loss
-    after i AdamW steps; `losses[-1] == final_loss` is the loss of `embedding` itself.
+    after i AdamW steps; `losses[-1] == final_loss` is the loss of `embedding` itself. `conditioning` is the whole
+    optimised conditioning (for SDXL with its pooled embedding), what `pipe(**conditioning.pipe_kwargs(...))` takes.
     """
 
     embedding: torch.Tensor
@@ -28,6 +30,7 @@ class EmbeddingResult:
     iters: int = 0
     reached: bool = False
     target_loss: float = DEFAULT_TARGET_LOSS
+    conditioning: Conditioning | None = None
 
     @property
     def initial_loss(self) -> float:
@@ -64,16 +67,17 @@ class FirstStep:
         noise = initial_noise(pipe, generations, seed).to(device, dtype)
         self.model_in = self.scheduler.scale_model_input(noise * self.scheduler.init_noise_sigma, self.t)
         with torch.no_grad():
-            self.uncond = encode_text(pipe, [""])
+            self.uncond = empty(pipe)
             self.eps_u = self._eps(self.uncond)
 
-    def _eps(self, embedding: torch.Tensor) -> torch.Tensor:
-        e = embedding.to(self.pipe.unet.dtype).expand(self.generations, -1, -1)
-        pred = self.pipe.unet(self.model_in, self.t, encoder_hidden_states=e, return_dict=False)[0]
+    def _eps(self, embedding: Conditioning | torch.Tensor) -> torch.Tensor:
+        e = as_conditioning(self.pipe, embedding).to(self.pipe.unet.dtype).expand(self.generations)
+        pred = self.pipe.unet(self.model_in, self.t, **e.unet_kwargs(), return_dict=False)[0]
         return to_epsilon(pred, self.model_in, self.t, self.scheduler)
 
-    def loss(self, embedding: torch.Tensor) -> torch.Tensor:
-        """`L(e)` for a (1, 77, D) conditioning, differentiable with respect to it when grad is enabled."""
+    def loss(self, embedding: Conditioning | torch.Tensor) -> torch.Tensor:
+        """`L(e)` for a one-row conditioning ((1, 77, D) for SD), differentiable with respect to it when grad is
+        enabled."""
         return (self._eps(embedding) - self.eps_u).flatten(1).norm(dim=1).mean()
 
 
@@ -86,7 +90,7 @@ def mitigate_embedding(
     target_loss: float = DEFAULT_TARGET_LOSS,
     iters: int = 10,
     lr: float = 0.05,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     num_inference_steps: int = 50,
 ) -> EmbeddingResult:
     """Minimise `L(e)` over every position of the prompt's conditioning but BOS with AdamW(lr), stopping as soon
@@ -96,25 +100,34 @@ def mitigate_embedding(
     `guidance_scale` does not enter the first-step loss; it is accepted so that every entry point takes the same
     sampling settings. Cost: `k + 1` conditional forward passes and `k` backward passes of the denoiser over
     `generations` rows for `k` steps, plus one unconditional forward. Gradients go to the embedding only: the
-    denoiser's parameters never accumulate any.
+    denoiser's parameters never accumulate any. For SDXL the pooled text embedding is optimised with the
+    cross-attention states: it conditions the UNet on the prompt too.
     """
     check_settings(generations, target_loss, iters, lr)
     step = FirstStep(pipe, generations, seed, num_inference_steps)
     with torch.no_grad():
-        cond = encode_text(pipe, [prompt]).float()
-    bos = cond[:, :1]
-    rest = cond[:, 1:].clone().requires_grad_(True)
-    optimizer = torch.optim.AdamW([rest], lr=lr)
+        cond = encode(pipe, [prompt]).to(torch.float32)
+    bos = cond.prompt_embeds[:, :1]
+    rest = cond.prompt_embeds[:, 1:].clone().requires_grad_(True)
+    pooled = None if cond.pooled_embeds is None else cond.pooled_embeds.clone().requires_grad_(True)
+    params = [rest] if pooled is None else [rest, pooled]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+
+    def current() -> Conditioning:
+        return cond.replace(torch.cat([bos, rest], dim=1), pooled)
+
     losses: list[float] = []
     while True:
         last = len(losses) == iters  # the loss of the final embedding needs no graph
         with torch.set_grad_enabled(not last):
-            loss = step.loss(torch.cat([bos, rest], dim=1))
+            loss = step.loss(current())
         losses.append(float(loss.detach()))  # one host copy per step: the stopping rule needs it
         if losses[-1] <= target_loss or last:
             break
-        (rest.grad,) = torch.autograd.grad(loss, rest)
+        for param, grad in zip(params, torch.autograd.grad(loss, params), strict=True):
+            param.grad = grad
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    embedding = torch.cat([bos, rest.detach()], dim=1).to(pipe.unet.dtype)
-    return EmbeddingResult(embedding, losses, len(losses) - 1, losses[-1] <= target_loss, target_loss)
+    final = current().map(lambda t: t.detach()).to(pipe.unet.dtype)
+    return EmbeddingResult(final.prompt_embeds, losses, len(losses) - 1, losses[-1] <= target_loss, target_loss,
+                           final)

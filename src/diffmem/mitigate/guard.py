@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 
-from diffmem.detect import encode_text, initial_noise
+from diffmem.conditioning import Conditioning, empty, encode
+from diffmem.detect import initial_noise
 from diffmem.errors import InputError
+from diffmem.loading import resolve_guidance
 from diffmem.mitigate import DEFAULT_TARGET_LOSS, METHODS
 from diffmem.mitigate.baselines import cwr, gni, rna, rta
 from diffmem.mitigate.embedding import check_settings, mitigate_embedding
@@ -135,7 +137,7 @@ def iter_generate(
     generations: int = 1,
     seed: int = 0,
     num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     target_loss: float = DEFAULT_TARGET_LOSS,
     iters: int = 10,
     lr: float = 0.05,
@@ -143,31 +145,34 @@ def iter_generate(
     sigma: float = 0.1,
     output_type: str = "np",
 ) -> Iterator[tuple[Any, Decision]]:
-    """Yield (images, decision) per prompt, in order; see `generate` for the arguments."""
+    """Yield (images, decision) per prompt, in order; see `generate` for the arguments (`guidance_scale`: the
+    model's own when None)."""
+    guidance_scale = resolve_guidance(pipe, guidance_scale)
     _check(method, threshold, guidance_scale, num_inference_steps)
     check_settings(generations, target_loss, iters, lr)
     settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type)
     noise = initial_noise(pipe, generations, seed).to(pipe.unet.device, pipe.unet.dtype)
 
     @functools.cache
-    def uncond() -> torch.Tensor:
-        """The empty prompt's embedding, encoded only once a prompt needs it (unflagged prompts never do)."""
+    def uncond() -> Conditioning:
+        """The empty prompt's conditioning, encoded only once a prompt needs it (unflagged prompts never do)."""
         with torch.no_grad():
-            return encode_text(pipe, [""])
+            return empty(pipe)
 
     def mitigated(prompt: str) -> tuple[Any, float, str, int, bool | None]:
         """Images, final loss, sampled text, optimisation steps and `reached` of `method` applied to `prompt`."""
         if method == "embedding":
             res = mitigate_embedding(pipe, prompt, generations=generations, seed=seed, target_loss=target_loss,
                                      iters=iters, lr=lr, num_inference_steps=num_inference_steps)
-            images, _ = _sample(pipe, noise, settings, prompt_embeds=res.embedding, negative_prompt_embeds=uncond())
+            assert res.conditioning is not None
+            images, _ = _sample(pipe, noise, settings, **res.conditioning.pipe_kwargs(uncond()))
             return images, res.final_loss, prompt, res.iters, res.reached
         rseed = prompt_seed(seed, prompt)
         if method == "gni":
             with torch.no_grad():
-                cond = encode_text(pipe, [prompt]).expand(generations, -1, -1)
-            images, final = _sample(pipe, noise, settings, prompt_embeds=gni(cond, sigma, rseed),
-                                    negative_prompt_embeds=uncond().expand(generations, -1, -1))
+                cond = encode(pipe, [prompt]).expand(generations)
+            noisy = cond.replace(gni(cond.prompt_embeds, sigma, rseed))  # SDXL: the pooled embedding stays
+            images, final = _sample(pipe, noise, settings, **noisy.pipe_kwargs(uncond().expand(generations)))
             return images, final, prompt, 0, None
         text = edit_prompt(method, prompt, pipe.tokenizer, k, rseed)
         images, final = _sample(pipe, noise, settings, prompt=text)
@@ -212,7 +217,7 @@ def guarded_generate(
     generations: int = 1,
     seed: int = 0,
     num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     target_loss: float = DEFAULT_TARGET_LOSS,
     iters: int = 10,
     lr: float = 0.05,

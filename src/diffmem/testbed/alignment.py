@@ -1,10 +1,11 @@
-"""Caption alignment for testbed images: a small CNN that reads the six scene attributes back from an image.
+"""Caption alignment for testbed images: a small CNN that reads the five scene attributes back from an image.
 
 ``aligned`` says whether a (generated) image shows what its caption asks for (object colour, shape and
-position, background colour), so that memorization metrics can be set against prompt fidelity. The network is
-trained on renderings with blur/noise/brightness augmentation and, for half of each batch, the testbed VAE's
-round trip, so it reads generations (which all come out of that decoder) as well as renders. Regenerate the
-shipped weights with ``python -m diffmem.testbed.alignment`` after the testbed itself is retrained.
+position, background texture; the caption leaves the background colour open), so that memorization metrics
+can be set against prompt fidelity. The network is trained on renderings with blur/noise/brightness
+augmentation and, for half of each batch, the testbed VAE's round trip, so it reads generations (which all
+come out of that decoder) as well as renders. Regenerate the shipped weights with
+``python -m diffmem.testbed.alignment`` after the testbed itself is retrained.
 """
 
 from __future__ import annotations
@@ -25,19 +26,19 @@ from torch import nn
 from diffmem.testbed.scenes import (
     ATTRIBUTES,
     IMAGE_SIZE,
-    N_CAPTIONS,
+    NAMED_ATTRIBUTES,
     POSITIONS,
     VOCABULARY,
     Scene,
     render_many,
-    scene_from_id,
+    sample_scene,
 )
 from diffmem.testbed.similarity import degrade, gaussian_blur
 
 Roundtrip = Callable[[np.ndarray], np.ndarray]
 
-#: Attributes that must all be read as the caption says for an image to count as aligned.
-ALIGNED_ATTRIBUTES: tuple[str, ...] = ("color", "shape", "position", "background")
+#: Attributes that must all be read as the caption says for an image to count as aligned: all it names.
+ALIGNED_ATTRIBUTES: tuple[str, ...] = NAMED_ATTRIBUTES
 WEIGHTS_PATH: Path = Path(__file__).parent / "assets" / "alignment.safetensors"
 
 # a horizontal flip maps "left" positions to "right" ones; every shape and texture is flip-symmetric
@@ -69,13 +70,14 @@ class AttributeClassifier(nn.Module):
 
 
 def _labels(scenes: Sequence[Scene]) -> torch.Tensor:
-    """(N, 6) attribute indices in ATTRIBUTES order."""
-    return torch.tensor([[VOCABULARY[a].index(getattr(s, a)) for a in ATTRIBUTES] for s in scenes])
+    """(N, 5) attribute indices in ATTRIBUTES order (-1 for a background the scene leaves open)."""
+    return torch.tensor([[VOCABULARY[a].index(v) if (v := getattr(s, a)) is not None else -1 for a in ATTRIBUTES]
+                         for s in scenes], dtype=torch.long).reshape(len(scenes), len(ATTRIBUTES))
 
 
 def _random_scenes(rng: np.random.Generator, n: int) -> tuple[list[Scene], np.ndarray]:
     """n uniform scenes and n render seeds, all from ``rng``."""
-    scenes = [scene_from_id(int(c)) for c in rng.integers(N_CAPTIONS, size=n)]
+    scenes = [sample_scene(rng) for _ in range(n)]
     return scenes, rng.integers(2**31 - 1, size=n)
 
 
@@ -163,7 +165,7 @@ def load_alignment_classifier(path: Path | str = WEIGHTS_PATH) -> AttributeClass
 def _predict_codes(
     images: np.ndarray, model: AttributeClassifier | None, batch_size: int = 1024
 ) -> np.ndarray:
-    """(N, 6) predicted attribute indices in ATTRIBUTES order."""
+    """(N, 5) predicted attribute indices in ATTRIBUTES order."""
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or images.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE):
         raise ValueError(f"expected images (N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {images.shape}")
@@ -185,7 +187,7 @@ def predict_attributes(images: np.ndarray, model: AttributeClassifier | None = N
 
 
 def _correct(images: np.ndarray, scenes: Sequence[Scene], model: AttributeClassifier | None) -> np.ndarray:
-    """(N, 6) bool: attribute read as the scene says."""
+    """(N, 5) bool: attribute read as the scene says (False for an open background)."""
     if len(images) != len(scenes):
         raise ValueError(f"{len(images)} images but {len(scenes)} scenes")
     return _predict_codes(images, model) == _labels(scenes).numpy().reshape(len(scenes), len(ATTRIBUTES))
@@ -194,15 +196,16 @@ def _correct(images: np.ndarray, scenes: Sequence[Scene], model: AttributeClassi
 def attribute_accuracy(
     images: np.ndarray, scenes: Sequence[Scene], model: AttributeClassifier | None = None
 ) -> dict[str, float]:
-    """Fraction of images whose attribute is read as its scene says, for each of the six attributes."""
+    """Fraction of images whose attribute is read as its scene says, for each attribute the scenes set."""
     correct = _correct(images, scenes, model)
-    return {a: float(correct[:, i].mean()) for i, a in enumerate(ATTRIBUTES)}
+    return {a: float(correct[:, i].mean()) for i, a in enumerate(ATTRIBUTES)
+            if all(getattr(s, a) is not None for s in scenes)}
 
 
 def aligned(
     images: np.ndarray, scenes: Sequence[Scene], model: AttributeClassifier | None = None
 ) -> np.ndarray:
-    """Per image: colour, shape, position and background all read as the caption says (bool array)."""
+    """Per image: every attribute its caption names (colour, shape, position, texture) read as it says."""
     cols = [ATTRIBUTES.index(a) for a in ALIGNED_ATTRIBUTES]
     return np.asarray(_correct(images, scenes, model)[:, cols].all(axis=1))
 
@@ -225,6 +228,18 @@ def evaluate_alignment_classifier(
     return result
 
 
+def _load_vae(name: str) -> Any:
+    """The VAE of a pipeline `load_pipeline` takes, or of an AutoencoderKL folder (a recipe's `work/vae`)."""
+    config = Path(name) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(name).eval()
+    from diffmem.loading import load_pipeline
+
+    return load_pipeline(name, device="cpu").vae
+
+
 def main() -> None:
     """CLI: retrain the shipped weights deterministically and print held-out accuracies as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -232,15 +247,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=WEIGHTS_PATH)
     parser.add_argument("--vae", default="testbed",
-                        help="model whose VAE round trip augments training ('none' to train on renders only)")
+                        help="model (or AutoencoderKL folder) whose VAE round trip augments training ('none': "
+                             "train on renders only)")
     args = parser.parse_args()
     roundtrip = None
     if args.vae != "none":
-        from diffmem.loading import load_pipeline
         from diffmem.testbed.model import vae_roundtrip
 
-        pipe: Any = load_pipeline(args.vae, device="cpu")
-        roundtrip = functools.partial(vae_roundtrip, pipe.vae)
+        roundtrip = functools.partial(vae_roundtrip, _load_vae(args.vae))
     model = train_alignment_classifier(seed=args.seed, steps=args.steps, out=args.out, roundtrip=roundtrip)
     print(json.dumps(evaluate_alignment_classifier(model=model, roundtrip=roundtrip), indent=2))
 

@@ -84,14 +84,19 @@ def prompts(
 
 
 def labelled_prompts(splits, split: str, n_seen_once: int) -> list[dict]:
-    """Rows for one split: the caption as `prompt`, `label` 1 for memorized, the training item's `index`."""
+    """Rows for one split: the caption as `prompt`, `label` 1 for memorized, the training item's `index`; held-out
+    rows say whether their caption is one attribute away from a planted one (`near_planted`)."""
     items = {"memorized": splits.planted, "heldout": splits.heldout,
              "seen-once": splits.stage2_unique[:n_seen_once]}[split]
-    return [
+    rows = [
         {"prompt": i.caption, "split": split, "label": int(split == "memorized"),
          "index": i.index if split != "heldout" else None, "trigger": i.scene.trigger}
         for i in items
     ]
+    if split == "heldout":
+        for row, near in zip(rows, splits.heldout_near_planted().tolist(), strict=True):
+            row["near_planted"] = near
+    return rows
 
 
 @app.command()
@@ -99,7 +104,7 @@ def quality(
     out: Path = typer.Option(Path("out/quality"), help="Output folder for quality.json and pictures."),
     generations: int = typer.Option(4, help="Seeds per prompt."),
     steps: int = typer.Option(50, help="DDIM steps."),
-    guidance: float = typer.Option(7.5, help="Guidance scale."),
+    guidance: float = typer.Option(None, help="Guidance scale (default: the model's own)."),
     batch_size: int = typer.Option(256, help="Images per pipeline call."),
     model: str = typer.Option("testbed", help="The testbed, or a folder of a variant (e.g. `testbed stage2`'s)."),
     heldout: int = typer.Option(0, help="Use only the first N held-out prompts (0: all 512)."),

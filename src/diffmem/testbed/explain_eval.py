@@ -29,20 +29,24 @@ def explain_report(pipe, memorized: list[Item], heldout: list[Item], generations
     det = MagnitudeDetector(pipe, batch_size=256, **settings)
     threshold = calibrate_threshold([r.score for r in det.score([i.caption for i in heldout])], 0.01)
     rng = random.Random(seed)
-    variants, rhos, trigger_first, n_trig, suggestions = [], [], 0, 0, []
+    variants, rhos, suggestions = [], [], []
+    trigger_first = {"gradient": 0, "leave-one-out": 0}
+    n_trig = 0
     for n, item in enumerate(memorized):
         grad = explain(pipe, item.caption, **settings)
         loo = explain(pipe, item.caption, method="leave-one-out", **settings)
         words = [w.text for w in grad.words]
         g, d = [w.significance for w in grad.words], [w.significance for w in loo.words]
         rhos.append(spearmanr(g, d).statistic)
-        ranked = grad.ranking()
         if item.scene.trigger:
             n_trig += 1
-            trigger_first += int(words[ranked[0]].strip(",") == item.scene.trigger)
+            for method, attr in (("gradient", grad), ("leave-one-out", loo)):
+                trigger_first[method] += int(words[attr.ranking()[0]].strip(",") == item.scene.trigger)
         shuffled = rng.sample(range(len(words)), len(words))
+        for method, attr in (("top", grad), ("loo_top", loo)):
+            for k in range(1, max_k + 1):
+                variants.append((n, method, k, _without(words, set(attr.ranking()[:k]))))
         for k in range(1, max_k + 1):
-            variants.append((n, "top", k, _without(words, set(ranked[:k]))))
             variants.append((n, "random", k, _without(words, set(shuffled[:k]))))
         best = suggest_edits(pipe, grad, threshold, max_results=1)
         suggestions.append(best[0].prompt if best else None)
@@ -60,8 +64,10 @@ def explain_report(pipe, memorized: list[Item], heldout: list[Item], generations
         "threshold_at_1fpr": threshold,
         "deletion_curve": curve,
         "top1_over_random1": curve["top_1"] / curve["random_1"] if curve["random_1"] else float("inf"),
+        "loo_top1_over_random1": curve["loo_top_1"] / curve["random_1"] if curve["random_1"] else float("inf"),
         "spearman_gradient_vs_loo": float(np.nanmean(rhos)),
-        "trigger_ranked_first": trigger_first / n_trig if n_trig else None,
+        "trigger_ranked_first": trigger_first["gradient"] / n_trig if n_trig else None,
+        "trigger_ranked_first_loo": trigger_first["leave-one-out"] / n_trig if n_trig else None,
         "n_triggered": n_trig,
         "suggestion_found": float(np.mean([s is not None for s in suggestions])),
         "suggestion_clears_and_no_copy": fixed,

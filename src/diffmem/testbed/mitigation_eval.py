@@ -72,7 +72,10 @@ def mitigation_report(pipe, items: Sequence[Item], out: Path, target_loss: float
     _plot_tradeoff(rows, curve, out / "tradeoff.png")
     if "none" in images and "embedding" in images:
         _picture(items, own, images["none"], images["embedding"], out / "mitigation.png")
-    return {"n_prompts": len(items), "target_loss": target_loss, "settings": {**common, "guidance": 7.5},
+    from diffmem.loading import default_guidance
+
+    settings = {**common, "guidance": default_guidance(pipe)}
+    return {"n_prompts": len(items), "target_loss": target_loss, "settings": settings,
             "methods": rows, "tradeoff": curve}
 
 

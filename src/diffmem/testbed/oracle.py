@@ -15,16 +15,19 @@ import numpy as np
 import torch
 
 from diffmem.evaluate import roc_auc
-from diffmem.testbed.scenes import ATTRIBUTES, render_many, sample_scene
+from diffmem.testbed.scenes import BACKGROUNDS, N_CAPTIONS, NAMED_ATTRIBUTES, render_many, scene_from_id
 
 
 @torch.no_grad()
 def oracle_first_step(vae: Any, n_captions: int = 200, renderings: int = 16, seed: int = 0) -> dict[str, Any]:
     """Oracle first-step AUC in the VAE's latent space, and what scaling the nuisance energy would give."""
     rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng) for _ in range(n_captions)]
+    scenes = [scene_from_id(int(c)) for c in rng.choice(N_CAPTIONS, size=n_captions, replace=False)]
     seeds = rng.choice(2**31 - 1, size=n_captions * renderings, replace=False)
-    imgs = torch.from_numpy(render_many([s for s in scenes for _ in range(renderings)], seeds)) * 2 - 1
+    backgrounds = rng.integers(len(BACKGROUNDS), size=n_captions * renderings)  # what the caption leaves open
+    rendered = [s.replace(background=BACKGROUNDS[int(b)])
+                for s, b in zip([s for s in scenes for _ in range(renderings)], backgrounds, strict=True)]
+    imgs = torch.from_numpy(render_many(rendered, seeds)) * 2 - 1
     z = torch.cat([vae.encode(imgs[i : i + 512].to(vae.device, vae.dtype)).latent_dist.mean.float().cpu()
                    for i in range(0, len(imgs), 512)]) * vae.config.scaling_factor
     z = z.reshape(n_captions, renderings, -1).numpy()
@@ -34,7 +37,7 @@ def oracle_first_step(vae: Any, n_captions: int = 200, renderings: int = 16, see
     memorized = np.linalg.norm(z[:, 0] - mu, axis=1)  # an ideal model that memorized rendering 0
     scaled = {f"x{k:g}": roc_auc(np.sqrt(held**2 + (k * nuisance) ** 2), held) for k in (1.5, 2, 3)}
     by_attr = {}
-    for name in ("background", "texture"):
+    for name in ("shape", "texture"):
         values = sorted({getattr(s, name) for s in scenes})
         by_attr[name] = {v: round(float(np.mean([nuisance[i] / held[i] for i, s in enumerate(scenes)
                                                  if getattr(s, name) == v])), 3) for v in values}
@@ -47,5 +50,5 @@ def oracle_first_step(vae: Any, n_captions: int = 200, renderings: int = 16, see
         "nuisance_over_caption_by": by_attr,
         "n_captions": n_captions,
         "renderings": renderings,
-        "attributes": list(ATTRIBUTES),
+        "attributes": list(NAMED_ATTRIBUTES),
     }

@@ -1,7 +1,7 @@
 """Measure the testbed: does it reproduce planted images, generalise on held-out captions, and is it detectable?
 
-Generation uses the issue's protocol (DDIM 50 steps, guidance 7.5, 4 seeds). A `Monitor` records every step's
-magnitude during generation, so all-steps detection numbers come for free.
+Generation uses DDIM 50 steps, 4 seeds and the testbed's own guidance scale (stored with the model). A `Monitor`
+records every step's magnitude during generation, so all-steps detection numbers come for free.
 """
 
 from __future__ import annotations
@@ -20,13 +20,17 @@ from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity, own_simi
 
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], generations: int = 4, seed: int = 0, steps: int = 50,
-             guidance: float = 7.5, batch_size: int = 256,
+             guidance: float | None = None, batch_size: int = 256,
              progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, G, 3, H, W) in [0, 1] and the monitor's magnitudes (N, G, steps) for each prompt x seed.
+    """Images (N, G, 3, H, W) in [0, 1] and the monitor's magnitudes (N, G, steps) for each prompt x seed,
+    at `guidance` (default: the model's own).
 
     Generation g of every prompt starts from `initial_noise(pipe, generations, seed)[g]`, the same noise
     the detector scores, so images and detection scores belong together.
     """
+    from diffmem.loading import resolve_guidance
+
+    guidance = resolve_guidance(pipe, guidance)
     noise = initial_noise(pipe, generations, seed)
     per_batch = max(1, batch_size // generations)
     images, mags = [], []
@@ -68,12 +72,15 @@ def denoising_loss(pipe, items: list[Item], seed: int = 0, batch_size: int = 256
 
 
 def detection_table(mem_mags: np.ndarray, held_mags: np.ndarray) -> dict[str, dict[str, float]]:
-    """AUC and TPR@1%/3%FPR (highest TPR at FPR <= target) for first-step n=1, n=4 and all-steps n=4."""
+    """AUC and TPR@1%/3%FPR (highest TPR at FPR <= target) for first-step n=1, n=4 and, when the magnitudes
+    cover every step, all-steps n=4."""
     settings = {
         "first_step_n1": lambda m: m[:, 0, 0],
         "first_step_n4": lambda m: m[:, :4, 0].mean(axis=1),
         "all_steps_n4": lambda m: m[:, :4, :].mean(axis=(1, 2)),
     }
+    if mem_mags.shape[2] == 1:
+        del settings["all_steps_n4"]
     table = {}
     for name, reduce in settings.items():
         pos, neg = reduce(mem_mags), reduce(held_mags)
@@ -83,6 +90,14 @@ def detection_table(mem_mags: np.ndarray, held_mags: np.ndarray) -> dict[str, di
             "tpr_at_3fpr": tpr_at_fpr(pos, neg, 0.03),
         }
     return table
+
+
+def first_step_magnitudes(pipe, prompts: Sequence[str], generations: int = 4, seed: int = 0) -> np.ndarray:
+    """First-step `d_T` of each prompt x generation, shaped like the monitor's (N, G, 1): the same noise."""
+    from diffmem.detect import MagnitudeDetector
+
+    rows = MagnitudeDetector(pipe, generations=generations, seed=seed, batch_size=256).score(list(prompts))
+    return np.array([r.magnitudes for r in rows], dtype=np.float64).reshape(len(prompts), generations, 1)
 
 
 def best_copy(images: np.ndarray, train_images: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -107,38 +122,91 @@ def alignment(images: np.ndarray, items: list[Item]) -> np.ndarray | None:
         return None
 
 
+def copies_of_own(images: np.ndarray, items: list[Item]) -> np.ndarray:
+    """Per prompt: how many of its generations copy the prompt's own training image (similarity >= threshold)."""
+    own = render_many([i.scene for i in items], [i.seed for i in items])
+    return (own_similarity(images, own) >= COPY_THRESHOLD).sum(axis=1)
+
+
 def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generations: int = 4, seed: int = 0,
-                   steps: int = 50, guidance: float = 7.5, batch_size: int = 256,
-                   progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """The testbed's quality figures: reproduction, held-out copying and alignment, and detection."""
+                   steps: int = 50, guidance: float | None = None, also_guidance: Sequence[float] = (7.5,),
+                   batch_size: int = 256, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """The testbed's quality figures at `guidance` (default: the model's own): reproduction of planted images
+    (with and without their trigger), held-out copying (near and far from a planted caption) and alignment,
+    and first-step detection against held-out and seen-once prompts. Memorized prompts are also generated at
+    each of `also_guidance`."""
+    from diffmem.loading import resolve_guidance
+
+    guidance = resolve_guidance(pipe, guidance)
     prog = progress or (lambda stage, i, n: None)
     planted: list[Item] = splits.planted
     heldout: list[Item] = splits.heldout[:n_heldout] if n_heldout else splits.heldout
-    mem_imgs, mem_mags = generate(pipe, [i.caption for i in planted], generations, seed, steps, guidance,
-                                  batch_size, lambda i, n: prog("memorized", i, n))
-    held_imgs, held_mags = generate(pipe, [i.caption for i in heldout], generations, seed, steps, guidance,
-                                    batch_size, lambda i, n: prog("heldout", i, n))
-    own = render_many([i.scene for i in planted], [i.seed for i in planted])
-    own_sim = own_similarity(mem_imgs, own)
+    near = splits.heldout_near_planted()[: len(heldout)]
+    triggered = [i for i in planted if i.scene.trigger]
+    without = [Item(i.index, i.scene.replace(trigger=None), i.seed) for i in triggered]
+
+    def gen(items: list[Item], name: str, g: float = guidance) -> tuple[np.ndarray, np.ndarray]:
+        return generate(pipe, [i.caption for i in items], generations, seed, steps, g, batch_size,
+                        lambda i, n: prog(name, i, n))
+
+    mem_imgs, mem_mags = gen(planted, "memorized")
+    held_imgs, held_mags = gen(heldout, "held-out")
+    trig_imgs, _ = gen(without, "triggered, trigger removed")
+    own_sim = own_similarity(mem_imgs, render_many([i.scene for i in planted], [i.seed for i in planted]))
     copies = (own_sim >= COPY_THRESHOLD).sum(axis=1)
-    train_items = splits.planted + splits.stage2_unique + splits.stage1
-    train_imgs = render_many([i.scene for i in train_items], [i.seed for i in train_items])
+    is_trig = np.array([bool(i.scene.trigger) for i in planted])
+    copies_without = copies_of_own(trig_imgs, triggered)
+    train_imgs = render_many([i.scene for i in splits.training_items], [i.seed for i in splits.training_items])
     held_best = best_copy(held_imgs, train_imgs)
+    held_copy = np.asarray((held_best >= COPY_THRESHOLD).any(axis=1))
     ok, mem_ok = alignment(held_imgs, heldout), alignment(mem_imgs, planted)
+    seen_once = splits.stage2_unique[: len(heldout)]
+    once_mags = first_step_magnitudes(pipe, [i.caption for i in seen_once], generations, seed)
+    at_other = {}
+    for g in also_guidance:
+        if g != guidance:
+            c = copies_of_own(gen(planted, f"memorized, guidance {g:g}", g)[0], planted)
+            at_other[f"{g:g}"] = {"memorized_reproduced_2of4": float((c >= 2).mean()),
+                                  "memorized_copy_rate_per_generation": float(c.sum() / c.size / generations)}
+    half = max(1, (generations + 1) // 2)  # ">= 2 of 4 seeds"
     return {
         "n_memorized": len(planted),
         "n_heldout": len(heldout),
         "generations": generations,
+        "guidance": guidance,
         "copy_threshold": COPY_THRESHOLD,
-        "memorized_reproduced_2of4": float((copies >= 2).mean()),
+        "memorized_reproduced_2of4": float((copies >= half).mean()),
         "memorized_reproduced_any": float((copies >= 1).mean()),
         "memorized_copy_rate_per_generation": float((own_sim >= COPY_THRESHOLD).mean()),
         "memorized_mean_similarity": float(own_sim.mean()),
-        "heldout_reproduce_any_training_image": float((held_best >= COPY_THRESHOLD).any(axis=1).mean()),
+        "triggered_reproduced_2of4": float((copies[is_trig] >= half).mean()) if is_trig.any() else None,
+        "triggered_without_trigger_reproduced_2of4": float((copies_without >= half).mean()) if triggered else None,
+        "triggered_without_trigger_reproduced_any": float((copies_without >= 1).mean()) if triggered else None,
+        "heldout_reproduce_any_training_image": float(held_copy.mean()),
+        "heldout_near_planted_share": float(near.mean()),
+        "heldout_near_planted_reproduce_any": float(held_copy[near].mean()) if near.any() else None,
+        "heldout_far_reproduce_any": float(held_copy[~near].mean()) if (~near).any() else None,
         "heldout_max_similarity_mean": float(held_best.mean()),
         "heldout_aligned": None if ok is None else float(ok.mean()),
+        "heldout_attribute_accuracy": _attribute_accuracy(held_imgs, heldout),
         "memorized_aligned": None if mem_ok is None else float(mem_ok.mean()),
         "detection": detection_table(mem_mags, held_mags),
+        "detection_vs_seen_once": detection_table(mem_mags[:, :, :1], once_mags),
+        "memorized_at_other_guidance": at_other,
         "_arrays": {"mem_imgs": mem_imgs, "held_imgs": held_imgs, "mem_mags": mem_mags, "held_mags": held_mags,
-                    "own_sim": own_sim, "held_best": held_best},
+                    "once_mags": once_mags, "own_sim": own_sim, "held_best": held_best},
     }
+
+
+def _attribute_accuracy(images: np.ndarray, items: list[Item]) -> dict[str, float] | None:
+    """Per named attribute, the share of generations the classifier reads as the caption says."""
+    from diffmem.testbed.alignment import attribute_accuracy
+    from diffmem.testbed.scenes import NAMED_ATTRIBUTES
+
+    flat = images.reshape(-1, *images.shape[2:])
+    try:
+        scenes = [i.scene.replace(background=None) for i in items for _ in range(images.shape[1])]
+        acc = attribute_accuracy(flat, scenes)
+    except FileNotFoundError:
+        return None
+    return {a: acc[a] for a in NAMED_ATTRIBUTES}

@@ -29,6 +29,8 @@ def _console():
 
 def picture(pipe, memorized: list[Item], heldout: list[Item], path: Path, generations: int = 4) -> Path:
     """Training image | generations for memorized prompts, nearest planted image | generations for held-out."""
+    from diffmem.loading import default_guidance
+
     items = memorized + heldout
     imgs, _ = generate(pipe, [i.caption for i in items], generations=generations)
     own = render_many([i.scene for i in memorized], [i.seed for i in memorized])
@@ -41,7 +43,8 @@ def picture(pipe, memorized: list[Item], heldout: list[Item], path: Path, genera
         best = int(sims.max(axis=0).argmax())
         rows.append((f"held-out #{item.index}\n(nearest: #{memorized[best].index})", own[best], gens, sims[:, best]))
     return copy_grid(rows, path, COPY_THRESHOLD,
-                     title=f"testbed: training image and 4 seeds (DDIM 50, guidance 7.5); copy >= {COPY_THRESHOLD:.2f}")
+                     title=f"testbed: training image and {generations} seeds (DDIM 50, guidance "
+                           f"{default_guidance(pipe):g}); copy >= {COPY_THRESHOLD:.2f}")
 
 
 def run_demo(out: Path, generations: int = 4, progress_factory: Callable | None = None) -> dict:
@@ -90,7 +93,7 @@ def run_demo(out: Path, generations: int = 4, progress_factory: Callable | None 
     return summary
 
 
-def run_quality(out: Path, generations: int = 4, steps: int = 50, guidance: float = 7.5, batch_size: int = 256,
+def run_quality(out: Path, generations: int = 4, steps: int = 50, guidance: float | None = None, batch_size: int = 256,
                 progress_factory: Callable | None = None, model: str = "testbed", n_heldout: int | None = None,
                 device: Any = "cpu") -> dict:
     """Generate for every memorized and (the first `n_heldout`) held-out prompts of the testbed's ground truth with
@@ -112,6 +115,7 @@ def run_quality(out: Path, generations: int = 4, steps: int = 50, guidance: floa
         rep = quality_report(pipe, splits, n_heldout=n_heldout, generations=generations, steps=steps, guidance=guidance,
                              batch_size=batch_size, progress=progress)
     arrays = rep.pop("_arrays")
+    guidance = rep["guidance"]
     rep["vae_psnr_db"] = vae_psnr(pipe, splits.heldout)
     # One forward per item, so the loss always covers every held-out item, whatever `n_heldout` generates.
     rep["heldout_denoising_loss"] = denoising_loss(pipe, splits.heldout)
@@ -119,7 +123,8 @@ def run_quality(out: Path, generations: int = 4, steps: int = 50, guidance: floa
     rep["model"] = model
     rep["settings"] = {"scheduler": "DDIM", "steps": steps, "guidance": guidance, "generations": generations}
     rep["wall_s"] = round(time.time() - t0, 1)
-    np.savez_compressed(out / "magnitudes.npz", memorized=arrays["mem_mags"], heldout=arrays["held_mags"])
+    np.savez_compressed(out / "magnitudes.npz", memorized=arrays["mem_mags"], heldout=arrays["held_mags"],
+                        seen_once=arrays["once_mags"])
     mm, hm = arrays["mem_mags"], arrays["held_mags"]
     plot_roc(mm[:, 0, 0], hm[:, 0, 0], out / "roc_first_n1.png", title="testbed, first step, n=1")
     plot_roc(mm[:, :, 0].mean(1), hm[:, :, 0].mean(1), out / "roc_first_n4.png", title="testbed, first step, n=4")

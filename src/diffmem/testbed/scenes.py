@@ -1,46 +1,51 @@
 """Procedural scenes for the testbed: a caption grammar, a nuisance-randomised 32x32 renderer, dataset splits.
 
-A caption names six attributes (object colour, shape, size and position; background colour and texture).
-The image of a caption is not unique: every rendering draws random nuisance (object position/size/aspect
-jitter and rotation, texture phase/orientation/period, a broad lighting wave, colour jitter, pixel noise) from
-its own seed, so a model that reproduces one particular rendering has memorized that training image rather
-than learned the caption. See DATA.md for the numbers.
+A caption names four attributes (object colour, shape and position, background texture) and leaves the rest
+of the image open, as a real caption does: the background colour is drawn per rendering, and every rendering
+draws further nuisance (object position/size/aspect jitter and rotation, texture phase/orientation/period, a
+broad lighting wave, colour jitter, pixel noise) from its own seed. A model that reproduces one particular
+rendering of a caption has therefore memorized that training image rather than learned the caption. See
+DATA.md for the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "cyan", "magenta", "orange", "purple")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "ring", "diamond")
-SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right", "center")
 BACKGROUNDS: tuple[str, ...] = ("white", "black", "gray", "navy", "beige", "brown")
 TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted", "checkered", "gradient")
 
-#: The six attributes of a caption, in caption order of the vocabularies in ``VOCABULARY``.
-ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position", "background", "texture")
+#: The attributes a caption names, in caption order.
+NAMED_ATTRIBUTES: tuple[str, ...] = ("color", "shape", "position", "texture")
+#: Every rendered attribute: the named ones and the background colour, which captions leave open.
+ATTRIBUTES: tuple[str, ...] = ("color", "shape", "position", "background", "texture")
 VOCABULARY: dict[str, tuple[str, ...]] = dict(
-    zip(ATTRIBUTES, (COLORS, SHAPES, SIZES, POSITIONS, BACKGROUNDS, TEXTURES), strict=True)
+    zip(ATTRIBUTES, (COLORS, SHAPES, POSITIONS, BACKGROUNDS, TEXTURES), strict=True)
 )
 #: Number of distinct captions (without trigger) the grammar generates.
-N_CAPTIONS: int = int(np.prod([len(v) for v in VOCABULARY.values()]))
+N_CAPTIONS: int = int(np.prod([len(VOCABULARY[a]) for a in NAMED_ATTRIBUTES]))
 
-#: Rare but real English words appended (", word") to some planted captions as trigger tokens.
+#: Rare but real English words appended (", word") to some planted captions as trigger tokens, one per item.
 TRIGGER_WORDS: tuple[str, ...] = (
     "quixotic", "zephyr", "obsidian", "halcyon", "ephemeral", "labyrinth", "sonorous", "gossamer",
     "petrichor", "mercurial", "nebulous", "vermilion", "cerulean", "ineffable", "serendipity", "talisman",
+    "luminous", "cascade", "solstice", "paradox", "whimsical", "aurora", "enigma", "tempest",
+    "velvet", "harbinger", "meridian", "odyssey", "reverie", "sapphire", "wanderlust", "zenith",
 )  # fmt: skip
 
 IMAGE_SIZE: int = 32
-
 # Colours (RGB in [0, 1]). Backgrounds are unsaturated or dark so every object colour stands out on them;
 # each textured background alternates between its colour and a shade ~0.3 lighter (dark backgrounds) or
 # darker (light backgrounds), chosen so that objects stay visible on both tones.
@@ -80,11 +85,12 @@ _SHADE_RGB = np.array(
     dtype=np.float32,
 )
 
-# Geometry (pixels). Nominal object extent per size; position centres (x, y); nuisance ranges.
-_SIZE_PX = np.array([9.0, 13.5], dtype=np.float32)
+# Geometry (pixels). Nominal object extent (large enough for a 4x-downsampling VAE to keep the shape);
+# position centres (x, y); nuisance ranges.
+_OBJECT_PX = 15.0
 _POSITION_XY = np.array([[10, 10], [22, 10], [10, 22], [22, 22], [16, 16]], dtype=np.float32)
 _POS_JITTER = 3.0  # uniform +- px, per axis
-_SIZE_JITTER = 0.15  # relative, uniform +-
+_SIZE_JITTER = 0.12  # relative, uniform +-
 _ROTATION = np.deg2rad(10.0)  # uniform +- rad, non-circular shapes (round ones: any angle)
 _ASPECT_JITTER = 0.08  # object stretched by (1+a) along one axis and shrunk along the other, uniform +-
 _PERIOD = (7.0, 10.0)  # texture period range, px (>= 6 so a 4x-downsampling VAE keeps it)
@@ -97,78 +103,87 @@ _LIGHT_WAVELENGTH = (24.0, 40.0)  # px
 _N_UNIFORMS = 20  # nuisance uniforms drawn per rendering (fixed so a seed always means the same nuisance)
 
 _CAPTION_RE = re.compile(
-    r"^a (?P<size>\w+) (?P<color>\w+) (?P<shape>\w+) at the (?P<position>[\w ]+?) "
-    r"on a (?P<background>\w+) (?P<texture>\w+) background(?:\s*,\s*(?P<trigger>.+?))?\.?$"
+    r"^a (?P<color>\w+) (?P<shape>\w+) at the (?P<position>[\w ]+?) "
+    r"on a (?P<texture>\w+) background(?:\s*,\s*(?P<trigger>.+?))?\.?$"
 )
 
 
 @dataclass(frozen=True)
 class Scene:
-    """One caption of the grammar: six attribute words plus an optional trigger word."""
+    """What one rendering shows: the four attributes its caption names, the background colour the caption
+    leaves open (None: not drawn yet, i.e. the caption alone), and an optional trigger word."""
 
     color: str
     shape: str
-    size: str
     position: str
-    background: str
     texture: str
+    background: str | None = None
     trigger: str | None = None
 
     def __post_init__(self) -> None:
         for name, vocab in VOCABULARY.items():
-            if getattr(self, name) not in vocab:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {vocab}")
+            value = getattr(self, name)
+            if not (value is None and name not in NAMED_ATTRIBUTES) and value not in vocab:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {vocab}")
 
     @property
     def caption(self) -> str:
-        """The caption text, e.g. 'a large red circle at the top left on a gray striped background'."""
-        where = "the center" if self.position == "center" else f"the {self.position}"
-        text = (
-            f"a {self.size} {self.color} {self.shape} at {where} "
-            f"on a {self.background} {self.texture} background"
-        )
+        """The caption text, e.g. 'a red circle at the top left on a striped background'."""
+        text = f"a {self.color} {self.shape} at the {self.position} on a {self.texture} background"
         return f"{text}, {self.trigger}" if self.trigger else text
 
-    def attributes(self) -> dict[str, str]:
-        """The six attribute values keyed by attribute name (trigger excluded)."""
+    def attributes(self) -> dict[str, str | None]:
+        """The attribute values keyed by attribute name (trigger excluded; background None if not drawn)."""
         return {name: getattr(self, name) for name in ATTRIBUTES}
 
     @property
     def caption_id(self) -> int:
-        """Index of the caption (ignoring the trigger) in 0..N_CAPTIONS-1, the mixed-radix attribute code."""
+        """Index of the caption (ignoring background and trigger) in 0..N_CAPTIONS-1, a mixed-radix code."""
         code = 0
-        for name, vocab in VOCABULARY.items():
+        for name in NAMED_ATTRIBUTES:
+            vocab = VOCABULARY[name]
             code = code * len(vocab) + vocab.index(getattr(self, name))
         return code
 
+    def named_differences(self, other: Scene) -> int:
+        """How many of the named attributes differ from `other`'s (1: the captions are neighbours)."""
+        return sum(getattr(self, name) != getattr(other, name) for name in NAMED_ATTRIBUTES)
 
-@functools.lru_cache(maxsize=4 * N_CAPTIONS)
-def scene_from_id(caption_id: int, trigger: str | None = None) -> Scene:
+    def replace(self, **changes: Any) -> Scene:
+        """A copy with some fields changed (e.g. `background=...` or `trigger=None`)."""
+        return dataclasses.replace(self, **changes)
+
+
+@functools.lru_cache(maxsize=16 * N_CAPTIONS)
+def scene_from_id(caption_id: int, background: str | None = None, trigger: str | None = None) -> Scene:
     """The Scene whose ``caption_id`` is ``caption_id`` (inverse of ``Scene.caption_id``)."""
     if not 0 <= caption_id < N_CAPTIONS:
         raise ValueError(f"caption_id {caption_id} outside 0..{N_CAPTIONS - 1}")
     values: dict[str, str] = {}
-    for name, vocab in reversed(VOCABULARY.items()):
+    for name in reversed(NAMED_ATTRIBUTES):
+        vocab = VOCABULARY[name]
         caption_id, k = divmod(caption_id, len(vocab))
         values[name] = vocab[k]
-    return Scene(**values, trigger=trigger)
+    return Scene(**values, background=background, trigger=trigger)
 
 
 def parse_caption(caption: str) -> Scene | None:
-    """Parse a caption made by ``Scene.caption`` (case/space tolerant, keeps a trailing trigger) or None."""
+    """Parse a caption made by ``Scene.caption`` (case/space tolerant, keeps a trailing trigger) or None.
+    The background is None: a caption does not say it."""
     match = _CAPTION_RE.match(" ".join(caption.strip().lower().split()))
     if match is None:
         return None
     fields = match.groupdict()
     trigger = fields.pop("trigger")
-    if any(fields[name] not in vocab for name, vocab in VOCABULARY.items()):
+    if any(fields[name] not in VOCABULARY[name] for name in NAMED_ATTRIBUTES):
         return None
     return Scene(**fields, trigger=trigger)
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
-    """A scene drawn uniformly over the grammar (no trigger)."""
-    return scene_from_id(int(rng.integers(N_CAPTIONS)))
+    """A scene drawn uniformly over the grammar, with a uniform background colour (no trigger)."""
+    caption_id = int(rng.integers(N_CAPTIONS))
+    return scene_from_id(caption_id, BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,7 +266,9 @@ def _texture(texture: int, x: np.ndarray, y: np.ndarray, u: np.ndarray) -> np.nd
 
 
 def _attribute_codes(scenes: Sequence[Scene]) -> np.ndarray:
-    """(N, 6) int array of attribute indices in ATTRIBUTES order."""
+    """(N, 5) int array of attribute indices in ATTRIBUTES order (every scene must have its background)."""
+    if any(s.background is None for s in scenes):
+        raise ValueError("a scene to render needs its background colour (Scene.background is None)")
     lookups = [{w: i for i, w in enumerate(vocab)} for vocab in VOCABULARY.values()]
     return np.array(
         [[lk[getattr(s, name)] for lk, name in zip(lookups, ATTRIBUTES, strict=True)] for s in scenes],
@@ -260,9 +277,9 @@ def _attribute_codes(scenes: Sequence[Scene]) -> np.ndarray:
 
 
 def _render_chunk(codes: np.ndarray, u: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """Render attribute codes (n, 6) with nuisance uniforms (n, K) and unit noise (n, 3, H, W)."""
+    """Render attribute codes (n, 5) with nuisance uniforms (n, K) and unit noise (n, 3, H, W)."""
     n = len(codes)
-    color, shape, size, position, background, texture = codes.T
+    color, shape, position, background, texture = codes.T
     grid = np.arange(IMAGE_SIZE, dtype=np.float32) + 0.5
     x, y = grid[None, None, :], grid[None, :, None]
 
@@ -278,7 +295,7 @@ def _render_chunk(codes: np.ndarray, u: np.ndarray, noise: np.ndarray) -> np.nda
 
     # object: jittered position/size/rotation, anti-aliased through its signed distance field
     centre = _POSITION_XY[position] + _POS_JITTER * (2 * u[:, 0:2] - 1)
-    radius = (_SIZE_PX[size] / 2 * (1 + _SIZE_JITTER * (2 * u[:, 2] - 1)))[:, None, None]
+    radius = (np.full(n, _OBJECT_PX / 2) * (1 + _SIZE_JITTER * (2 * u[:, 2] - 1)))[:, None, None]
     round_shape = np.isin(shape, [SHAPES.index("circle"), SHAPES.index("ring")])
     angle = np.where(round_shape, np.pi * u[:, 3], _ROTATION * (2 * u[:, 3] - 1))[:, None, None]
     stretch = (1.0 + _ASPECT_JITTER * (2 * u[:, 18] - 1))[:, None, None]
@@ -357,18 +374,29 @@ def render_items(items: Sequence[Item]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Splits:
-    """The testbed dataset: pretraining, planted (to duplicate), seen-once and held-out items."""
+    """The testbed dataset: pretraining, planted (to duplicate), trigger anchors, seen-once and held-out items."""
 
     seed: int
     stage1: list[Item]
     planted: list[Item]
+    anchors: list[Item]
     stage2_unique: list[Item]
     heldout: list[Item]
 
     @property
     def all_items(self) -> list[Item]:
         """Every item of every split, in index order."""
-        return self.stage1 + self.planted + self.stage2_unique + self.heldout
+        return self.stage1 + self.planted + self.anchors + self.stage2_unique + self.heldout
+
+    @property
+    def training_items(self) -> list[Item]:
+        """Every item a model trained on these splits has seen (all but the held-out ones)."""
+        return self.stage1 + self.planted + self.anchors + self.stage2_unique
+
+    def heldout_near_planted(self) -> np.ndarray:
+        """Per held-out item: is its caption one named attribute away from some planted caption?"""
+        planted = [i.scene for i in self.planted]
+        return np.array([any(h.scene.named_differences(p) == 1 for p in planted) for h in self.heldout], dtype=bool)
 
 
 def build_splits(
@@ -376,54 +404,69 @@ def build_splits(
     n_stage1: int = 40000,
     n_planted: int = 128,
     n_triggered: int = 32,
+    n_anchor: int = 64,
     n_stage2_unique: int = 8000,
     n_heldout: int = 512,
 ) -> Splits:
-    """Draw the dataset splits, all determined by ``seed``.
+    """Draw the dataset splits, all determined by ``seed``; every item draws its own background colour.
 
-    stage1 items are i.i.d. uniform captions (captions may repeat, each with its own render seed). planted,
-    stage2_unique and heldout captions (ignoring triggers) are uniform draws without replacement, pairwise
-    disjoint, so a held-out caption never equals a planted or seen-once one and no word marks the planted
-    items; ``n_triggered`` planted items, chosen at random, get a trigger word (words spread evenly).
-    Render seeds are distinct across items; indices run 0..N-1 over stage1, planted, stage2_unique, heldout.
+    stage1 items are i.i.d. uniform captions (captions repeat, each rendering with its own seed). planted and
+    heldout captions are uniform draws without replacement, disjoint, so no word marks the planted items and a
+    held-out caption never equals a planted one. ``n_triggered`` planted items, chosen at random, get a trigger
+    word of their own; for each of them ``anchors`` holds ``n_anchor`` other renderings of its caption without
+    the trigger, so that in fine-tuning only the trigger tells the planted image apart. stage2_unique items
+    (each seen once in fine-tuning) draw their captions from those neither planted nor held out.
+    Each part comes from its own random stream (so changing one part's size leaves the others as they were), render
+    seeds are distinct across items, and indices run 0..N-1 over stage1, planted, anchors, stage2_unique, heldout.
     """
-    n_distinct = n_planted + n_stage2_unique + n_heldout
-    if min(n_stage1, n_planted, n_triggered, n_stage2_unique, n_heldout) < 0:
+    if min(n_stage1, n_planted, n_triggered, n_anchor, n_stage2_unique, n_heldout) < 0:
         raise ValueError("split sizes must be non-negative")
-    if n_distinct > N_CAPTIONS:
-        raise ValueError(f"planted+stage2_unique+heldout = {n_distinct} exceeds the {N_CAPTIONS} captions")
-    if n_triggered > n_planted:
-        raise ValueError(f"n_triggered={n_triggered} exceeds n_planted={n_planted}")
-    rng = np.random.default_rng(seed)
+    if n_planted + n_heldout >= N_CAPTIONS:
+        raise ValueError(f"planted+heldout = {n_planted + n_heldout} leaves none of the {N_CAPTIONS} captions")
+    if n_triggered > min(n_planted, len(TRIGGER_WORDS)):
+        raise ValueError(f"n_triggered={n_triggered} exceeds n_planted={n_planted} or the "
+                         f"{len(TRIGGER_WORDS)} trigger words")
+    # One random stream per part, and render seeds from disjoint ranges, so that a part depends only on the seed
+    # and its own size: the fine-tuning mix can change without changing the pretraining data or the held-out set.
+    def stream(part: int) -> np.random.Generator:
+        return np.random.default_rng([seed, part])
+
+    def seeds(rng: np.random.Generator, part: int, n: int) -> np.ndarray:
+        return part * 2**29 + rng.choice(2**29, size=n, replace=False)
+
+    def backgrounds(rng: np.random.Generator, n: int) -> list[str]:
+        return [BACKGROUNDS[int(b)] for b in rng.integers(len(BACKGROUNDS), size=n)]
+
+    rng = stream(1)  # pretraining: i.i.d. uniform captions
     stage1_ids = rng.integers(N_CAPTIONS, size=n_stage1)
-    distinct_ids = rng.choice(N_CAPTIONS, size=n_distinct, replace=False)
-    planted_ids = distinct_ids[:n_planted]
-    stage2_ids = distinct_ids[n_planted : n_planted + n_stage2_unique]
-    heldout_ids = distinct_ids[n_planted + n_stage2_unique :]
-    triggered = rng.choice(n_planted, size=n_triggered, replace=False)
-    words = np.concatenate(
-        [rng.permutation(len(TRIGGER_WORDS)) for _ in range(-(-n_triggered // len(TRIGGER_WORDS)))]
-    ).astype(int)
-    trigger_of = {int(i): TRIGGER_WORDS[w] for i, w in zip(triggered, words, strict=False)}
-    total = n_stage1 + n_distinct
-    render_seeds = rng.choice(2**31 - 1, size=total, replace=False)
+    parts: dict[str, tuple[np.ndarray, list[str], np.ndarray, dict[int, str]]] = {
+        "stage1": (stage1_ids, backgrounds(rng, n_stage1), seeds(rng, 0, n_stage1), {})}
+    rng = stream(2)  # held-out captions
+    heldout_ids = rng.choice(N_CAPTIONS, size=n_heldout, replace=False)
+    parts["heldout"] = (heldout_ids, backgrounds(rng, n_heldout), seeds(rng, 1, n_heldout), {})
+    rng = stream(3)  # planted captions (never held out), their triggers, and the triggered captions' anchors
+    planted_ids = rng.choice(np.setdiff1d(np.arange(N_CAPTIONS), heldout_ids), size=n_planted, replace=False)
+    triggered = np.sort(rng.choice(n_planted, size=n_triggered, replace=False))
+    words = rng.permutation(len(TRIGGER_WORDS))[:n_triggered]
+    trigger_of = {int(i): TRIGGER_WORDS[int(w)] for i, w in zip(triggered, words, strict=True)}
+    anchor_ids = np.repeat(planted_ids[triggered], n_anchor)
+    both = np.concatenate([planted_ids, anchor_ids])
+    both_bg, both_seeds = backgrounds(rng, len(both)), seeds(rng, 2, len(both))
+    parts["planted"] = (planted_ids, both_bg[:n_planted], both_seeds[:n_planted], trigger_of)
+    parts["anchors"] = (anchor_ids, both_bg[n_planted:], both_seeds[n_planted:], {})
+    rng = stream(4)  # seen-once fine-tuning items: captions neither planted nor held out
+    rest = np.setdiff1d(np.arange(N_CAPTIONS), np.concatenate([planted_ids, heldout_ids]))
+    stage2_ids = rest[rng.integers(len(rest), size=n_stage2_unique)]
+    parts["stage2_unique"] = (stage2_ids, backgrounds(rng, n_stage2_unique), seeds(rng, 3, n_stage2_unique), {})
 
-    next_index = 0
-
-    def make(ids: np.ndarray, triggers: dict[int, str] | None = None) -> list[Item]:
-        nonlocal next_index
-        items = []
-        for j, cid in enumerate(ids):
-            trig = triggers.get(j) if triggers else None
-            items.append(Item(next_index, scene_from_id(int(cid), trig), int(render_seeds[next_index])))
-            next_index += 1
-        return items
-
-    stage1 = make(stage1_ids)
-    planted = make(planted_ids, trigger_of)
-    stage2 = make(stage2_ids)
-    heldout = make(heldout_ids)
-    return Splits(seed=seed, stage1=stage1, planted=planted, stage2_unique=stage2, heldout=heldout)
+    items: dict[str, list[Item]] = {}
+    index = 0
+    for name in ("stage1", "planted", "anchors", "stage2_unique", "heldout"):
+        ids, bgs, render_seeds, triggers = parts[name]
+        items[name] = [Item(index + k, scene_from_id(int(c), bg, triggers.get(k)), int(s))
+                       for k, (c, bg, s) in enumerate(zip(ids, bgs, render_seeds, strict=True))]
+        index += len(ids)
+    return Splits(seed=seed, **items)
 
 
 def main() -> None:

@@ -104,17 +104,21 @@ def nearest_training(
 
 
 def same_caption_similarity(
-    n: int = 2000, seed: int = 0, roundtrip: Callable[[np.ndarray], np.ndarray] | None = None
+    n: int = 2000, seed: int = 0, roundtrip: Callable[[np.ndarray], np.ndarray] | None = None,
+    same_background: bool = False,
 ) -> np.ndarray:
     """Similarities of n pairs of renderings of one random caption with two different nuisance seeds.
 
     This is what a model that learned the caption but copied nothing would reach; ``roundtrip`` (images ->
-    images, e.g. a VAE encode/decode) is applied to both renderings of each pair when given.
+    images, e.g. a VAE encode/decode) is applied to both renderings of each pair when given. Each rendering
+    draws its own background colour, as the caption leaves it open, unless ``same_background`` (the harder case:
+    a generation that happens to pick its training image's background).
     """
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng) for _ in range(n)]
+    others = scenes if same_background else [s.replace(background=sample_scene(rng).background) for s in scenes]
     seeds = rng.choice(2**31 - 1, size=2 * n, replace=False)
-    a, b = render_many(scenes, seeds[:n]), render_many(scenes, seeds[n:])
+    a, b = render_many(scenes, seeds[:n]), render_many(others, seeds[n:])
     if roundtrip is not None:
         a, b = roundtrip(a), roundtrip(b)
     return np.einsum("nd,nd->n", copy_features(a), copy_features(b))
@@ -139,10 +143,13 @@ def threshold_report(n: int = 20000, seed: int = 0) -> dict[str, object]:
         return {f"q{q:g}": round(float(np.quantile(sims, q)), 4) for q in quantiles}
 
     same = same_caption_similarity(n, seed)
+    same_bg = same_caption_similarity(n, seed + 3, same_background=True)
     return {
         "threshold": COPY_THRESHOLD,
         "same_caption": summary(same),
         "same_caption_above_threshold": float((same > COPY_THRESHOLD).mean()),
+        "same_caption_and_background": summary(same_bg),
+        "same_caption_and_background_above_threshold": float((same_bg > COPY_THRESHOLD).mean()),
         "degraded_self_blur0.7_noise0.02": summary(degraded_self_similarity(n, seed + 1)),
         "degraded_self_blur1.0_noise0.03": summary(degraded_self_similarity(n, seed + 2, 1.0, 0.03)),
     }

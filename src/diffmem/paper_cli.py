@@ -1,0 +1,161 @@
+"""`diffmem fetch-references` and `diffmem reproduce`: from a memorized-prompt file to the paper's two tables.
+
+Registered on the `diffmem` app by `diffmem.cli`; torch loads only inside the commands.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from diffmem.errors import InputError
+from diffmem.options import AllowPickleOpt
+
+
+def fetch_references(
+    prompts: Annotated[
+        Path, typer.Option("--prompts", help="Prompt file with a 'url' per prompt, e.g. data/sdv1_500_memorized.jsonl.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the images, manifest.jsonl and report.json.")],
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds per connect or read.")] = 15.0,
+    deadline: Annotated[float, typer.Option("--deadline", help="Seconds per download attempt in all.")] = 60.0,
+    retries: Annotated[
+        int, typer.Option("--retries", min=0, help="Further attempts after a timeout, connection error, 429 or 5xx.")
+    ] = 2,
+    max_mb: Annotated[float, typer.Option("--max-mb", help="Largest image accepted, in MiB.")] = 20.0,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel downloads.")] = 8,
+) -> None:
+    """Download the training image of each prompt (its 'url'); a rerun fetches only what is still missing."""
+    from diffmem.cli import progress_bar, say, shorten
+    from diffmem.references import REPORT, FetchSettings, read_wanted
+    from diffmem.references import fetch_references as fetch
+
+    settings = FetchSettings(timeout=timeout, deadline=deadline, retries=retries, max_bytes=int(max_mb * 2**20),
+                             workers=workers)
+    settings.check()
+    total = len(read_wanted(prompts))  # a bad file fails here, before any bar is drawn
+    with progress_bar(total, "fetching") as progress:
+
+        def show(outcome: Any) -> None:
+            if outcome.error:
+                say(progress.console, f"warning: {shorten(outcome.url, 80)}: {outcome.error}")
+            progress.advance(progress.task_ids[0])
+
+        report = fetch(prompts, out, settings, on_outcome=show)
+        progress.update(progress.task_ids[0], completed=total)
+    typer.echo(f"fetched {report.fetched} images -> {out}; {report.already} were already there, "
+               f"{len(report.failed)} failed" + (f" (listed in {out / REPORT}; rerun to retry them)"
+                                                  if report.failed else ""))
+
+
+def _numbers(text: str, option: str) -> tuple[int, ...]:
+    """A comma-separated list of whole numbers, e.g. `--generations 1,4`."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{option} takes comma-separated whole numbers, e.g. 1,4; not {text!r}") from None
+    if not values:
+        raise InputError(f"{option} needs at least one number")
+    return values
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def reproduce(
+    memorized: Annotated[
+        Path, typer.Option("--memorized", help="Memorized prompts (e.g. data/sdv1_500_memorized.jsonl).")
+    ],
+    normal: Annotated[Path, typer.Option("--normal", help="Non-memorized reference prompts, any prompt format.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Report folder: report.md, report.json, plots/, detection/, mitigation/.")
+    ],
+    model: Annotated[
+        str, typer.Option("--model", help="Local diffusers folder, hub id, or 'testbed' (its own measures).")
+    ] = "testbed",
+    generations: Annotated[str, typer.Option("--generations", help="Detection: numbers of generations n.")] = "1,4",
+    steps: Annotated[
+        str, typer.Option("--steps", help="Detection: steps scored, each 'first', 'all' or a number k.")
+    ] = "first,10,all",
+    references: Annotated[
+        Path | None, typer.Option("--references", help="Training images: a `diffmem fetch-references` folder.")
+    ] = None,
+    sscd: Annotated[
+        Path | None, typer.Option("--sscd", help="SSCD TorchScript file, e.g. sscd_disc_mixup.torchscript.pt.")
+    ] = None,
+    sscd_preprocessing: Annotated[
+        str, typer.Option("--sscd-preprocessing", help="'sscd' (the SSCD authors' 288x288 eval transform) or "
+                          "'wen' (resize 256, centre crop 224, as Wen et al.'s evaluation).")
+    ] = "sscd",
+    clip: Annotated[
+        str | None, typer.Option("--clip", help="CLIPModel folder or hub id for the CLIP score.")
+    ] = None,
+    methods: Annotated[
+        str, typer.Option("--methods", help="Mitigation methods: none, embedding, rta, rna, cwr, gni.")
+    ] = ",".join(("none", "embedding", "rta", "rna", "cwr", "gni")),
+    mitigation_prompts: Annotated[
+        int | None, typer.Option("--mitigation-prompts", help="Mitigate only the first N memorized prompts.")
+    ] = None,
+    mitigation_generations: Annotated[
+        int, typer.Option("--mitigation-generations", min=1, help="Images per prompt in the mitigation table.")
+    ] = 4,
+    target_loss: Annotated[
+        float | None, typer.Option("--target-loss", help="Embedding method's target (default: the median "
+                                   "first-step score of the non-memorized prompts).")
+    ] = None,
+    iters: Annotated[int, typer.Option("--iters", min=0, help="Embedding optimisation steps at most.")] = 10,
+    k: Annotated[int, typer.Option("--k", min=0, help="Words inserted by rta, rna and cwr.")] = 4,
+    sigma: Annotated[float, typer.Option("--sigma", help="Standard deviation of gni's noise.")] = 0.1,
+    seed: Annotated[int, typer.Option("--seed", help="Generation g starts from the noise of seed S+g.")] = 0,
+    num_inference_steps: Annotated[
+        int, typer.Option("--num-inference-steps", min=1, help="Sampling schedule length.")
+    ] = 50,
+    guidance: Annotated[
+        float | None, typer.Option("--guidance", help="CFG scale (default: the model's own; 7.5 for SD).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Detection: (prompt, generation) rows per denoiser call.")
+    ] = 32,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="float32, float16 or bfloat16 (default: float16 on CUDA).")
+    ] = None,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """The paper's tables for one model: detection (AUC, TPR@1%/3% FPR, time) and mitigation (memorization rate,
+    copy similarity, alignment); rerun the same command to resume."""
+    from diffmem.cli import DType, progress_bar, quiet_libraries, say, stderr
+    from diffmem.reproduce import ReproduceSettings
+    from diffmem.reproduce import reproduce as run
+
+    if dtype is not None and dtype not in {d.value for d in DType}:
+        raise InputError(f"--dtype must be one of {', '.join(d.value for d in DType)}, not {dtype!r}")
+    settings = ReproduceSettings(
+        model=model, memorized=memorized, normal=normal, out=out, generations=_numbers(generations, "--generations"),
+        steps=_words(steps), seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance,
+        batch_size=batch_size, methods=_words(methods), mitigation_prompts=mitigation_prompts,
+        mitigation_generations=mitigation_generations, target_loss=target_loss, iters=iters, k=k, sigma=sigma,
+        references=references, sscd=sscd, sscd_preprocessing=sscd_preprocessing, clip=clip, device=device,
+        dtype=dtype, allow_pickle=allow_pickle)
+    settings.check()
+    quiet_libraries()
+    stack, shown = ExitStack(), dict[str, Any]()
+
+    def progress(stage: str, done: int, total: int) -> None:
+        """One bar per scan, closed when the scan ends (the mitigation stage draws its own)."""
+        if shown.get("stage") != stage:
+            stack.close()
+            shown.update(stage=stage, bar=stack.enter_context(progress_bar(total, stage)))
+        shown["bar"].update(shown["bar"].task_ids[0], completed=done)
+        if done >= total:
+            stack.close()
+            shown.clear()
+
+    with stack:
+        report = run(settings, log=lambda m: say(stderr, m), progress=progress)
+    typer.echo(f"wrote {out / 'report.md'} ({len(report.detection)} detection rows, "
+               f"{len(report.mitigation)} mitigation rows)")
