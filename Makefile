@@ -10,7 +10,7 @@ export MALLOC_TRIM_THRESHOLD_ := 4294967296
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test bench lint train-testbed quality clean
+.PHONY: setup demo test bench lint train-testbed quality clean kill-test soak
 
 $(VENV)/.installed: pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/bench.py
+
+# SIGKILL at seeded moments, then rerun: detect, generate and train end as an uninterrupted run (minutes).
+kill-test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m kill tests/test_kills.py -s
+
+# `diffmem serve` under load on 127.0.0.1 for 10 minutes; shorten with SOAK_ARGS="--minutes 3".
+soak: setup
+	OMP_NUM_THREADS=1 $(PY) benchmarks/soak.py $(SOAK_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,12 +244,18 @@ async def slow_client(port: int, token: str, rng: random.Random, pool: list[str]
             tally.fail(f"slow client got {status}")
 
 
+async def _chunks(n: int) -> AsyncIterator[bytes]:
+    """A body sent in chunks with no declared length (Transfer-Encoding: chunked)."""
+    for _ in range(n):
+        yield b"x" * 65536
+
+
 def bad_request(name: str, limit: int) -> tuple[str, dict[str, Any]]:
     """The path and httpx arguments of one bad request."""
     big = "a" * (LIMITS["max_prompt_chars"] + 1)
     return {
         "declared oversized body": ("/api/detect", {"content": b"x" * (limit + 1)}),
-        "chunked oversized body": ("/api/detect", {"content": (b"x" * 65536 for _ in range(limit // 65536 + 2))}),
+        "chunked oversized body": ("/api/detect", {"content": _chunks(limit // 65536 + 2)}),
         "malformed JSON": ("/api/detect", {"content": b'{"prompts": ["a cat"', "headers": {"content-type":
                                                                                            "application/json"}}),
         "wrong type": ("/api/detect", {"json": {"prompts": "a cat"}}),

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -144,13 +144,13 @@ def _nothing(inputs: Path, model: Path) -> None:
 @dataclass(frozen=True)
 class Case:
     """One bad input: the command line (placeholders {in}, {ws}, {model}, {data}, {port}), a fragment its error
-    line must hold, the inputs it needs, and for a full disk the file-size limit the command runs under."""
+    line must hold, the inputs it needs, and for a full disk the file-size limit the command runs under (a
+    negative one: that many bytes more than the earlier detect file holds)."""
 
     args: str
     expected: str
     setup: Setup = _nothing
     fsize: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 DETECT = "detect --model {model} --out {ws}/new.jsonl --prompts"

@@ -149,6 +149,7 @@ class Evaluation:
     n_neg: int
     n_dropped_pos: int = 0
     n_dropped_neg: int = 0
+    negatives_median: float = float("nan")  # a typical non-memorized score: a model's mitigation target
 
     @property
     def n_dropped(self) -> int:
@@ -165,6 +166,7 @@ class Evaluation:
             "threshold": self.threshold,
             "target_fpr": self.target_fpr,
             "threshold_rule": THRESHOLD_RULE,
+            "negatives_median": self.negatives_median,
             "n_pos": self.n_pos,
             "n_neg": self.n_neg,
             "n_dropped": self.n_dropped,
@@ -210,6 +212,7 @@ def evaluate_scores(pos: Scores, neg: Scores, target_fpr: float = 0.01) -> Evalu
         n_neg=int(neg_f.size),
         n_dropped_pos=pos_dropped,
         n_dropped_neg=neg_dropped,
+        negatives_median=float(np.median(neg_f)),
     )
 
 

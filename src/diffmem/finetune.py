@@ -234,7 +234,10 @@ def prepare_data(pipe: Any, found: ImageCaptions, out: Path, key: dict, resuming
                              "removed or modified); restore it, or start a new run with another --out")
     encoded = encode_folder(pipe, found)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": encoded.latents.contiguous()}, str(out / "latents.tmp"))
+    try:
+        save_file({"latents": encoded.latents.contiguous()}, str(out / "latents.tmp"))
+    except SafetensorError as exc:  # disk full, file size limit (OSError is the CLI's one line already)
+        raise InputError(f"cannot write the latent cache in {out}: {' '.join(str(exc).split())[:300]}") from None
     os.replace(out / "latents.tmp", tensors)
     record = {"key": key, "layout": encoded.layout, "files": encoded.files, "captions": encoded.captions,
               "skipped": encoded.skipped, "resized": encoded.resized}

@@ -36,9 +36,10 @@ GuidanceOpt = Annotated[
                  "Stable Diffusion)."),
 ]
 TargetOpt = Annotated[
-    float,
-    typer.Option("--target-loss", help="Stop optimising the embedding once its first-step score is <= this. "
-                 "The default is Wen et al.'s for SD v1.4: calibrate it per model."),
+    float | None,
+    typer.Option("--target-loss", help="Stop optimising the embedding once its first-step score is <= this "
+                 "(default: the model's own, a typical score of its non-memorized prompts; for a model without "
+                 "one, Wen et al.'s SD v1.4 value: calibrate with `diffmem evaluate --json`, negatives_median)."),
 ]
 ItersOpt = Annotated[int, typer.Option("--iters", min=0, help="At most this many optimisation steps.")]
 LrOpt = Annotated[float, typer.Option("--lr", help="AdamW learning rate of the embedding optimisation.")]
@@ -57,6 +58,15 @@ def _guidance(model: str, guidance: float | None) -> float:
     from diffmem.loading import model_guidance
 
     return model_guidance(model, guidance)
+
+
+def _target_loss(model: str, target_loss: float | None) -> float:
+    """`--target-loss`, else the model's own (its diffmem.json), else `DEFAULT_TARGET_LOSS`."""
+    if target_loss is not None:
+        return target_loss
+    from diffmem.loading import read_model_defaults, resolve_model
+
+    return float(read_model_defaults(resolve_model(model)).get("target_loss", DEFAULT_TARGET_LOSS))
 
 
 def parse_threshold(text: str) -> float:
@@ -86,7 +96,7 @@ def generate(
     generations: GenerationsOpt = 1,
     steps: StepsOpt = 50,
     guidance: GuidanceOpt = None,
-    target_loss: TargetOpt = DEFAULT_TARGET_LOSS,
+    target_loss: TargetOpt = None,
     iters: ItersOpt = 10,
     lr: LrOpt = 0.05,
     column: ColumnOpt = None,
@@ -101,7 +111,7 @@ def generate(
     run(prompts, out, model, "embedding" if guard else "none",
         dict(threshold=None if threshold is None else parse_threshold(threshold), generations=generations,
              seed=seed, num_inference_steps=steps, guidance_scale=_guidance(model, guidance),
-             target_loss=target_loss, iters=iters,
+             target_loss=_target_loss(model, target_loss), iters=iters,
              lr=lr), column, device, dtype, allow_pickle)
 
 
@@ -110,7 +120,7 @@ def mitigate(
     out: OutOpt,
     method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")],
     model: ModelOpt = "testbed",
-    target_loss: TargetOpt = DEFAULT_TARGET_LOSS,
+    target_loss: TargetOpt = None,
     iters: ItersOpt = 10,
     lr: LrOpt = 0.05,
     k: Annotated[int, typer.Option("--k", min=0, help="Words inserted by rta, rna and cwr.")] = 4,
@@ -127,7 +137,8 @@ def mitigate(
     """Generate images for every prompt with one mitigation method applied to all of them (for comparisons)."""
     run(prompts, out, model, method,
         dict(threshold=None, generations=generations, seed=seed, num_inference_steps=steps,
-             guidance_scale=_guidance(model, guidance), target_loss=target_loss, iters=iters, lr=lr, k=k,
+             guidance_scale=_guidance(model, guidance), target_loss=_target_loss(model, target_loss), iters=iters,
+             lr=lr, k=k,
              sigma=sigma),
         column, device, dtype, allow_pickle)
 

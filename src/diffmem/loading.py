@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -17,6 +18,8 @@ from diffmem.weights import check_weights
 TESTBED_NAMES = ("testbed", "testbed-base")
 #: Stable Diffusion v1's classifier-free guidance scale: the default of a model that does not name its own.
 SD_GUIDANCE_SCALE = 7.5
+#: Each pipeline class's own default guidance scale (diffusers' `__call__` defaults), for models without a file.
+FAMILY_GUIDANCE = {"StableDiffusionPipeline": SD_GUIDANCE_SCALE, "StableDiffusionXLPipeline": 5.0}
 #: A file beside model_index.json with diffmem's defaults for the model (e.g. {"guidance_scale": 3.0}).
 DEFAULTS_FILE = "diffmem.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -150,7 +153,8 @@ def load_pipeline(
         pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir(base=True), use_safetensors=True,
                                                  **dtype_kwarg(dtype))
     check_guidance(pipe)
-    pipe.diffmem_defaults = read_model_defaults(source)
+    family = FAMILY_GUIDANCE.get(type(pipe).__name__, SD_GUIDANCE_SCALE)
+    pipe.diffmem_defaults = {"guidance_scale": family, **read_model_defaults(source)}
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -163,21 +167,29 @@ def _class_name(source: str) -> str | None:
 
 
 def read_model_defaults(source: str | Path) -> dict[str, Any]:
-    """The model's own defaults from `DEFAULTS_FILE` in its folder ({} for a hub id or a folder without one)."""
+    """The model's defaults: its family's guidance scale (from model_index.json), overridden by `DEFAULTS_FILE`
+    in its folder ({} for a hub id not downloaded yet)."""
+    family: dict[str, Any] = {}
+    index = Path(source) / "model_index.json"
+    if index.is_file():
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, OSError):
+            name = json.loads(index.read_text()).get("_class_name")
+            family = {"guidance_scale": FAMILY_GUIDANCE[name]} if name in FAMILY_GUIDANCE else {}
     path = Path(source) / DEFAULTS_FILE
     if not path.is_file():
-        return {}
+        return family
     try:
         values = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(values, dict):
         raise ModelLoadError(f"{path} must hold a JSON object")
-    return values
+    return {**family, **values}
 
 
 def default_guidance(pipe: Any) -> float:
-    """The guidance scale the model was made for (its folder's `diffmem.json`), else Stable Diffusion's 7.5."""
+    """The guidance scale the model was made for (its folder's `diffmem.json`), else its family's (SD 7.5,
+    SDXL 5.0)."""
     return float(getattr(pipe, "diffmem_defaults", {}).get("guidance_scale", SD_GUIDANCE_SCALE))
 
 

@@ -27,8 +27,9 @@ from diffmem.errors import InputError  # noqa: E402
 
 DESCRIPTION = """Screen prompts for training-data memorization before generating (Wen et al., ICLR 2024).
 
-Errors are JSON `{"error": "<one line>"}`: 400 bad input, 413 over a limit (prompt length, batch size, body
-size), 422 malformed request, 503 queue full (retry after the `Retry-After` seconds)."""
+Errors are JSON `{"error": "<one line>"}`: 400 bad input, 401 no or a wrong access token (a server started with
+one), 413 over a limit (prompt length, batch size, body size), 422 malformed request, 503 queue full (retry after
+the `Retry-After` seconds)."""
 
 
 def create_api_app(service: Service) -> Any:
@@ -131,4 +132,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, device: Any = N
     echo(f"threshold {service.threshold.value:.6g} from: {service.threshold.source}")
     echo(f"serving http://{shown}:{port}  (page at /, JSON API at /api/detect and /api/explain, schema at "
          "/openapi.json; Ctrl-C stops)")
+    if token is not None:
+        echo("every request needs the access token: open the page once as /?token=<token>, or send the header "
+             "'Authorization: Bearer <token>'")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

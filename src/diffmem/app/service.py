@@ -58,7 +58,7 @@ class Settings:
     batch_size: int = 32
     generate_steps: int = 25
     mitigate_iters: int = 10
-    target_loss: float | None = None  # the mitigation's first-step target; None: the threshold
+    target_loss: float | None = None  # the mitigation's first-step target; None: the model's own, else the threshold
 
     def __post_init__(self) -> None:
         from diffmem.detect import parse_steps
@@ -357,7 +357,8 @@ class Service:
         from diffmem.mitigate import mitigate_embedding
 
         s = self.settings
-        target = self.threshold.value if s.target_loss is None else s.target_loss
+        own = getattr(self.pipe, "diffmem_defaults", {}).get("target_loss")
+        target = s.target_loss if s.target_loss is not None else own if own is not None else self.threshold.value
         start = time.perf_counter()
         plain = self._sample(prompt=prompt)
         result = mitigate_embedding(self.pipe, prompt, generations=s.generations, seed=s.seed,

@@ -10,9 +10,10 @@ from importlib import import_module
 from typing import Any
 
 DEFAULT_TARGET_LOSS = 3.0
-"""Default `l_target`: the value of Wen et al.'s code for Stable Diffusion v1.4 (64x64x4 latents). `d_t` grows
-like the square root of the latent size and depends on the model, so calibrate it per model, e.g. to a typical
-(median) score of non-memorized prompts. Where every score is already below it (the testbed's are under 1), the
+"""`l_target` of a model that names none: the value of Wen et al.'s code for Stable Diffusion v1.4 (64x64x4
+latents). `d_t` grows like the square root of the latent size and depends on the model, so a model should carry its
+own, calibrated on its non-memorized prompts (the median first-step score: `target_loss` in its folder's
+diffmem.json, or `negatives_median` of `diffmem evaluate --json`); where every score is already below it, the
 optimisation stops at once and changes nothing."""
 
 METHODS = ("embedding", "rta", "rna", "cwr", "gni", "none")
@@ -33,7 +34,15 @@ _EXPORTS = {
     "iter_generate": "diffmem.mitigate.guard",
 }
 
-__all__ = sorted([*_EXPORTS, "DEFAULT_TARGET_LOSS", "METHODS"])
+__all__ = sorted([*_EXPORTS, "DEFAULT_TARGET_LOSS", "METHODS", "resolve_target_loss"])
+
+
+def resolve_target_loss(pipe: Any, target_loss: float | None) -> float:
+    """`target_loss` when given, else the model's own (`target_loss` in its diffmem.json, derived from its
+    non-memorized prompts' scores), else `DEFAULT_TARGET_LOSS`."""
+    if target_loss is not None:
+        return float(target_loss)
+    return float(getattr(pipe, "diffmem_defaults", {}).get("target_loss", DEFAULT_TARGET_LOSS))
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,7 @@ from diffmem.conditioning import Conditioning, as_conditioning, empty, encode
 from diffmem.detect import initial_noise
 from diffmem.epsilon import to_epsilon
 from diffmem.errors import InputError
-from diffmem.mitigate import DEFAULT_TARGET_LOSS
+from diffmem.mitigate import DEFAULT_TARGET_LOSS, resolve_target_loss
 
 
 @dataclass
@@ -87,7 +87,7 @@ def mitigate_embedding(
     *,
     generations: int = 1,
     seed: int = 0,
-    target_loss: float = DEFAULT_TARGET_LOSS,
+    target_loss: float | None = None,
     iters: int = 10,
     lr: float = 0.05,
     guidance_scale: float | None = None,
@@ -103,6 +103,7 @@ def mitigate_embedding(
     denoiser's parameters never accumulate any. For SDXL the pooled text embedding is optimised with the
     cross-attention states: it conditions the UNet on the prompt too.
     """
+    target_loss = resolve_target_loss(pipe, target_loss)
     check_settings(generations, target_loss, iters, lr)
     step = FirstStep(pipe, generations, seed, num_inference_steps)
     with torch.no_grad():

@@ -29,7 +29,7 @@ from diffmem.conditioning import Conditioning, empty, encode
 from diffmem.detect import initial_noise
 from diffmem.errors import InputError
 from diffmem.loading import resolve_guidance
-from diffmem.mitigate import DEFAULT_TARGET_LOSS, METHODS
+from diffmem.mitigate import METHODS, resolve_target_loss
 from diffmem.mitigate.baselines import cwr, gni, rna, rta
 from diffmem.mitigate.embedding import check_settings, mitigate_embedding
 from diffmem.monitor import Monitor
@@ -138,7 +138,7 @@ def iter_generate(
     seed: int = 0,
     num_inference_steps: int = 50,
     guidance_scale: float | None = None,
-    target_loss: float = DEFAULT_TARGET_LOSS,
+    target_loss: float | None = None,
     iters: int = 10,
     lr: float = 0.05,
     k: int = 4,
@@ -149,6 +149,7 @@ def iter_generate(
     model's own when None)."""
     guidance_scale = resolve_guidance(pipe, guidance_scale)
     _check(method, threshold, guidance_scale, num_inference_steps)
+    target_loss = resolve_target_loss(pipe, target_loss)
     check_settings(generations, target_loss, iters, lr)
     settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type)
     noise = initial_noise(pipe, generations, seed).to(pipe.unet.device, pipe.unet.dtype)
@@ -218,7 +219,7 @@ def guarded_generate(
     seed: int = 0,
     num_inference_steps: int = 50,
     guidance_scale: float | None = None,
-    target_loss: float = DEFAULT_TARGET_LOSS,
+    target_loss: float | None = None,
     iters: int = 10,
     lr: float = 0.05,
     output_type: str = "np",

@@ -157,22 +157,29 @@ def explain_eval(
 @app.command()
 def mitigation(
     out: Path = typer.Option(Path("out/mitigation"), help="Output folder: mitigation.json, tradeoff.png, picture."),
-    target_loss: float = typer.Option(None, help="Target loss of the embedding method (default: the median "
-                                                 "first-step score of the held-out prompts)."),
+    target_loss: float = typer.Option(None, help="Target loss of the embedding method (default: the model's "
+                                                 "own, derived from its held-out scores)."),
     sweep: str = typer.Option("", help="Comma-separated target losses for the trade-off curve (default: 5 "
                                        "quantiles of the held-out scores)."),
+    strengths: bool = typer.Option(True, "--strengths/--no-strengths",
+                                   help="Also sweep each baseline's strength for the trade-off figure."),
+    guard: bool = typer.Option(True, "--guard/--no-guard", help="Also run the guard end to end (threshold at "
+                               "1% FPR on the held-out prompts) on memorized and held-out prompts."),
     generations: int = typer.Option(4, help="Seeds per prompt."),
     steps: int = typer.Option(50, help="DDIM steps."),
-    limit: int = typer.Option(0, help="Use only the first N memorized prompts (0: all)."),
+    limit: int = typer.Option(0, help="Use only the first N memorized (and 4N held-out) prompts (0: all)."),
     device: str = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu)."),
 ) -> None:
-    """Compare inference-time mitigations on the memorized prompts: memorization rate, alignment, time."""
+    """Compare inference-time mitigations on the memorized prompts: memorization rate, alignment, time; the
+    trade-off as each one's strength moves; the guard end to end."""
     import numpy as np
 
     from diffmem.detect import MagnitudeDetector
     from diffmem.errors import InputError
+    from diffmem.evaluate import calibrate_threshold
     from diffmem.loading import quiet_diffusers
-    from diffmem.testbed.mitigation_eval import mitigation_report
+    from diffmem.mitigate import resolve_target_loss
+    from diffmem.testbed.mitigation_eval import BASELINE_STRENGTHS, guard_report, mitigation_report
     from diffmem.testbed.recipe import shipped_recipe
 
     quiet_diffusers()
@@ -183,13 +190,18 @@ def mitigation(
     pipe = _testbed_pipeline(device)
     splits = shipped_recipe().splits()
     memorized = splits.planted[:limit] if limit else splits.planted
+    heldout = splits.heldout[: 4 * limit] if limit else splits.heldout
     held = np.array([r.score for r in MagnitudeDetector(pipe, generations=generations, batch_size=256).score(
         [i.caption for i in splits.heldout])], dtype=float)
-    target = float(np.median(held)) if target_loss is None else target_loss
+    target = resolve_target_loss(pipe, target_loss)
     targets = targets or [float(np.quantile(held, q)) for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
     rep = mitigation_report(pipe, memorized, out, target, targets, generations=generations, steps=steps,
-                            progress=typer.echo)
+                            strengths=BASELINE_STRENGTHS if strengths else {}, progress=typer.echo)
     rep["heldout_score_quantiles"] = {q: float(np.quantile(held, q)) for q in (0.1, 0.5, 0.9, 0.99)}
+    if guard:
+        threshold = calibrate_threshold(held, 0.01)
+        rep["guard"] = guard_report(pipe, memorized, heldout, threshold, target, generations=generations,
+                                    steps=steps, progress=typer.echo)
     (out / "mitigation.json").write_text(json.dumps(rep, indent=2))
     typer.echo(json.dumps(rep, indent=2))
     typer.echo(f"wrote {out / 'mitigation.json'}, tradeoff.png, mitigation.png")

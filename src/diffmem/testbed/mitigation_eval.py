@@ -47,53 +47,113 @@ def measure(pipe, items: Sequence[Item], method: str, own: np.ndarray, **setting
     }
 
 
+#: Strengths of each baseline swept for the trade-off figure: words inserted (RTA, RNA, CWR), noise sigma (GNI).
+BASELINE_STRENGTHS: dict[str, Sequence[float]] = {"rta": (1, 2, 4, 8), "rna": (1, 2, 4, 8), "cwr": (1, 2, 4, 8),
+                                                    "gni": (0.1, 0.3, 1.0, 3.0)}
+
+
+def _strength(method: str, value: float) -> dict[str, Any]:
+    """The keyword that sets a baseline's strength."""
+    return {"sigma": float(value)} if method == "gni" else {"k": int(value)}
+
+
 def mitigation_report(pipe, items: Sequence[Item], out: Path, target_loss: float,
                       sweep: Sequence[float], methods: Sequence[str] = ("none", "embedding", "rta", "rna", "cwr",
                                                                           "gni"),
                       generations: int = 4, seed: int = 0, steps: int = 50, iters: int = 10, lr: float = 0.05,
+                      strengths: dict[str, Sequence[float]] | None = None,
                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """One row per method at `target_loss`, the embedding method at each target of `sweep`, and a picture."""
+    """One row per method at its default strength (the embedding method at `target_loss`), the embedding method
+    at each target of `sweep` and each baseline at each of its `strengths` (the trade-off figure), and a picture."""
     say = progress or (lambda msg: None)
     own = render_many([i.scene for i in items], [i.seed for i in items])
     common = dict(generations=generations, seed=seed, num_inference_steps=steps, iters=iters, lr=lr)
+    sweeps = BASELINE_STRENGTHS if strengths is None else strengths
     rows, images = [], {}
     for method in methods:
         say(f"method {method}")
         row = measure(pipe, items, method, own, target_loss=target_loss, **common)
         images[method] = (row.pop("_images"), row.pop("_sims"))
         rows.append(row)
-    curve = []
+    curves: dict[str, list[dict[str, Any]]] = {"embedding": []}
     for target in sweep:
         say(f"embedding, target loss {target:g}")
         row = measure(pipe, items, "embedding", own, target_loss=target, **common)
         row.pop("_images"), row.pop("_sims")
-        curve.append({"target_loss": target, **row})
+        curves["embedding"].append({"strength": target, **row})
+    for method, values in sweeps.items():
+        curves[method] = []
+        for value in values:
+            say(f"{method}, strength {value:g}")
+            row = measure(pipe, items, method, own, target_loss=target_loss, **_strength(method, value), **common)
+            row.pop("_images"), row.pop("_sims")
+            curves[method].append({"strength": value, **row})
     out.mkdir(parents=True, exist_ok=True)
-    _plot_tradeoff(rows, curve, out / "tradeoff.png")
+    _plot_tradeoff(rows, curves, out / "tradeoff.png")
     if "none" in images and "embedding" in images:
         _picture(items, own, images["none"], images["embedding"], out / "mitigation.png")
     from diffmem.loading import default_guidance
 
     settings = {**common, "guidance": default_guidance(pipe)}
     return {"n_prompts": len(items), "target_loss": target_loss, "settings": settings,
-            "methods": rows, "tradeoff": curve}
+            "methods": rows, "tradeoff": curves}
 
 
-def _plot_tradeoff(rows: list[dict], curve: list[dict], path: Path) -> None:
-    """Memorization rate against alignment: the embedding method as its target loss moves, baselines as points."""
+def guard_report(pipe, memorized: Sequence[Item], heldout: Sequence[Item], threshold: float, target_loss: float,
+                 generations: int = 4, seed: int = 0, steps: int = 50, iters: int = 10, lr: float = 0.05,
+                 identical_check: int = 64, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The guard end to end (`generate --guard`): memorized and held-out prompts generated with the embedding
+    mitigation applied to those scoring >= `threshold`. Memorization rate, flagged shares (false flags on the
+    held-out prompts), alignment, and whether unflagged prompts gave the plain pipeline's images bit for bit
+    (checked on the first `identical_check` prompts of each set against a plain generation)."""
+    say = progress or (lambda msg: None)
+    common = dict(generations=generations, seed=seed, num_inference_steps=steps, iters=iters, lr=lr,
+                  target_loss=target_loss)
+    result: dict[str, Any] = {"threshold": threshold, "target_loss": target_loss}
+    for name, items in (("memorized", list(memorized)), ("heldout", list(heldout))):
+        say(f"guard, {name} prompts")
+        guarded = generate(pipe, [i.caption for i in items], "embedding", threshold=threshold, **common)
+        imgs = _images(guarded.images)
+        flagged = np.array([bool(d.flagged) for d in guarded.decisions])
+        ok = alignment(imgs, items)
+        part: dict[str, Any] = {"n": len(items), "flagged": float(flagged.mean()),
+                                "aligned": None if ok is None else float(ok.mean()),
+                                "seconds_per_prompt": float(np.mean([d.seconds for d in guarded.decisions]))}
+        if name == "memorized":
+            own = render_many([i.scene for i in items], [i.seed for i in items])
+            copies = (own_similarity(imgs, own) >= COPY_THRESHOLD).sum(axis=1)
+            part |= {"memorization_rate": float((copies >= 2).mean()),
+                     "memorized_among_unflagged": float((copies[~flagged] >= 2).mean()) if (~flagged).any() else None,
+                     "unflagged_share_plus_10_points": float((~flagged).mean()) + 0.10}
+        check = [k for k in range(min(identical_check, len(items))) if not flagged[k]]
+        if check:
+            say(f"plain generation of {len(check)} unflagged {name} prompts")
+            plain = _images(generate(pipe, [items[k].caption for k in check], "none", **common).images)
+            part["unflagged_bit_identical"] = bool(all(np.array_equal(plain[j], imgs[k]) for j, k in enumerate(check)))
+            part["unflagged_checked"] = len(check)
+        result[name] = part
+    return result
+
+
+def _plot_tradeoff(rows: list[dict], curves: dict[str, list[dict]], path: Path) -> None:
+    """Memorization rate against alignment: each method as its strength moves (labels: the strength), and the
+    unmitigated generations as a point."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.2, 4))
+    fig = Figure(figsize=(6.4, 4.6))
     ax = fig.subplots()
-    ax.plot([c["aligned"] for c in curve], [c["memorization_rate"] for c in curve], "o-", label="embedding (sweep)")
-    for c in curve:
-        ax.annotate(f"{c['target_loss']:g}", (c["aligned"], c["memorization_rate"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, 4))
+    for method, curve in curves.items():
+        ax.plot([c["aligned"] for c in curve], [c["memorization_rate"] for c in curve], "o-", ms=4,
+                label=f"{method} ({'target loss' if method == 'embedding' else 'sigma' if method == 'gni' else 'k'})")
+        for c in curve:
+            ax.annotate(f"{c['strength']:g}", (c["aligned"], c["memorization_rate"]), fontsize=6,
+                        textcoords="offset points", xytext=(3, 3))
     for r in rows:
-        ax.plot(r["aligned"], r["memorization_rate"], "s", label=r["method"])
+        if r["method"] == "none":
+            ax.plot(r["aligned"], r["memorization_rate"], "k*", ms=10, label="no mitigation")
     ax.set_xlabel("alignment with the caption (share of generations)")
     ax.set_ylabel("memorization rate (share of prompts)")
-    ax.set_title("testbed: mitigation trade-off (labels: target loss)", fontsize=9)
+    ax.set_title("testbed: memorization against alignment as each mitigation's strength moves", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -353,16 +353,28 @@ def run_recipe(cfg: RecipeConfig, work: Path, dest: Path | None, device: str | N
 
     pipe = assemble_pipeline({**comps, "unet": unet.cpu(), "text_encoder": text_encoder.cpu(), "vae": vae.cpu()})
     if dest is not None:
-        save_testbed(pipe, base_unet, dest, cfg, clock.timings)
+        save_testbed(pipe, base_unet, dest, cfg, clock.timings, model_defaults(pipe, splits, cfg))
     return clock.timings
 
 
-def save_testbed(pipe, base_unet: Path, dest: Path, cfg: RecipeConfig, timings: dict) -> None:
-    """Write the pipeline (fp16 safetensors, loads as float32 by default) and the base UNet to `dest`."""
+def model_defaults(pipe: Any, splits: Splits, cfg: RecipeConfig) -> dict[str, float]:
+    """What the testbed's folder tells every command (diffmem.json): its guidance scale and its mitigation target,
+    the median first-step score (n=4) of its held-out prompts, a typical non-memorized score."""
+    from diffmem.detect import MagnitudeDetector
+
+    rows = MagnitudeDetector(pipe, generations=4, batch_size=256).score([i.caption for i in splits.heldout])
+    scores = [r.score for r in rows if r.score is not None]
+    return {"guidance_scale": cfg.guidance_scale, "target_loss": float(np.median(scores))}
+
+
+def save_testbed(pipe, base_unet: Path, dest: Path, cfg: RecipeConfig, timings: dict,
+                 defaults: dict[str, float]) -> None:
+    """Write the pipeline (fp16 safetensors, loads as float32 by default) with its `defaults` (diffmem.json) and
+    the base UNet to `dest`."""
     if dest.exists():
         shutil.rmtree(dest)
     pipe.to(torch.float16).save_pretrained(dest / "pipeline")
-    (dest / "pipeline" / DEFAULTS_FILE).write_text(json.dumps({"guidance_scale": cfg.guidance_scale}, indent=2))
+    (dest / "pipeline" / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
     base = pipe.unet.__class__.from_config(pipe.unet.config)
     base.load_state_dict(load_file(str(base_unet)))
     base.to(torch.float16).save_pretrained(dest / "base_unet")
