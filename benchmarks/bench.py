@@ -10,8 +10,10 @@
     every optimisation iteration runs: the worst case);
 (e) a gradient explanation (`diffmem.explain.explain`, first step, one generation) of one prompt over its
     first-step detection, on the testbed pipeline;
-(f) the peer detectors (anisotropy, sharpness) over Wen's first-step detection, one batch of prompts, one
-    generation, on the testbed pipeline (informative: no target);
+(f) every peer detector (`diffmem.detectors.DETECTORS`: anisotropy, sharpness, Ren et al.'s LE and AE, Bright
+    Ending, NeMo, step-norm, Carlini) over Wen's first-step detection, one batch of prompts, one generation (two
+    for NeMo and Carlini, which compare generations), its authors' settings (50 steps where it reads a whole
+    generation), on the testbed pipeline (informative: no target);
 (g) first-step detection rate (n=1) in prompts per second on the SD v1.4 and SDXL architectures (random weights,
     fp16 on CUDA) next to the per-prompt loop, its time over a bare batched denoiser call on the same conditional
     rows, and model FLOPs per second (counted with `torch.utils.flop_counter.FlopCounterMode` on a meta-device copy)
@@ -43,7 +45,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 
 from diffmem.conditioning import Conditioning, empty, encode  # noqa: E402
-from diffmem.detect import AnisotropyDetector, MagnitudeDetector, SharpnessDetector, initial_noise  # noqa: E402
+from diffmem.detect import MagnitudeDetector, initial_noise  # noqa: E402
+from diffmem.detectors import DETECTORS, MIN_GENERATIONS  # noqa: E402
 from diffmem.explain import explain  # noqa: E402
 from diffmem.loading import load_pipeline, quiet_diffusers  # noqa: E402
 from diffmem.mitigate import guarded_generate  # noqa: E402
@@ -327,15 +330,19 @@ def explain_cost(pipe, repeats: int, device: torch.device) -> dict:
 
 
 def peer_cost(pipe, batch: int, repeats: int, device: torch.device) -> dict:
-    """(f) one batch scored by each peer detector over the same batch scored by `MagnitudeDetector` (first step)."""
+    """(f) one batch of prompts scored by each peer detector (its authors' settings, one generation; two for the
+    detectors that compare generations) over the same prompts scored by `MagnitudeDetector` (first step, n=1)."""
     batch_prompts = prompts(batch)
-    detectors = {"wen": MagnitudeDetector, "anisotropy": AnisotropyDetector, "sharpness": SharpnessDetector}
-    variants = {name: (lambda d=cls(pipe, batch_size=batch): d.score(batch_prompts)) for name, cls in detectors.items()}
+    variants = {}
+    for name, cls in DETECTORS.items():
+        n = MIN_GENERATIONS.get(name, 1)
+        detector = cls(pipe, generations=n, batch_size=batch * n)
+        variants[name] = lambda d=detector: d.score(batch_prompts)
     for fn in variants.values():  # warm-up; also fills each detector's shared empty-prompt predictions
         fn()
     med = interleaved(variants, repeats, device)
-    return {"batch": batch, "repeats": repeats, "seconds": med,
-            "ratio_anisotropy": med["anisotropy"] / med["wen"], "ratio_sharpness": med["sharpness"] / med["wen"]}
+    return {"batch": batch, "repeats": repeats, "seconds": med, "generations": dict(MIN_GENERATIONS),
+            **{f"ratio_{name}": med[name] / med["wen"] for name in DETECTORS if name != "wen"}}
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
@@ -533,8 +540,9 @@ def main(argv: list[str] | None = None) -> dict:
     report["e"] = explain_cost(testbed, 3 * args.tiny_repeats, device)
     print(f"(f) testbed, peer detectors, batch {args.tiny_batch} ...", flush=True)
     report["f"] = peer_cost(testbed, args.tiny_batch, args.tiny_repeats, device)
-    report["f_anisotropy"] = {"ratio": report["f"]["ratio_anisotropy"]}
-    report["f_sharpness"] = {"ratio": report["f"]["ratio_sharpness"]}
+    for name in DETECTORS:
+        if name != "wen":
+            report[f"f_{name}"] = {"ratio": report["f"][f"ratio_{name}"]}
     if not args.skip_sd and not args.guard_only:
         print(f"(a) SD1.4 architecture, batch {sd_batch}, {args.sd_latent}x{args.sd_latent} latents ...",
               flush=True)
@@ -557,9 +565,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("(d) guarded / plain generation, unflagged prompt, testbed", "d_unflagged", "d_unflagged"),
         ("(d) guarded / plain generation, flagged prompt, testbed", "d_flagged", "d_flagged"),
         ("(e) gradient explanation / first-step detection, testbed", "e", "e"),
-        ("(f) anisotropy detector / Wen first-step detection, testbed", "f_anisotropy", None),
-        ("(f) sharpness detector / Wen first-step detection, testbed", "f_sharpness", None),
-    ]
+    ] + [(f"(f) {name} detector{' (n=2)' if name in MIN_GENERATIONS else ''} / Wen first-step detection, testbed",
+          f"f_{name}", None) for name in DETECTORS if name != "wen"]
     print(f"\n{'measurement':60} {'ratio':>8}  target")
     for label, key, target in rows:
         if key in report:

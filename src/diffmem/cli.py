@@ -8,6 +8,7 @@ argument errors do not wait for them.
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import math
 import os
@@ -95,6 +96,12 @@ class DetectorName(str, Enum):
     wen = "wen"
     anisotropy = "anisotropy"
     sharpness = "sharpness"
+    ren_le = "ren-le"
+    ren_ae = "ren-ae"
+    bright_ending = "bright-ending"
+    nemo = "nemo"
+    step_norm = "step-norm"
+    carlini = "carlini"
 
 
 class DType(str, Enum):
@@ -198,11 +205,12 @@ def detect(
         str, typer.Option("--model", help="Local diffusers folder, hub id, or 'testbed' (the bundled model).")
     ] = "testbed",
     steps: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--steps", help="Sampling steps to score: 'first', 'all' or a number k of leading steps."
+            "--steps", help="Sampling steps to score: 'first', 'all' or a number k of leading steps (wen: default "
+            "first; bright-ending: default all; the other detectors have their own)."
         ),
-    ] = "first",
+    ] = None,
     generations: Annotated[
         int, typer.Option("--generations", min=1, help="Initial noises (seeds S..S+n-1) averaged per prompt.")
     ] = 1,
@@ -241,13 +249,22 @@ def detect(
             "--detector",
             help="wen: mean text-conditional noise magnitude (Wen et al. 2024); anisotropy: first-step magnitude "
             "plus a weighted low-noise alignment term (Asthana & Belagiannis 2026); sharpness: ||H_delta s_delta||^2 "
-            "(Jeon et al. 2025). The peers score the first step's pure noise only.",
+            "(Jeon et al. 2025); ren-le / ren-ae: cross-attention entropy, one layer at the first step / the last "
+            "steps plus the summary tokens (Ren et al. 2024); bright-ending: d_t masked by the end token's final "
+            "attention (Chen et al. 2025); nemo: SSIM of noise residuals across seeds (Hintersdorf et al. 2024); "
+            "step-norm: latent update norms against their stable range (Huang et al. 2026); carlini: tightest "
+            "cluster of generated images (Carlini et al. 2023).",
         ),
     ] = DetectorName.wen,
     cosine_weight: Annotated[
         float,
         typer.Option("--cosine-weight", help="anisotropy: weight of the alignment term (the authors' SD v1.4 value)."),
     ] = 2.0,
+    stable_range: Annotated[
+        Path | None,
+        typer.Option("--stable-range", help="step-norm: per-step band of ordinary update norms (a JSON file "
+                     "`diffmem compare` writes; without it the score is the largest update norm)."),
+    ] = None,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Score each prompt by its text-conditional noise magnitude (Wen et al. 2024): higher, more memorized.
@@ -267,9 +284,11 @@ def detect(
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     if state.num_processes > 1 and device is not None:
         raise InputError("--device is chosen by `accelerate launch` when it starts several processes; leave it out")
-    n_steps = parse_steps(steps, num_inference_steps)
-    if detector is not DetectorName.wen and n_steps != 1:
-        raise InputError(f"--steps applies to the wen detector; {detector.value} scores the first step's noise only")
+    stepped = (DetectorName.wen, DetectorName.bright_ending)
+    if steps is not None and detector not in stepped:
+        raise InputError(f"--steps applies to the wen and bright-ending detectors; {detector.value} has its own")
+    default_steps = "all" if detector is DetectorName.bright_ending else "first"
+    n_steps = parse_steps(default_steps if steps is None else steps, num_inference_steps)
     if not math.isfinite(cosine_weight):
         raise InputError(f"--cosine-weight must be a finite number, not {cosine_weight}")
     check_output_path(out, "--out")
@@ -279,6 +298,13 @@ def detect(
     settings: dict[str, Any] = dict(zip(SETTING_KEYS, values, strict=True))
     if detector is DetectorName.anisotropy:
         settings["cosine_weight"] = cosine_weight
+    if stable_range is not None:
+        if detector is not DetectorName.step_norm:
+            raise InputError("--stable-range applies to the step-norm detector")
+        from diffmem.detectors.step_norm import StableRange
+
+        band = StableRange.load(stable_range)
+        settings["stable_range"] = {"lo": list(band.lo), "hi": list(band.hi)}
     with ExitStack() as stack:
 
         def open_run() -> tuple[tuple[Any, Any], list[str]]:
@@ -385,15 +411,17 @@ def _score_into(
 
 def _detector(pipe: Any, settings: dict[str, Any], batch_size: int) -> Any:
     """The detector a `diffmem detect` run's settings name."""
-    from diffmem.detect import AnisotropyDetector, MagnitudeDetector, SharpnessDetector
+    from diffmem.detectors import DETECTORS, StableRange
 
     common = {"generations": settings["generations"], "seed": settings["seed"],
               "num_inference_steps": settings["num_inference_steps"], "batch_size": batch_size}
-    if settings["detector"] == DetectorName.anisotropy.value:
-        return AnisotropyDetector(pipe, cosine_weight=settings["cosine_weight"], **common)
-    if settings["detector"] == DetectorName.sharpness.value:
-        return SharpnessDetector(pipe, **common)
-    return MagnitudeDetector(pipe, steps=settings["steps"], guidance_scale=settings["guidance_scale"], **common)
+    detector = DETECTORS[settings["detector"]]
+    accepted = inspect.signature(detector).parameters
+    common.update({key: settings[key] for key in ("steps", "guidance_scale", "cosine_weight")
+                   if key in accepted and key in settings})
+    if "stable_range" in settings:
+        common["stable_range"] = StableRange(**{k: tuple(v) for k, v in settings["stable_range"].items()})
+    return detector(pipe, **common)
 
 
 def _summary(
@@ -499,14 +527,26 @@ def explain(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a chart.")] = False,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = None,
+    neurons: Annotated[
+        bool, typer.Option("--neurons", help="Instead: the cross-attention value neurons that carry the prompt's "
+                           "memorization (NeMo, Hintersdorf et al. 2024).")
+    ] = False,
+    nemo_stats: Annotated[
+        Path | None, typer.Option("--nemo-stats", help="--neurons: value-neuron statistics of non-memorized prompts "
+                                  "(a file `diffmem compare` writes; without it, top-k selection alone).")
+    ] = None,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
-    """Which words of PROMPT drive its memorization score: per-token and per-word significance."""
+    """Which words of PROMPT drive its memorization score: per-token and per-word significance (or, with
+    --neurons, which value neurons)."""
     from diffmem.explain import METHODS, suggest_edits
     from diffmem.explain import explain as explain_prompt
     from diffmem.loading import load_pipeline
     from diffmem.render import png_chart, terminal_chart
 
+    if neurons:
+        _explain_neurons(prompt, model, seed, nemo_stats, as_json, device, allow_pickle)
+        return
     if method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     if suggest and threshold is None:
@@ -540,6 +580,32 @@ def explain(
             typer.echo(f"{s.score:.4f}  {s.prompt}   ({s.change})")
     if plot:
         typer.echo(f"wrote {plot}")
+
+
+def _explain_neurons(prompt: str, model: str, seed: int, stats: Path | None, as_json: bool, device: str | None,
+                     allow_pickle: bool) -> None:
+    """`diffmem explain --neurons`: NeMo's localisation of PROMPT, one line per value layer with neurons."""
+    from diffmem.loading import load_pipeline
+    from diffmem.mitigate.nemo import NeuronStatistics, localize, value_layer_names
+
+    if not prompt.strip():
+        raise InputError("the prompt is empty: there is nothing to explain")
+    statistics = None if stats is None else NeuronStatistics.load(stats)
+    quiet_libraries()
+    with stderr.status(f"loading {model} ..."):
+        pipe: Any = load_pipeline(model, device=parse_device(device), allow_pickle=allow_pickle)
+    found = localize(pipe, prompt, statistics, seed=seed)
+    names = value_layer_names(pipe.unet)
+    if as_json:
+        typer.echo(json.dumps({"prompt": prompt, **found.to_dict(), "layers": names}))
+        return
+    if not found.memorized:
+        typer.echo("not memorized by NeMo's test: no two seeds' noise residuals are alike")
+        return
+    typer.echo(f"{found.count} neurons; residual MS-SSIM with them off: {found.refined_ssim:.3f}")
+    for name, layer in zip(names, found.neurons, strict=True):
+        if layer:
+            typer.echo(f"{name}.to_v  {', '.join(map(str, layer))}")
 
 
 @app.command()
@@ -713,6 +779,11 @@ from diffmem.paper_cli import reproduce as _reproduce_command  # noqa: E402
 
 app.command("fetch-references")(_fetch_references_command)
 app.command("reproduce")(_reproduce_command)
+
+# `diffmem compare`: every detector and mitigation on one model, one table each (src/diffmem/compare_cli.py).
+from diffmem.compare_cli import compare as _compare_command  # noqa: E402
+
+app.command("compare")(_compare_command)
 
 
 if __name__ == "__main__":

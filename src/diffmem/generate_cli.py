@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from diffmem.errors import InputError
-from diffmem.mitigate import DEFAULT_TARGET_LOSS, METHODS
+from diffmem.mitigate import ALL_METHODS, DEFAULT_TARGET_LOSS
 from diffmem.options import AllowPickleOpt
 
 PromptsOpt = Annotated[
@@ -80,13 +80,48 @@ def parse_threshold(text: str) -> float:
     return value
 
 
+def _peer_options(method: str, c1: float | None = None, sail_threshold: float | None = None,
+                  sail_weight: float | None = None, nemo_stats: Path | None = None, nemo_threshold: float | None = None,
+                  nemo_generations: int | None = None) -> dict[str, Any]:
+    """The options given for a peer method (`diffmem.mitigate.peers`), as its rows record them; an option for
+    another method is an error."""
+    given = {"c1": c1, "sail_threshold": sail_threshold, "sail_weight": sail_weight,
+             "nemo_stats": None if nemo_stats is None else str(nemo_stats.resolve()),
+             "nemo_threshold": nemo_threshold, "nemo_generations": nemo_generations}
+    options = {k: v for k, v in given.items() if v is not None}
+    if nemo_stats is not None and not nemo_stats.is_file():
+        raise InputError(f"--nemo-stats {nemo_stats}: no such file")
+    from diffmem.mitigate.peers import check_options
+
+    check_options(method, options)
+    return options
+
+
+GUARD_METHODS = tuple(m for m in ALL_METHODS if m != "none")
+"""What `diffmem generate --guard --method` can apply to flagged prompts."""
+C1Opt = Annotated[float | None, typer.Option("--c1", help="attention: scale of the beginning token's logit (1.25).")]
+SailThresholdOpt = Annotated[
+    float | None, typer.Option("--sail-threshold", help="sail: accept a noise once its loss is <= this (the model's "
+                               "own sail_threshold, else the authors' SD v1.4 value 8.2; calibrate per model).")]
+SailWeightOpt = Annotated[float | None, typer.Option("--sail-weight", help="sail: weight of ||x_T|| (0.05).")]
+NemoStatsOpt = Annotated[
+    Path | None, typer.Option("--nemo-stats", help="nemo: value-neuron statistics of non-memorized prompts (a file "
+                              "`diffmem compare` writes); without it NeMo selects neurons by top-k alone.")]
+NemoThresholdOpt = Annotated[
+    float | None, typer.Option("--nemo-threshold", help="nemo: MS-SSIM threshold of the residuals (0.428, SD v1.4).")]
+NemoGenerationsOpt = Annotated[int | None, typer.Option("--nemo-generations", min=2, help="nemo: seeds compared (10).")]
+
+
 def generate(
     prompts: PromptsOpt,
     out: OutOpt,
     model: ModelOpt = "testbed",
     guard: Annotated[
-        bool, typer.Option("--guard", help="Mitigate (embedding optimisation) prompts scoring >= --threshold.")
+        bool, typer.Option("--guard", help="Mitigate (with --method) prompts scoring >= --threshold.")
     ] = False,
+    method: Annotated[
+        str, typer.Option("--method", help=f"The guard's mitigation: one of {', '.join(GUARD_METHODS)}.")
+    ] = "embedding",
     threshold: Annotated[
         str | None,
         typer.Option("--threshold", help="Detection threshold (see `diffmem evaluate`); needed by --guard. "
@@ -108,23 +143,35 @@ def generate(
     text embedding optimised first (the others cost no extra denoiser call and give the plain images)."""
     if guard and threshold is None:
         raise InputError("--guard needs --threshold (calibrate one with `diffmem evaluate`)")
-    run(prompts, out, model, "embedding" if guard else "none",
-        dict(threshold=None if threshold is None else parse_threshold(threshold), generations=generations,
-             seed=seed, num_inference_steps=steps, guidance_scale=_guidance(model, guidance),
-             target_loss=_target_loss(model, target_loss), iters=iters,
-             lr=lr), column, device, dtype, allow_pickle)
+    if method not in GUARD_METHODS:
+        raise InputError(f"--method must be one of {', '.join(GUARD_METHODS)}, not {method!r}")
+    if method != "embedding" and not guard:
+        raise InputError("--method chooses the guard's mitigation: give --guard too")
+    settings: dict[str, Any] = dict(
+        threshold=None if threshold is None else parse_threshold(threshold), generations=generations, seed=seed,
+        num_inference_steps=steps, guidance_scale=_guidance(model, guidance),
+        target_loss=_target_loss(model, target_loss), iters=iters, lr=lr)
+    if method not in ("embedding", "none"):
+        settings["method_options"] = _peer_options(method)
+    run(prompts, out, model, method if guard else "none", settings, column, device, dtype, allow_pickle)
 
 
 def mitigate(
     prompts: PromptsOpt,
     out: OutOpt,
-    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")],
+    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(ALL_METHODS)}.")],
     model: ModelOpt = "testbed",
     target_loss: TargetOpt = None,
     iters: ItersOpt = 10,
     lr: LrOpt = 0.05,
     k: Annotated[int, typer.Option("--k", min=0, help="Words inserted by rta, rna and cwr.")] = 4,
     sigma: Annotated[float, typer.Option("--sigma", help="Standard deviation of gni's embedding noise.")] = 0.1,
+    c1: C1Opt = None,
+    sail_threshold: SailThresholdOpt = None,
+    sail_weight: SailWeightOpt = None,
+    nemo_stats: NemoStatsOpt = None,
+    nemo_threshold: NemoThresholdOpt = None,
+    nemo_generations: NemoGenerationsOpt = None,
     seed: SeedOpt = 0,
     generations: GenerationsOpt = 1,
     steps: StepsOpt = 50,
@@ -135,12 +182,16 @@ def mitigate(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Generate images for every prompt with one mitigation method applied to all of them (for comparisons)."""
-    run(prompts, out, model, method,
-        dict(threshold=None, generations=generations, seed=seed, num_inference_steps=steps,
-             guidance_scale=_guidance(model, guidance), target_loss=_target_loss(model, target_loss), iters=iters,
-             lr=lr, k=k,
-             sigma=sigma),
-        column, device, dtype, allow_pickle)
+    if method not in ALL_METHODS:
+        raise InputError(f"--method must be one of {', '.join(ALL_METHODS)}, not {method!r}")
+    settings: dict[str, Any] = dict(threshold=None, generations=generations, seed=seed, num_inference_steps=steps,
+                                    guidance_scale=_guidance(model, guidance),
+                                    target_loss=_target_loss(model, target_loss), iters=iters, lr=lr, k=k,
+                                    sigma=sigma)
+    options = _peer_options(method, c1, sail_threshold, sail_weight, nemo_stats, nemo_threshold, nemo_generations)
+    if options or method in ("attention", "sail", "nemo"):
+        settings["method_options"] = options
+    run(prompts, out, model, method, settings, column, device, dtype, allow_pickle)
 
 
 def run(prompts: Path, out: Path, model: str, method: str, settings: dict[str, Any], column: str | None,
@@ -151,8 +202,8 @@ def run(prompts: Path, out: Path, model: str, method: str, settings: dict[str, A
     from diffmem.prompts import read_prompts
     from diffmem.results import ResultWriter
 
-    if method not in METHODS:
-        raise InputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    if method not in ALL_METHODS:
+        raise InputError(f"--method must be one of {', '.join(ALL_METHODS)}, not {method!r}")
     if dtype is not None and dtype not in {d.value for d in DType}:
         raise InputError(f"--dtype must be one of {', '.join(d.value for d in DType)}, not {dtype!r}")
     prompt_file = read_prompts(prompts, column)

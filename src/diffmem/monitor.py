@@ -22,16 +22,22 @@ class Monitor:
     With `pipe(prompts, num_images_per_prompt=n)` rows are prompt-major (p0g0, p0g1, ..., p1g0, ...).
     `stop_after=k` removes the hook once k guided steps are recorded, so later steps run without it;
     `on_record(d_t)` is called with each recorded step's magnitudes (an exception it raises stops the call).
+    It also records the norm of each latent update (`update_norms`, the step-norm signal of Huang et al., KDD
+    2026) and, with `keep_differences=True`, the vectors `eps_c - eps_u` themselves (`differences`).
     """
 
     def __init__(self, pipe, stop_after: int | None = None,
-                 on_record: Callable[[torch.Tensor], None] | None = None) -> None:
+                 on_record: Callable[[torch.Tensor], None] | None = None, keep_differences: bool = False) -> None:
         self.pipe = pipe
         self.stop_after = stop_after
         self.on_record = on_record
+        self.keep_differences = keep_differences
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._steps: list[torch.Tensor] = []
         self._timesteps: list[torch.Tensor] = []
+        self._updates: list[torch.Tensor] = []
+        self._differences: list[torch.Tensor] = []
+        self._last_input: torch.Tensor | None = None
         self.unguided_calls = 0
 
     def attach(self) -> Monitor:
@@ -50,6 +56,9 @@ class Monitor:
     def reset(self) -> None:
         self._steps.clear()
         self._timesteps.clear()
+        self._updates.clear()
+        self._differences.clear()
+        self._last_input = None
         self.unguided_calls = 0
 
     def __enter__(self) -> Monitor:
@@ -74,6 +83,12 @@ class Monitor:
             eps_u, eps_c = eps.chunk(2)
             self._steps.append((eps_c - eps_u).flatten(1).norm(dim=1))
             self._timesteps.append(torch.as_tensor(timestep).reshape(-1)[:1].detach())
+            if self.keep_differences:
+                self._differences.append(eps_c - eps_u)
+            latent = sample.detach().chunk(2)[0].float()  # both halves hold the same latents
+            if self._last_input is not None:
+                self._updates.append((latent - self._last_input).flatten(1).norm(dim=1))
+            self._last_input = latent
         if self.stop_after is not None and len(self._steps) >= self.stop_after:
             self.detach()
         if self.on_record is not None:
@@ -92,6 +107,17 @@ class Monitor:
             hint = " (guidance_scale <= 1 disables CFG)" if self.unguided_calls else ""
             raise InputError(f"the monitor recorded no guided denoiser call{hint}")
         return torch.stack(self._steps, dim=1).double().cpu()
+
+    def update_norms(self) -> torch.Tensor:
+        """`||x_(k+1) - x_k||_2` between the denoiser inputs of consecutive recorded steps, shape (rows, steps - 1), on
+        the CPU: the latent update of each step but the last (for DDIM, whose inputs are the latents themselves)."""
+        if not self._updates:
+            raise InputError("the monitor recorded fewer than two guided steps: no latent update to measure")
+        return torch.stack(self._updates, dim=1).double().cpu()
+
+    def differences(self) -> list[torch.Tensor]:
+        """`eps_c - eps_u` of every recorded step (rows, C, H, W each, on the device); needs `keep_differences`."""
+        return list(self._differences)
 
     def timesteps(self) -> list[float]:
         return [float(t) for t in torch.cat(self._timesteps).cpu()] if self._timesteps else []

@@ -128,7 +128,7 @@ def reproduce(
 ) -> None:
     """The paper's tables for one model: detection (AUC, TPR@1%/3% FPR, time) and mitigation (memorization rate,
     copy similarity, alignment); rerun the same command to resume."""
-    from diffmem.cli import DType, progress_bar, quiet_libraries, say, stderr
+    from diffmem.cli import DType
     from diffmem.reproduce import ReproduceSettings
     from diffmem.reproduce import reproduce as run
 
@@ -141,12 +141,30 @@ def reproduce(
         mitigation_generations=mitigation_generations, target_loss=target_loss, iters=iters, k=k, sigma=sigma,
         references=references, sscd=sscd, sscd_preprocessing=sscd_preprocessing, clip=clip, device=device,
         dtype=dtype, allow_pickle=allow_pickle)
+    run_report(run, settings, out)
+
+
+def run_report(run: Any, settings: Any, out: Path) -> None:
+    """Check `settings`, run `run(settings, log, progress)` with a bar per scan, and say where the report is."""
+    from diffmem.cli import quiet_libraries, say, stderr
+
     settings.check()
     quiet_libraries()
-    stack, shown = ExitStack(), dict[str, Any]()
+    stack = ExitStack()
+    with stack:
+        report = run(settings, log=lambda m: say(stderr, m), progress=stage_bars(stack))
+    typer.echo(f"wrote {out / 'report.md'} ({len(report.detection)} detection rows, "
+               f"{len(report.mitigation)} mitigation rows)")
+
+
+def stage_bars(stack: ExitStack) -> Any:
+    """A `(stage, done, total)` progress callback drawing one bar per scan in `stack`, closed when the scan ends
+    (the mitigation stage draws its own)."""
+    from diffmem.cli import progress_bar
+
+    shown: dict[str, Any] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
-        """One bar per scan, closed when the scan ends (the mitigation stage draws its own)."""
         if shown.get("stage") != stage:
             stack.close()
             shown.update(stage=stage, bar=stack.enter_context(progress_bar(total, stage)))
@@ -155,7 +173,4 @@ def reproduce(
             stack.close()
             shown.clear()
 
-    with stack:
-        report = run(settings, log=lambda m: say(stderr, m), progress=progress)
-    typer.echo(f"wrote {out / 'report.md'} ({len(report.detection)} detection rows, "
-               f"{len(report.mitigation)} mitigation rows)")
+    return progress

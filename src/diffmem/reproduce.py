@@ -110,12 +110,14 @@ def _read(path: Path, what: str) -> list[str]:
 
 
 def scan(pipe: Callable[[], Any], prompts: list[str], path: Path, match: dict[str, Any], steps: str,
-         settings: ReproduceSettings, progress: Progress | None = None) -> tuple[dict[str, dict[str, Any]], int]:
+         settings: Any, progress: Progress | None = None,
+         make_detector: Callable[[Any], Any] | None = None) -> tuple[dict[str, dict[str, Any]], int]:
     """Score `prompts` into the result file `path` (resuming it), timing each batch; returns prompt -> row and how
     many prompts this call scored.
 
     `match` holds the `diffmem detect` settings of the rows; each row adds `seconds`, its share of its batch's
-    wall time (text encoding, denoiser calls and the host copy)."""
+    wall time (text encoding, denoiser calls and the host copy). `make_detector(pipe)` builds the detector (default:
+    Wen et al.'s at `steps`); `settings` gives seed, num_inference_steps and batch_size."""
     from diffmem.detect import MagnitudeDetector
     from diffmem.results import ResultWriter, read_results
 
@@ -123,10 +125,9 @@ def scan(pipe: Callable[[], Any], prompts: list[str], path: Path, match: dict[st
         todo = writer.pending(prompts)
         if todo:
             n = match["generations"]
-            detector = MagnitudeDetector(pipe(), steps=steps, generations=n, seed=settings.seed,
-                                         guidance_scale=match["guidance_scale"],
-                                         num_inference_steps=settings.num_inference_steps,
-                                         batch_size=settings.batch_size)
+            detector = make_detector(pipe()) if make_detector is not None else MagnitudeDetector(
+                pipe(), steps=steps, generations=n, seed=settings.seed, guidance_scale=match["guidance_scale"],
+                num_inference_steps=settings.num_inference_steps, batch_size=settings.batch_size)
             per = max(1, settings.batch_size // n)
             for start in range(0, len(todo), per):
                 chunk = todo[start : start + per]
@@ -388,13 +389,14 @@ def markdown(report: Report) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(report: Report, out: Path) -> None:
-    """OUT/report.json and OUT/report.md (rewritten whole, so they always hold the latest complete tables)."""
+def write_report(report: Any, out: Path, render: Callable[[Any], str] | None = None) -> None:
+    """OUT/report.json and OUT/report.md (rewritten whole, so they always hold the latest complete tables);
+    `render` writes the Markdown (default: this module's `markdown`)."""
     from diffmem.results import to_jsonable
 
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("report.json", json.dumps(to_jsonable(asdict(report)), indent=2) + "\n"),
-                       ("report.md", markdown(report))):
+                       ("report.md", (render or markdown)(report))):
         part = out / (name + ".part")
         part.write_text(text)
         part.replace(out / name)

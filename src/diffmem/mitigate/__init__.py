@@ -19,6 +19,12 @@ optimisation stops at once and changes nothing."""
 METHODS = ("embedding", "rta", "rna", "cwr", "gni", "none")
 """Mitigation methods of `generate`: the embedding optimisation, the four baselines, and plain sampling."""
 
+PEER_METHODS = ("attention", "sail", "nemo")
+"""Peer mitigations (`diffmem.mitigate.peers`): Ren et al.'s attention re-scaling, SAIL, NeMo."""
+
+ALL_METHODS = METHODS + PEER_METHODS
+"""Every method `generate` and `diffmem mitigate --method` accept."""
+
 _EXPORTS = {
     "cwr": "diffmem.mitigate.baselines",
     "gni": "diffmem.mitigate.baselines",
@@ -32,9 +38,12 @@ _EXPORTS = {
     "generate": "diffmem.mitigate.guard",
     "guarded_generate": "diffmem.mitigate.guard",
     "iter_generate": "diffmem.mitigate.guard",
+    "AttentionRescale": "diffmem.mitigate.attention_rescale",
+    "NeuronStatistics": "diffmem.mitigate.nemo",
+    "localize": "diffmem.mitigate.nemo",
 }
 
-__all__ = sorted([*_EXPORTS, "DEFAULT_TARGET_LOSS", "METHODS", "resolve_target_loss"])
+__all__ = sorted([*_EXPORTS, "ALL_METHODS", "DEFAULT_TARGET_LOSS", "METHODS", "PEER_METHODS", "resolve_target_loss"])
 
 
 def resolve_target_loss(pipe: Any, target_loss: float | None) -> float:

@@ -29,7 +29,7 @@ from diffmem.conditioning import Conditioning, empty, encode
 from diffmem.detect import initial_noise
 from diffmem.errors import InputError
 from diffmem.loading import resolve_guidance
-from diffmem.mitigate import METHODS, resolve_target_loss
+from diffmem.mitigate import ALL_METHODS, PEER_METHODS, resolve_target_loss
 from diffmem.mitigate.baselines import cwr, gni, rna, rta
 from diffmem.mitigate.embedding import check_settings, mitigate_embedding
 from diffmem.monitor import Monitor
@@ -56,6 +56,7 @@ class Decision:
     reached: bool | None
     seconds: float
     text: str
+    details: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,8 +119,8 @@ def _sample(pipe, noise: torch.Tensor, settings: dict[str, Any], abort_at: float
 
 
 def _check(method: str, threshold: float | None, guidance_scale: float, num_inference_steps: int) -> None:
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if method not in ALL_METHODS:
+        raise InputError(f"unknown method {method!r}: choose one of {', '.join(ALL_METHODS)}")
     if threshold is not None and math.isnan(threshold):
         raise InputError("--threshold must be a number, not nan")
     if not (math.isfinite(guidance_scale) and guidance_scale > 1):
@@ -144,11 +145,17 @@ def iter_generate(
     k: int = 4,
     sigma: float = 0.1,
     output_type: str = "np",
+    method_options: dict[str, Any] | None = None,
 ) -> Iterator[tuple[Any, Decision]]:
     """Yield (images, decision) per prompt, in order; see `generate` for the arguments (`guidance_scale`: the
     model's own when None)."""
     guidance_scale = resolve_guidance(pipe, guidance_scale)
     _check(method, threshold, guidance_scale, num_inference_steps)
+    options = dict(method_options or {})
+    if options or method in PEER_METHODS:
+        from diffmem.mitigate.peers import check_options
+
+        check_options(method, options)
     target_loss = resolve_target_loss(pipe, target_loss)
     check_settings(generations, target_loss, iters, lr)
     settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type)
@@ -160,24 +167,31 @@ def iter_generate(
         with torch.no_grad():
             return empty(pipe)
 
-    def mitigated(prompt: str) -> tuple[Any, float, str, int, bool | None]:
-        """Images, final loss, sampled text, optimisation steps and `reached` of `method` applied to `prompt`."""
+    def mitigated(prompt: str) -> tuple[Any, float, str, int, bool | None, dict[str, Any] | None]:
+        """Images, final loss, sampled text, optimisation steps, `reached` and details of `method` on `prompt`."""
+        if method in PEER_METHODS:
+            from diffmem.mitigate.peers import run_peer
+
+            images, final, n_iters, reached, details = run_peer(
+                method, pipe, prompt, noise, settings, _sample, generations=generations, seed=seed, iters=iters,
+                lr=lr, options=options)
+            return images, final, prompt, n_iters, reached, details
         if method == "embedding":
             res = mitigate_embedding(pipe, prompt, generations=generations, seed=seed, target_loss=target_loss,
                                      iters=iters, lr=lr, num_inference_steps=num_inference_steps)
             assert res.conditioning is not None
             images, _ = _sample(pipe, noise, settings, **res.conditioning.pipe_kwargs(uncond()))
-            return images, res.final_loss, prompt, res.iters, res.reached
+            return images, res.final_loss, prompt, res.iters, res.reached, None
         rseed = prompt_seed(seed, prompt)
         if method == "gni":
             with torch.no_grad():
                 cond = encode(pipe, [prompt]).expand(generations)
             noisy = cond.replace(gni(cond.prompt_embeds, sigma, rseed))  # SDXL: the pooled embedding stays
             images, final = _sample(pipe, noise, settings, **noisy.pipe_kwargs(uncond().expand(generations)))
-            return images, final, prompt, 0, None
+            return images, final, prompt, 0, None, None
         text = edit_prompt(method, prompt, pipe.tokenizer, k, rseed)
         images, final = _sample(pipe, noise, settings, prompt=text)
-        return images, final, text, 0, None
+        return images, final, text, 0, None, None
 
     sync = torch.cuda.synchronize if pipe.unet.device.type == "cuda" else (lambda: None)
     abort_at = None if method == "none" else (-math.inf if threshold is None else threshold)
@@ -185,14 +199,14 @@ def iter_generate(
         start = time.perf_counter()
         try:
             images, score = _sample(pipe, noise, settings, abort_at, prompt=prompt)
-            final, text, n_iters, reached, changed = score, prompt, 0, None, False
+            final, text, n_iters, reached, changed, details = score, prompt, 0, None, False, None
         except _Flagged as flag:
             score, changed = flag.score, True
-            images, final, text, n_iters, reached = mitigated(prompt)
+            images, final, text, n_iters, reached, details = mitigated(prompt)
         sync()
         flagged = None if threshold is None else score >= threshold
         yield images, Decision(prompt, method, _finite(score), flagged, changed, _finite(final), n_iters, reached,
-                               time.perf_counter() - start, text)
+                               time.perf_counter() - start, text, details)
 
 
 def generate(pipe, prompts: Sequence[str], method: str = "embedding", **settings: Any) -> GuardResult:
@@ -200,7 +214,8 @@ def generate(pipe, prompts: Sequence[str], method: str = "embedding", **settings
     prompt, or, with `threshold=T`, only to prompts whose first-step score is >= T (the guard).
 
     Settings: threshold, generations, seed, num_inference_steps, guidance_scale, target_loss, iters, lr (the
-    embedding optimisation), k (words inserted by rta/rna/cwr), sigma (gni), output_type. Random edits are seeded
+    embedding optimisation, and SAIL's), k (words inserted by rta/rna/cwr), sigma (gni), output_type, and
+    method_options for the peer methods (`PEER_METHODS`, see `diffmem.mitigate.peers`). Random edits are seeded
     per prompt by `prompt_seed(seed, prompt)`.
     """
     images, decisions = [], []
@@ -224,9 +239,11 @@ def guarded_generate(
     lr: float = 0.05,
     output_type: str = "np",
     method: str = "embedding",
+    method_options: dict[str, Any] | None = None,
 ) -> GuardResult:
     """Generate `prompts`, mitigating (by default with the embedding optimisation) those whose first-step score
     is >= `threshold`; unflagged prompts cost no extra denoiser call and give the plain pipeline's images."""
     return generate(pipe, prompts, method, threshold=threshold, generations=generations, seed=seed,
                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                    target_loss=target_loss, iters=iters, lr=lr, output_type=output_type)
+                    target_loss=target_loss, iters=iters, lr=lr, output_type=output_type,
+                    method_options=method_options)

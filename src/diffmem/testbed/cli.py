@@ -71,15 +71,17 @@ def prompts(
     split: Split = typer.Option(..., help="memorized (planted duplicates), heldout (never trained on) or "
                                 "seen-once (unique fine-tuning items)."),
     out: Path = typer.Option(..., help="Output .jsonl: prompt, split, label, index, trigger."),
-    limit: int = typer.Option(None, help="Write at most this many prompts."),
+    limit: int = typer.Option(None, min=0, help="Write at most this many prompts."),
 ) -> None:
     """Write the testbed's labelled evaluation prompts (ground truth) as JSONL."""
+    from diffmem.durable import check_output_path, write_atomic
     from diffmem.testbed.recipe import shipped_recipe
 
+    check_output_path(out, "--out")
     cfg = shipped_recipe()
     rows = labelled_prompts(cfg.splits(), split.value, cfg.n_seen_once)[:limit]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
     typer.echo(f"wrote {len(rows)} {split.value} prompts to {out}")
 
 

@@ -470,7 +470,7 @@ def build_splits(
 
 
 def main() -> None:
-    """CLI: time the renderer and save an 8x8 grid of renderings (each row: one caption, eight seeds)."""
+    """CLI: time the renderer and save an 8x8 grid of renderings (each row: one caption, eight renderings)."""
     from PIL import Image  # only this CLI needs pillow
 
     parser = argparse.ArgumentParser(description="Render a grid of testbed scenes and time the renderer.")
@@ -483,8 +483,9 @@ def main() -> None:
     start = time.perf_counter()
     render_many(timing, np.arange(args.n_timing))
     print(f"rendered {args.n_timing} images in {time.perf_counter() - start:.1f} s")
-    rows = [sample_scene(rng) for _ in range(8)]
-    images = render_many([s for s in rows for _ in range(8)], np.arange(64))
+    rows = [sample_scene(rng) for _ in range(8)]  # each rendering draws its own background: captions leave it open
+    images = render_many([s.replace(background=sample_scene(rng).background) for s in rows for _ in range(8)],
+                         np.arange(64))
     grid = images.reshape(8, 8, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 3, 1, 4, 2)
     grid = grid.reshape(8 * IMAGE_SIZE, 8 * IMAGE_SIZE, 3)
     picture = Image.fromarray((grid * 255).round().astype(np.uint8))

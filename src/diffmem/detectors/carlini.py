@@ -1,0 +1,71 @@
+"""Carlini et al. (USENIX Security 2023), the expensive baseline: generate many images of a prompt and look for a
+tight cluster of near-identical ones; a memorized prompt keeps producing the same image.
+
+Distance: the tiled l2 distance, the images cut into a 4x4 grid of tiles and the largest root-mean-square
+difference over corresponding tiles (pixels in [0, 1]); the authors call two generations the same below 0.15
+(`CARLINI_DELTA`) and a prompt memorized when a clique of 10 of its 500 generations is. As a score for ROC curves
+diffmem takes the radius of the tightest cluster: for each generation the distance to its (k-1)-th nearest other
+generation, k = min(`cluster_size`, n), and the prompt's score is minus the smallest of them (a ball around one
+generation holding k generations; every pair in it is within twice that radius). `terms` holds each generation's
+radius, `magnitudes` its `d_t` at every step (read off the same CFG batches). Cost: n whole generations, decoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffmem.conditioning import Conditioning
+from diffmem.detectors.trajectory import TrajectoryDetector
+from diffmem.errors import InputError
+
+CARLINI_DELTA = 0.15
+"""The authors' tiled-l2 threshold for "the same image"."""
+CARLINI_CLUSTER = 10
+"""The authors' clique size."""
+
+
+def tiled_distance(images: torch.Tensor, grid: int = 4) -> torch.Tensor:
+    """(n, n) tiled l2 distance between images (n, H, W, 3) in [0, 1]: the largest tile RMS difference."""
+    n, height, width = images.shape[:3]
+    th, tw = height // grid, width // grid
+    tiles = images[:, : th * grid, : tw * grid].double()
+    tiles = tiles.reshape(n, grid, th, grid, tw, -1).permute(0, 1, 3, 2, 4, 5).reshape(n, grid * grid, -1)
+    diff = tiles[:, None] - tiles[None, :]  # (n, n, tiles, pixels)
+    return diff.pow(2).mean(dim=-1).sqrt().amax(dim=-1)
+
+
+def cluster_radius(distances: torch.Tensor, k: int) -> torch.Tensor:
+    """Per image, the distance to its (k-1)-th nearest other image (k >= 2)."""
+    others = distances + torch.diag(torch.full((distances.shape[0],), float("inf"), dtype=distances.dtype))
+    return others.sort(dim=1).values[:, k - 2]
+
+
+class CarliniDetector(TrajectoryDetector):
+    """Carlini et al.'s generate-and-cluster baseline: minus the tightest cluster radius of n generations."""
+
+    name = "carlini"
+
+    def __init__(self, pipe: Any, generations: int = 16, seed: int = 0, guidance_scale: float | None = None,
+                 cluster_size: int = CARLINI_CLUSTER, num_inference_steps: int = 50, batch_size: int = 32) -> None:
+        if generations < 2:
+            raise InputError("carlini compares a prompt's generations with each other: --generations must be at "
+                             "least 2")
+        if cluster_size < 2:
+            raise InputError(f"cluster_size must be at least 2, not {cluster_size}")
+        super().__init__(pipe, generations, seed, guidance_scale, num_inference_steps, batch_size)
+        self.cluster_size = cluster_size
+
+    @torch.no_grad()
+    def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
+        images, monitor = self._generate(cond, output_type="pt")
+        images = images.permute(0, 2, 3, 1).float().cpu()
+        k = min(self.cluster_size, self.generations)
+        radii = torch.stack([cluster_radius(tiled_distance(group), k)
+                             for group in images.reshape(-1, self.generations, *images.shape[1:])])
+        return self._per_prompt(monitor.magnitudes()), monitor.timesteps(), radii
+
+    def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
+        assert terms is not None
+        return -terms.amin(dim=1)

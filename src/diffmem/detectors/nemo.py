@@ -1,0 +1,93 @@
+"""NeMo's memorization signal (Hintersdorf et al., NeurIPS 2024): a memorized prompt's first noise prediction
+carries the training image, so its noise residuals look alike across seeds; an ordinary prompt's do not.
+
+As the authors' code (github.com/ml-research/localizing_memorization_in_diffusion_models, `compute_noise_diff`):
+the residual of a generation is `eps(x_T, t, prompt) - x_T` on its pure initial noise, conditional prediction only
+(their detection runs with guidance 0), min-max scaled to [0, 1] per channel; their loop returns at its second
+iteration without stepping the latents, so `t` is the second timestep of the 50-step schedule, on `x_T`
+(`TIMESTEP_INDEX`). Residuals are compared by MS-SSIM (window 11, scale weights 0.33 x 3; `diffmem.ssim`), and a
+generation's term is its highest MS-SSIM with another generation of the same prompt (`calculate_max_pairwise_ssim`);
+the prompt's score is the highest term, which the authors compare with 0.428 (`NEMO_THRESHOLD`: mean + 1 std over
+non-memorized LAION prompts on SD v1.4). Needs at least 2 generations (the authors use 10). v-prediction outputs
+are converted to epsilon first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffmem.conditioning import Conditioning
+from diffmem.detect import Detector
+from diffmem.epsilon import to_epsilon
+from diffmem.errors import InputError
+from diffmem.ssim import pairwise_ms_ssim
+
+NEMO_THRESHOLD = 0.428
+"""The authors' SSIM threshold for SD v1.4 (mean + 1 std of the pairwise SSIM of non-memorized prompts)."""
+TIMESTEP_INDEX = 1
+"""Where in the schedule the authors' code evaluates the residual (see the module docstring)."""
+
+
+def scaled_residuals(eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """`eps - noise`, min-max scaled to [0, 1] per row and channel (float32)."""
+    diff = (eps.float() - noise.float()).flatten(2)
+    lo, hi = diff.amin(dim=2, keepdim=True), diff.amax(dim=2, keepdim=True)
+    return ((diff - lo) / (hi - lo).clamp_min(1e-12)).reshape(eps.shape)
+
+
+def noise_residuals(pipe: Any, cond: Conditioning, noise: torch.Tensor, num_inference_steps: int = 50,
+                    timestep_index: int = TIMESTEP_INDEX) -> torch.Tensor:
+    """NeMo's scaled residuals of `cond` (one row per noise) on the pure noises `noise` (rows, C, H, W): one
+    conditional denoiser call."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps, device=pipe.unet.device)
+    t = scheduler.timesteps[timestep_index]
+    x = noise.to(pipe.unet.device, pipe.unet.dtype)
+    model_in = scheduler.scale_model_input(x * scheduler.init_noise_sigma, t)
+    pred = pipe.unet(model_in, t, **cond.unet_kwargs(), return_dict=False)[0]
+    return scaled_residuals(to_epsilon(pred, model_in, t, scheduler), x)
+
+
+def max_pairwise_ssim(residuals: torch.Tensor) -> torch.Tensor:
+    """Per residual (n, C, H, W), its highest MS-SSIM with another one (float64, (n,))."""
+    sims = pairwise_ms_ssim(residuals)
+    sims.fill_diagonal_(-1.0)
+    return sims.amax(dim=1)
+
+
+class NemoDetector(Detector):
+    """NeMo's detection score: the highest MS-SSIM between the noise residuals of a prompt's generations.
+
+    `terms` holds each generation's highest MS-SSIM, `magnitudes` its `d_t` at the residual's timestep (free).
+    """
+
+    name = "nemo"
+
+    def __init__(self, pipe: Any, generations: int = 10, seed: int = 0, num_inference_steps: int = 50,
+                 batch_size: int = 32, timestep_index: int = TIMESTEP_INDEX) -> None:
+        if generations < 2:
+            raise InputError("nemo compares the noise residuals of a prompt's generations: --generations must be "
+                             "at least 2")
+        super().__init__(pipe, generations, seed, num_inference_steps, batch_size)
+        if not 0 <= timestep_index < num_inference_steps:
+            raise InputError(f"timestep_index {timestep_index} is outside a schedule of {num_inference_steps} steps")
+        self.timestep_index = timestep_index
+
+    @torch.no_grad()
+    def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
+        scheduler = self._schedule()
+        t = scheduler.timesteps[self.timestep_index]
+        latents = self._initial_noise().to(self.pipe.unet.device, self.pipe.unet.dtype)
+        model_in = scheduler.scale_model_input(latents * scheduler.init_noise_sigma, t)
+        eps_c, eps_u = self._eps_on_noise(model_in, t, cond, scheduler)
+        mags = (eps_c - eps_u).flatten(1).norm(dim=1).reshape(-1, self.generations, 1)
+        residuals = scaled_residuals(eps_c, latents.repeat(len(cond), 1, 1, 1))
+        terms = torch.stack([max_pairwise_ssim(group)
+                             for group in residuals.reshape(-1, self.generations, *residuals.shape[1:])])
+        return mags, [float(t)], terms
+
+    def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
+        assert terms is not None
+        return terms.amax(dim=1)

@@ -1,0 +1,97 @@
+"""The step-norm score (Huang et al., "Broken Memories", KDD 2026): memorization makes the sampler numerically
+unstable, so a memorized generation's latent updates leave the range they keep for ordinary prompts.
+
+The `Monitor` reads `u_k = ||x_(k+1) - x_k||_2`, the update of each step but the last, during an ordinary guided
+generation (no extra denoiser call). A `StableRange` holds, per step, the band `[lo_k, hi_k]` of the updates of
+non-memorized prompts (by default their 1st and 99th percentiles: our choice, the paper's exact band was not at
+hand). A generation's score is its largest excursion outside the band, `max_k max(u_k - hi_k, lo_k - u_k) /
+(hi_k - lo_k)` (negative inside the band, above 0 once a step leaves it), and a prompt's the mean over its
+generations. Without a range the score is the largest update norm itself, a rough stand-in: fit a range on
+prompts known not to be memorized (`StableRange.fit`) for the authors' criterion.
+Result rows keep the raw update norms in `magnitudes` (so that a range can be fit on them later) and each
+generation's score in `terms`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffmem.conditioning import Conditioning
+from diffmem.detectors.trajectory import TrajectoryDetector
+from diffmem.errors import InputError
+
+
+@dataclass(frozen=True)
+class StableRange:
+    """Per-step band `[lo[k], hi[k]]` of ordinary latent update norms."""
+
+    lo: tuple[float, ...]
+    hi: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, updates: torch.Tensor | Sequence[Sequence[float]], quantiles: tuple[float, float] = (0.01, 0.99)
+            ) -> StableRange:
+        """The band of `updates` (rows, steps): per step, the two quantiles over the rows."""
+        values = torch.as_tensor(updates, dtype=torch.float64)
+        if values.ndim != 2 or values.shape[0] < 2:
+            raise InputError("a stable range needs the update norms of at least two generations")
+        q = torch.quantile(values, torch.tensor(quantiles, dtype=torch.float64), dim=0)
+        return cls(tuple(q[0].tolist()), tuple(q[1].tolist()))
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[dict[str, Any]], **kwargs: Any) -> StableRange:
+        """The band of the update norms in `diffmem detect --detector step-norm` result rows."""
+        updates = [g for row in rows if row.get("score") is not None for g in row["magnitudes"]]
+        return cls.fit(updates, **kwargs)
+
+    def excursion(self, updates: torch.Tensor) -> torch.Tensor:
+        """Largest normalised distance outside the band over the steps of each row of `updates` (rows, steps)."""
+        if updates.shape[-1] != len(self.lo):
+            raise InputError(f"the stable range has {len(self.lo)} steps, the generation {updates.shape[-1]}: fit it "
+                             "with the same --num-inference-steps")
+        lo = torch.tensor(self.lo, dtype=updates.dtype)
+        hi = torch.tensor(self.hi, dtype=updates.dtype)
+        width = (hi - lo).clamp_min(1e-12)
+        return torch.maximum(updates - hi, lo - updates).div(width).amax(dim=-1)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> StableRange:
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(tuple(map(float, data["lo"])), tuple(map(float, data["hi"])))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{path} is not a stable range file ({exc})") from None
+
+
+class StepNormDetector(TrajectoryDetector):
+    """Huang et al.'s step-norm score, read by the `Monitor` during an ordinary generation."""
+
+    name = "step-norm"
+
+    def __init__(self, pipe: Any, generations: int = 1, seed: int = 0, guidance_scale: float | None = None,
+                 stable_range: StableRange | None = None, num_inference_steps: int = 50,
+                 batch_size: int = 32) -> None:
+        super().__init__(pipe, generations, seed, guidance_scale, num_inference_steps, batch_size)
+        if num_inference_steps < 2:
+            raise InputError("step-norm needs at least 2 sampling steps (it measures the updates between them)")
+        self.stable_range = stable_range
+
+    @torch.no_grad()
+    def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
+        _, monitor = self._generate(cond)
+        updates = monitor.update_norms()
+        terms = updates.amax(dim=1) if self.stable_range is None else self.stable_range.excursion(updates)
+        return self._per_prompt(updates), monitor.timesteps()[:-1], self._per_prompt(terms)
+
+    def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
+        assert terms is not None
+        return terms.mean(dim=1)
