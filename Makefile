@@ -10,7 +10,7 @@ export MALLOC_TRIM_THRESHOLD_ := 4294967296
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test bench lint train-testbed quality clean kill-test soak
+.PHONY: setup demo test bench lint docs release-check train-testbed quality clean kill-test soak
 
 $(VENV)/.installed: pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 
+# The documentation site (MkDocs) into site/; a warning fails the build, as in CI.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# Wheel and sdist build, twine check, then the wheel in a clean venv: `diffmem --help` and a testbed detect.
+release-check: setup
+	PY=$(PY) bash tools/release_check.sh
+
 train-testbed: setup
 	$(VENV)/bin/diffmem testbed train
 
@@ -50,4 +58,4 @@ quality: setup
 	$(VENV)/bin/diffmem testbed quality --out out/quality
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out site dist

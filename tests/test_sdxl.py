@@ -166,14 +166,14 @@ def test_sharpness_by_finite_difference(xl) -> None:
 def test_monitor_reads_the_pipelines_own_cfg_batch(xl) -> None:
     latents = torch.cat([initial_noise(xl, 2, 0)] * 2)
     call = dict(num_images_per_prompt=2, latents=latents, num_inference_steps=STEPS, output_type="np",
-                guidance_scale=7.5)  # diffmem's default (SDXL's pipeline defaults to 5.0)
+                guidance_scale=5.0)  # SDXL's own default, which diffmem takes for an SDXL pipeline
     before = xl(PROMPTS, **call).images
     with Monitor(xl) as monitor:
         during = xl(PROMPTS, **call).images
     assert np.array_equal(before, during)
     expected = MagnitudeDetector(xl, steps="all", generations=2, num_inference_steps=STEPS).score(PROMPTS)
     assert monitor.scores(2, "all").tolist() == pytest.approx([r.score for r in expected], rel=REL)
-    hand = Hand(xl, PROMPTS[1], STEPS).magnitudes(1, STEPS)  # prompt 1, generation 1: row 3
+    hand = Hand(xl, PROMPTS[1], STEPS).magnitudes(1, STEPS, guidance=5.0)  # prompt 1, generation 1: row 3
     assert monitor.magnitudes()[3].tolist() == pytest.approx(hand, rel=REL)
 
 
@@ -212,7 +212,7 @@ def test_embedding_mitigation_moves_both_embeddings(xl) -> None:
 
 def test_guard_on_sdxl(xl) -> None:
     settings = dict(num_inference_steps=STEPS, target_loss=0.0, iters=2, generations=2)
-    call = dict(latents=initial_noise(xl, 2, 0), num_inference_steps=STEPS, output_type="np", guidance_scale=7.5)
+    call = dict(latents=initial_noise(xl, 2, 0), num_inference_steps=STEPS, output_type="np", guidance_scale=5.0)
     plain = [xl(p, num_images_per_prompt=2, **call).images for p in PROMPTS]
     kept = guarded_generate(xl, PROMPTS, threshold=math.inf, **settings)
     assert all(np.array_equal(a, b) for a, b in zip(kept.images, plain, strict=True))  # unflagged: bit for bit

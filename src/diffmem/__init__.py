@@ -9,7 +9,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from diffmem.registry import register_model
+
 __version__ = "0.1.0"
+
+register_model("testbed", "diffmem.bundled:testbed")
+register_model("testbed-base", "diffmem.bundled:testbed_base")
 
 _EXPORTS = {
     "AnisotropyDetector": "diffmem.detect",
@@ -24,6 +29,8 @@ _EXPORTS = {
     "roc_auc": "diffmem.evaluate",
     "tpr_at_fpr": "diffmem.evaluate",
     "load_pipeline": "diffmem.loading",
+    "NamedModel": "diffmem.registry",
+    "register_model": "diffmem.registry",
     "Monitor": "diffmem.monitor",
     "explain": "diffmem.explain",
     "suggest_edits": "diffmem.explain",

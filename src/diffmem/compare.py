@@ -151,8 +151,8 @@ def run_detection(settings: CompareSettings, pipe: Callable[[], Any], mem: list[
                   progress: Progress | None) -> dict[int, list[float]]:
     """Every detector at every n (Wen's first step at n = 1 always, the cost unit); fills `report.detection` and
     returns the first-step Wen scores of the non-memorized prompts per n (for the embedding target)."""
-    from diffmem.cli import model_id
     from diffmem.detectors import MIN_GENERATIONS, StableRange
+    from diffmem.registry import model_id
     from diffmem.reproduce import scan
 
     out = settings.out
@@ -341,9 +341,8 @@ def compare(settings: CompareSettings, log: Log = print, progress: Progress | No
     """Run (or resume) every scan, calibration and generation, then measure and write the report; returns it."""
     import torch
 
-    from diffmem.cli import parse_device
-    from diffmem.generate_cli import run as generate_method
-    from diffmem.loading import load_pipeline, model_guidance
+    from diffmem.loading import load_pipeline, model_guidance, parse_device
+    from diffmem.mitigate.runner import run as generate_method
     from diffmem.reproduce import _complete, _measures, _read, mitigation_row
 
     settings.check()

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from diffmem.durable import exclusive, write_atomic
 from diffmem.errors import InputError, ModelLoadError
+from diffmem.registry import model_id
 from diffmem.train import BatchFn, TrainConfig, checkpoint_dir, checkpoint_step, measure_magnitudes, train
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -295,7 +296,7 @@ class FinetuneSettings:
     def normalized(self) -> FinetuneSettings:
         """Checked settings with the model and data as absolute paths (a resume may start from elsewhere)."""
         self.check()
-        return replace(self, model=_model_key(self.model), data=str(Path(self.data).expanduser().resolve()))
+        return replace(self, model=model_id(self.model), data=str(Path(self.data).expanduser().resolve()))
 
     def check(self) -> None:
         """Fail with one line on option values that cannot train."""
@@ -324,10 +325,10 @@ class FinetuneResult:
 
 def check_model_folder(model: str) -> None:
     """Fail with one line if a local model folder lacks a pipeline part training needs (a UNet above all)."""
-    from diffmem.loading import TESTBED_NAMES
+    from diffmem.registry import is_named_model
 
     path = Path(model).expanduser()
-    if model in TESTBED_NAMES or not path.is_dir():
+    if is_named_model(model) or not path.is_dir():
         return
     missing = [part for part in PIPELINE_PARTS if not (path / part).is_dir()]
     if missing:
@@ -345,13 +346,6 @@ def load_for_training(model: str, device: torch.device, allow_pickle: bool = Fal
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     return pipe
-
-
-def _model_key(model: str) -> str:
-    from diffmem.loading import TESTBED_NAMES
-
-    path = Path(model).expanduser()
-    return str(path.resolve()) if model not in TESTBED_NAMES and path.exists() else model
 
 
 def _check_out(out: Path, data: str) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-from diffmem.errors import ModelLoadError
+from diffmem.errors import InputError, ModelLoadError
+from diffmem.registry import named_model
 from diffmem.weights import check_weights
 
-TESTBED_NAMES = ("testbed", "testbed-base")
 #: Stable Diffusion v1's classifier-free guidance scale: the default of a model that does not name its own.
 SD_GUIDANCE_SCALE = 7.5
 #: Each pipeline class's own default guidance scale (diffusers' `__call__` defaults), for models without a file.
@@ -29,13 +29,6 @@ SUPPORTED_PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline,
                        "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
 
 
-def testbed_path() -> Path:
-    """The folder of the bundled testbed pipeline (the memorizing fine-tune; `testbed-base` swaps in its base UNet)."""
-    from diffmem.testbed import weights_dir
-
-    return weights_dir()
-
-
 def default_device() -> torch.device:
     """CUDA when present, else Apple MPS, else CPU."""
     if torch.cuda.is_available():
@@ -45,13 +38,46 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def parse_device(device: str | None) -> torch.device | None:
+    """`--device` as a torch.device (None: the library's default), checked to exist on this machine."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device}: Apple MPS is not available on this machine")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""Weight dtypes a model can be loaded in, by their `--dtype` names."""
+
+
+def parse_dtype(dtype: str | None) -> torch.dtype | None:
+    """`--dtype` as a torch dtype (None: the library's default), with one line for an unknown name."""
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return DTYPES[dtype]
+
+
 def resolve_model(model: str | Path) -> str:
-    """Map `testbed` to the bundled folder; check a local folder is a text-to-image pipeline; pass hub ids on."""
+    """Map a registered name (`testbed`) to its folder; check a local folder is a text-to-image pipeline; pass hub
+    ids on."""
     name = str(model)
-    if name in TESTBED_NAMES:
-        path = testbed_path()
+    named = named_model(name)
+    if named is not None:
+        path = named.pipeline
         if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"the bundled {name} weights are missing at {path}: run `diffmem testbed train`")
+            hint = f": {named.missing}" if named.missing else ""
+            raise ModelLoadError(f"the bundled {name} weights are missing at {path}{hint}")
         return str(path)
     path = Path(name).expanduser()
     if path.exists():
@@ -121,7 +147,8 @@ def load_pipeline(
 ) -> Any:
     """Load a Stable Diffusion 1.x/2.x (epsilon or v-prediction) or SDXL pipeline ready for scoring.
 
-    `model` is a local diffusers folder, a hub id (downloaded only when online) or `"testbed"`.
+    `model` is a local diffusers folder, a hub id (downloaded only when online) or a registered name such as
+    `"testbed"` (`diffmem.register_model`).
     `dtype` defaults to float16 on CUDA and float32 elsewhere. Errors are `ModelLoadError` with one line.
     Weights are read from safetensors files only; `allow_pickle=True` also loads pickled ones (`.bin`, `.ckpt`),
     which can run code: only for a folder you trust.
@@ -147,11 +174,9 @@ def load_pipeline(
     if not isinstance(pipe, tuple(SUPPORTED_PIPELINES.values())):
         raise ModelLoadError(f"{model} is not a Stable Diffusion text-to-image pipeline")
     pipe = _untyped(pipe)  # diffusers registers components dynamically; the stubs do not know them
-    if str(model) == "testbed-base":
-        from diffmem.testbed import weights_dir
-
-        pipe.unet = UNet2DConditionModel.from_pretrained(weights_dir(base=True), use_safetensors=True,
-                                                 **dtype_kwarg(dtype))
+    named = named_model(str(model))
+    if named is not None and named.unet is not None:
+        pipe.unet = UNet2DConditionModel.from_pretrained(named.unet, use_safetensors=True, **dtype_kwarg(dtype))
     check_guidance(pipe)
     family = FAMILY_GUIDANCE.get(type(pipe).__name__, SD_GUIDANCE_SCALE)
     pipe.diffmem_defaults = {"guidance_scale": family, **read_model_defaults(source)}

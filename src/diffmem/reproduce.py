@@ -88,7 +88,7 @@ class ReproduceSettings:
 
     @property
     def testbed(self) -> bool:
-        from diffmem.loading import TESTBED_NAMES
+        from diffmem.bundled import TESTBED_NAMES
 
         return self.model in TESTBED_NAMES
 
@@ -433,9 +433,9 @@ def reproduce(settings: ReproduceSettings, log: Log = print, progress: Progress 
     """Run (or resume) every scan and generation, then measure and write the report; returns it."""
     import torch
 
-    from diffmem.cli import model_id, parse_device
-    from diffmem.generate_cli import run as generate_method
-    from diffmem.loading import load_pipeline, model_guidance
+    from diffmem.loading import load_pipeline, model_guidance, parse_device
+    from diffmem.mitigate.runner import run as generate_method
+    from diffmem.registry import model_id
 
     settings.check()
     out = settings.out

@@ -126,7 +126,7 @@ def threshold_from_options(model: str, threshold: float | None = None,
                            calibration: Path | None = None) -> Threshold | None:
     """The threshold `--threshold` or `--calibration` gives; None on the testbed without either (calibrate it
     with `calibrate_testbed`); any other model needs one of the two. Runs before the model loads."""
-    from diffmem.loading import TESTBED_NAMES
+    from diffmem.bundled import TESTBED_NAMES
 
     if threshold is not None and calibration is not None:
         raise InputError("give --threshold or --calibration, not both")
@@ -194,7 +194,8 @@ class Service:
 
     def __init__(self, pipe: Any, model: str, threshold: Threshold, settings: Settings | None = None,
                  limits: Limits | None = None) -> None:
-        from diffmem.loading import TESTBED_NAMES, resolve_guidance
+        from diffmem.bundled import TESTBED_NAMES
+        from diffmem.loading import resolve_guidance
 
         self.pipe = pipe
         self.model = model

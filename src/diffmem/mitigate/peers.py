@@ -21,7 +21,6 @@ from diffmem.mitigate.attention_rescale import REN_C1, rescaled_attention
 from diffmem.mitigate.nemo import NEMO_GENERATIONS, NEMO_SEED, NeuronStatistics, deactivated, localize
 from diffmem.mitigate.sail import SAIL_WEIGHT, sail
 
-PEER_METHODS = ("attention", "sail", "nemo")
 OPTIONS = {"attention": {"c1"}, "sail": {"sail_threshold", "sail_weight"},
            "nemo": {"nemo_stats", "nemo_threshold", "nemo_generations", "nemo_seed"}}
 

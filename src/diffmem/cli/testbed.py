@@ -28,7 +28,7 @@ def _progress():
 
 def _device(device: str | None) -> Any:
     """`--device` checked as the top-level CLI checks it; cpu when not given (the testbed's figures are CPU's)."""
-    from diffmem.cli import parse_device
+    from diffmem.loading import parse_device
 
     return parse_device(device) or "cpu"
 

@@ -1,7 +1,5 @@
-"""`diffmem fetch-references` and `diffmem reproduce`: from a memorized-prompt file to the paper's two tables.
-
-Registered on the `diffmem` app by `diffmem.cli`; torch loads only inside the commands.
-"""
+"""`diffmem fetch-references`, `diffmem reproduce` and `diffmem compare`: from a memorized-prompt file to the
+paper's tables, and every detector and mitigation on one model; torch loads only inside the commands."""
 
 from __future__ import annotations
 
@@ -11,8 +9,10 @@ from typing import Annotated, Any
 
 import typer
 
+from diffmem.cli.common import AllowPickleOpt
+from diffmem.compare import DEFAULT_DETECTORS, DEFAULT_METHODS
+from diffmem.console import progress_bar, say, shorten, stderr
 from diffmem.errors import InputError
-from diffmem.options import AllowPickleOpt
 
 
 def fetch_references(
@@ -29,7 +29,6 @@ def fetch_references(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel downloads.")] = 8,
 ) -> None:
     """Download the training image of each prompt (its 'url'); a rerun fetches only what is still missing."""
-    from diffmem.cli import progress_bar, say, shorten
     from diffmem.references import REPORT, FetchSettings, read_wanted
     from diffmem.references import fetch_references as fetch
 
@@ -63,6 +62,7 @@ def _numbers(text: str, option: str) -> tuple[int, ...]:
 
 
 def _words(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names, e.g. `--methods none,rta`."""
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
@@ -128,12 +128,11 @@ def reproduce(
 ) -> None:
     """The paper's tables for one model: detection (AUC, TPR@1%/3% FPR, time) and mitigation (memorization rate,
     copy similarity, alignment); rerun the same command to resume."""
-    from diffmem.cli import DType
+    from diffmem.loading import parse_dtype
     from diffmem.reproduce import ReproduceSettings
     from diffmem.reproduce import reproduce as run
 
-    if dtype is not None and dtype not in {d.value for d in DType}:
-        raise InputError(f"--dtype must be one of {', '.join(d.value for d in DType)}, not {dtype!r}")
+    parse_dtype(dtype)
     settings = ReproduceSettings(
         model=model, memorized=memorized, normal=normal, out=out, generations=_numbers(generations, "--generations"),
         steps=_words(steps), seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance,
@@ -144,12 +143,71 @@ def reproduce(
     run_report(run, settings, out)
 
 
+def compare(
+    memorized: Annotated[Path, typer.Option("--memorized", help="Memorized prompts (e.g. `diffmem testbed prompts "
+                                            "--split memorized`, or data/sdv1_500_memorized.jsonl).")],
+    normal: Annotated[Path, typer.Option("--normal", help="Non-memorized reference prompts, any prompt format.")],
+    out: Annotated[Path, typer.Option("--out", help="Report folder: report.md, report.json, detection/, "
+                                      "mitigation/, calibration.json.")],
+    model: Annotated[str, typer.Option("--model", help="Local diffusers folder, hub id, or 'testbed'.")] = "testbed",
+    detectors: Annotated[str, typer.Option("--detectors", help="Detectors, comma-separated.")] = ",".join(
+        DEFAULT_DETECTORS),
+    generations: Annotated[str, typer.Option("--generations", help="Detection: numbers of generations n.")] = "1,4",
+    methods: Annotated[str, typer.Option("--methods", help="Mitigation methods, comma-separated.")] = ",".join(
+        DEFAULT_METHODS),
+    mitigation_prompts: Annotated[
+        int | None, typer.Option("--mitigation-prompts", help="Mitigate the first N memorized prompts (default 64; "
+                                 "-1: all).")
+    ] = 64,
+    mitigation_generations: Annotated[
+        int, typer.Option("--mitigation-generations", min=1, help="Images per prompt in the mitigation table.")
+    ] = 4,
+    target_loss: Annotated[float | None, typer.Option("--target-loss", help="embedding's target (default: "
+                                                      "calibrated on the non-memorized prompts).")] = None,
+    sail_threshold: Annotated[float | None, typer.Option("--sail-threshold", help="sail's threshold (default: "
+                                                         "calibrated).")] = None,
+    nemo_threshold: Annotated[float | None, typer.Option("--nemo-threshold", help="nemo's MS-SSIM threshold "
+                                                         "(default: calibrated).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Generation g starts from the noise of seed S+g.")] = 0,
+    num_inference_steps: Annotated[
+        int, typer.Option("--num-inference-steps", min=2, help="Sampling schedule length.")
+    ] = 50,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale (default: the model's own).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Detection: rows per denoiser call.")] = 32,
+    references: Annotated[
+        Path | None, typer.Option("--references", help="Training images: a `diffmem fetch-references` folder.")
+    ] = None,
+    sscd: Annotated[Path | None, typer.Option("--sscd", help="SSCD TorchScript file.")] = None,
+    sscd_preprocessing: Annotated[str, typer.Option("--sscd-preprocessing", help="'sscd' or 'wen'.")] = "sscd",
+    clip: Annotated[str | None, typer.Option("--clip", help="CLIPModel folder or hub id for the CLIP score.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = None,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    """Every detector (AUC, TPR@1%FPR, cost) and every mitigation (memorization, alignment, time) on one model, beside
+    the published SD v1.4 figures; rerun the same command to resume."""
+    from diffmem.compare import CompareSettings
+    from diffmem.compare import compare as run
+    from diffmem.loading import parse_dtype
+
+    parse_dtype(dtype)
+    settings = CompareSettings(
+        model=model, memorized=memorized, normal=normal, out=out, detectors=_words(detectors),
+        generations=_numbers(generations, "--generations"), methods=_words(methods),
+        mitigation_prompts=None if mitigation_prompts == -1 else mitigation_prompts,
+        mitigation_generations=mitigation_generations, target_loss=target_loss, sail_threshold=sail_threshold,
+        nemo_threshold=nemo_threshold, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance,
+        batch_size=batch_size, references=references, sscd=sscd, sscd_preprocessing=sscd_preprocessing, clip=clip,
+        device=device, dtype=dtype, allow_pickle=allow_pickle)
+    run_report(run, settings, out)
+
+
 def run_report(run: Any, settings: Any, out: Path) -> None:
     """Check `settings`, run `run(settings, log, progress)` with a bar per scan, and say where the report is."""
-    from diffmem.cli import quiet_libraries, say, stderr
+    from diffmem.loading import quiet_diffusers
 
     settings.check()
-    quiet_libraries()
+    quiet_diffusers()
     stack = ExitStack()
     with stack:
         report = run(settings, log=lambda m: say(stderr, m), progress=stage_bars(stack))
@@ -160,8 +218,6 @@ def run_report(run: Any, settings: Any, out: Path) -> None:
 def stage_bars(stack: ExitStack) -> Any:
     """A `(stage, done, total)` progress callback drawing one bar per scan in `stack`, closed when the scan ends
     (the mitigation stage draws its own)."""
-    from diffmem.cli import progress_bar
-
     shown: dict[str, Any] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
