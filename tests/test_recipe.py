@@ -36,7 +36,12 @@ def test_recipe_writes_a_loadable_sd_pipeline(tiny_run):
     # the testbed's own guidance scale travels with the pipeline and becomes every command's default
     from diffmem.loading import default_guidance, load_pipeline, model_guidance
 
-    assert default_guidance(load_pipeline(work / "dest" / "pipeline", device="cpu")) == 2.5
+    pipe = load_pipeline(work / "dest" / "pipeline", device="cpu")
+    assert default_guidance(pipe) == 2.5
+    # and so does its mitigation target: a typical first-step score of its held-out prompts
+    from diffmem.mitigate import resolve_target_loss
+
+    assert 0 < resolve_target_loss(pipe, None) == pipe.diffmem_defaults["target_loss"]
     assert model_guidance(str(work / "dest" / "pipeline")) == 2.5
     assert model_guidance(str(work / "dest" / "pipeline"), 4.0) == 4.0
 

@@ -194,7 +194,7 @@ def test_gradient_explanation(xl) -> None:
         losses.append((eps_c - eps_u).norm())
     (grad,) = torch.autograd.grad(sum(losses) / 2, e)
     assert per_pos.tolist() == pytest.approx(grad[0].norm(dim=-1).tolist(), rel=1e-3, abs=1e-7)
-    attr = explain(xl, PROMPTS[0])
+    attr = explain(xl, PROMPTS[0], method="gradient")
     assert [w.text for w in attr.words] == PROMPTS[0].split()
     assert attr.score == pytest.approx(MagnitudeDetector(xl).score(PROMPTS[:1])[0].score, rel=REL)
 

@@ -52,7 +52,8 @@ def test_first_step_scores_rank_planted_above_heldout(testbed, one_thread):
     det = MagnitudeDetector(pipe, generations=2, batch_size=128)
     pos = [r.score for r in det.score([i.caption for i in splits.planted[:64]])]
     neg = [r.score for r in det.score([i.caption for i in splits.heldout[:128]])]
-    assert roc_auc(pos, neg) > 0.6  # v0 of the testbed (no memorization at the first step) scored 0.48
+    # `make quality` measures 0.945 (n=1) on v2; v1 scored 0.74, v0 (no memorization at the first step) 0.48
+    assert roc_auc(pos, neg) > 0.85
 
 
 def test_oracle_bound_grows_with_nuisance_energy(testbed, one_thread):
@@ -69,7 +70,11 @@ def test_mitigation_and_explain_eval_commands_write_reports(cli, tmp_path, one_t
     assert res.exit_code == 0, res.stderr
     rep = json.loads((tmp_path / "m" / "mitigation.json").read_text())
     assert [r["method"] for r in rep["methods"]] == ["none", "embedding", "rta", "rna", "cwr", "gni"]
-    assert rep["tradeoff"][0]["target_loss"] == 0.5
+    assert rep["tradeoff"]["embedding"][0]["strength"] == 0.5
+    assert [c["strength"] for c in rep["tradeoff"]["gni"]] == [0.1, 0.3, 1.0, 3.0]  # each baseline's strength
+    guard = rep["guard"]
+    assert guard["memorized"]["n"] == 1 and guard["heldout"]["n"] == 4 and 0 <= guard["heldout"]["flagged"] <= 1
+    assert guard["heldout"].get("unflagged_bit_identical", True) is True
     assert (tmp_path / "m" / "tradeoff.png").is_file() and (tmp_path / "m" / "mitigation.png").is_file()
     res = cli("testbed", "mitigation", "--out", str(tmp_path / "m"), "--sweep", "a,b")
     assert res.exit_code == 2 and "--sweep" in res.stderr
@@ -85,10 +90,21 @@ def test_quality_command_writes_its_report(cli, tmp_path, one_thread):
               "--steps", "2")
     assert res.exit_code == 0, res.stderr
     rep = json.loads((tmp_path / "q" / "quality.json").read_text())
-    assert (rep["n_memorized"], rep["n_heldout"], rep["generations"]) == (128, 3, 1)
+    from diffmem.testbed.recipe import shipped_recipe
+
+    n_planted = shipped_recipe().n_planted
+    assert (rep["n_memorized"], rep["n_heldout"], rep["generations"]) == (n_planted, 3, 1)
     assert rep["heldout_denoising_items"] == 512 and rep["heldout_denoising_loss"] > 0  # cheap: always all items
     assert 20 < rep["vae_psnr_db"] < 40 and 0 <= rep["memorized_reproduced_2of4"] <= 1
     assert set(rep["detection"]) == {"first_step_n1", "first_step_n4", "all_steps_n4"}
+    assert set(rep["detection_vs_seen_once"]) == {"first_step_n1", "first_step_n4"}
+    assert rep["guidance"] == json.loads((WEIGHTS / "pipeline" / "diffmem.json").read_text())["guidance_scale"]
+    assert set(rep["memorized_at_other_guidance"]) == {"7.5"}  # memorization is also reported at SD's 7.5
+    for key in ("triggered_without_trigger_reproduced_2of4", "heldout_near_planted_reproduce_any",
+                "heldout_reproduce_repeated_training_image",
+                "heldout_far_reproduce_any", "heldout_attribute_accuracy"):
+        assert key in rep
+    assert rep["heldout_reproduce_repeated_training_image"] <= rep["heldout_reproduce_any_training_image"]
     for name in ("roc_first_n1.png", "roc_all_n4.png", "copies.png", "magnitudes.npz"):
         assert (tmp_path / "q" / name).is_file()
 
@@ -113,7 +129,7 @@ def test_stage2_without_dest_is_a_one_line_error(cli, tmp_path):
 @pytest.fixture(scope="module")
 def stage2_work(tmp_path_factory):
     """A stage-2 work folder whose latent caches hold random latents of the right shapes (skips the encoding
-    of 48,000 renders; the plumbing under test does not depend on their values)."""
+    of 118,000 renders; the plumbing under test does not depend on their values)."""
     import torch
     from safetensors.torch import save_file
 
@@ -122,8 +138,8 @@ def stage2_work(tmp_path_factory):
     work = tmp_path_factory.mktemp("stage2")
     splits = shipped_recipe().splits()
     gen = torch.Generator().manual_seed(0)
-    for name, items in (("planted", splits.planted), ("stage2_unique", splits.stage2_unique),
-                        ("stage1", splits.stage1)):
+    for name, items in (("planted", splits.planted), ("anchors", splits.anchors),
+                        ("stage2_unique", splits.stage2_unique), ("stage1", splits.stage1)):
         save_file({"latents": torch.randn(len(items), 4, 8, 8, generator=gen)},
                   str(work / f"latents_{name}.safetensors"))
     return work

@@ -138,9 +138,11 @@ def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int 
     return grad[0].float().norm(dim=-1).cpu(), float(loss.detach())
 
 
-def explain(pipe, prompt: str, method: str = "gradient", steps: Steps = "first", generations: int = 1,
+def explain(pipe, prompt: str, method: str = "leave-one-out", steps: Steps = "first", generations: int = 1,
             seed: int = 0, num_inference_steps: int = 50, guidance_scale: float | None = None) -> Attribution:
-    """Significance of each token and word of `prompt` for its memorization score."""
+    """Significance of each token and word of `prompt` for its memorization score. Leave-one-out is the default:
+    on the testbed its top word lowers the score 3.7x as much as a random word's deletion, the gradient's 1.6x
+    (`diffmem testbed explain-eval`), at a cost of one batched scoring of the prompt's word deletions."""
     _check_prompt(prompt)
     guidance_scale = resolve_guidance(pipe, guidance_scale)
     if method not in METHODS:

@@ -327,7 +327,7 @@ class Service:
     def _explain(self, prompt: str) -> Any:
         from diffmem.explain import explain
 
-        return explain(self.pipe, prompt, method="gradient", steps=self.settings.steps,
+        return explain(self.pipe, prompt, method="leave-one-out", steps=self.settings.steps,
                        **self.settings.detection_kwargs())
 
     def _suggest(self, attr: Any) -> list[dict[str, Any]]:

@@ -19,8 +19,9 @@ def explain(
     prompt: Annotated[str, typer.Argument(help="The prompt to explain.")],
     model: ModelOpt = "testbed",
     method: Annotated[
-        str, typer.Option("--method", help="'gradient' (one forward + backward) or 'leave-one-out'.")
-    ] = "gradient",
+        str, typer.Option("--method", help="'leave-one-out' (one batched scoring of every word's deletion; ranks "
+                                           "better) or 'gradient' (one forward + backward).")
+    ] = "leave-one-out",
     steps: Annotated[str, typer.Option("--steps", help="'first', 'all' or a number k of leading steps.")] = "first",
     generations: Annotated[int, typer.Option("--generations", min=1, help="Initial noises averaged.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first generation's initial noise.")] = 0,

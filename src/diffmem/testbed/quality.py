@@ -159,6 +159,12 @@ def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generatio
     train_imgs = render_many([i.scene for i in splits.training_items], [i.seed for i in splits.training_items])
     held_best = best_copy(held_imgs, train_imgs)
     held_copy = np.asarray((held_best >= COPY_THRESHOLD).any(axis=1))
+    # which kind of training image: a memorized (planted or anchor) one leaking to a held-out prompt, or one of
+    # the ~80 renderings of the prompt's own caption that pretraining saw once each
+    repeated = splits.planted + splits.anchors
+    held_copy_repeated = np.asarray(
+        (best_copy(held_imgs, render_many([i.scene for i in repeated], [i.seed for i in repeated]))
+         >= COPY_THRESHOLD).any(axis=1))
     ok, mem_ok = alignment(held_imgs, heldout), alignment(mem_imgs, planted)
     seen_once = splits.stage2_unique[: len(heldout)]
     once_mags = first_step_magnitudes(pipe, [i.caption for i in seen_once], generations, seed)
@@ -186,6 +192,7 @@ def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generatio
         "heldout_near_planted_share": float(near.mean()),
         "heldout_near_planted_reproduce_any": float(held_copy[near].mean()) if near.any() else None,
         "heldout_far_reproduce_any": float(held_copy[~near].mean()) if (~near).any() else None,
+        "heldout_reproduce_repeated_training_image": float(held_copy_repeated.mean()),
         "heldout_max_similarity_mean": float(held_best.mean()),
         "heldout_aligned": None if ok is None else float(ok.mean()),
         "heldout_attribute_accuracy": _attribute_accuracy(held_imgs, heldout),
