@@ -261,3 +261,11 @@ def test_page_loads_while_the_model_works(client: httpx.Client, splits) -> None:
     worker.join(60)
     assert page.status_code == 200 and "<html" in page.text.lower()
     assert done and served < done[0]
+
+
+def test_testbed_examples_show_what_they_say(testbed_service: Service, splits) -> None:
+    """The page's examples: a planted caption the threshold flags and a held-out one it does not."""
+    memorized, heldout = testbed_service.testbed_examples()
+    assert memorized in {i.caption for i in splits.planted} and heldout in {i.caption for i in splits.heldout}
+    flagged = [row["flagged"] for row in testbed_service.screen([memorized, heldout])]
+    assert flagged == [True, False]

@@ -26,10 +26,9 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from diffmem.app.server import BackgroundServer, build_service, create_app
-    from diffmem.testbed.recipe import shipped_recipe
 
-    prompt = shipped_recipe().splits().planted[0].caption
     service = build_service("testbed", device="cpu")
+    prompt = service.testbed_examples()[0]
     with BackgroundServer(create_app(service)) as server, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
         page = browser.new_page(viewport={"width": args.width, "height": args.height})

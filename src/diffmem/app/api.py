@@ -106,7 +106,7 @@ class ExplainRequest(_Strict):
 
 
 class WordOut(BaseModel):
-    """A whitespace-separated word and its gradient significance for the score."""
+    """A whitespace-separated word and its significance for the score (leave-one-out: the score's drop without it)."""
 
     text: str
     significance: float

@@ -215,6 +215,22 @@ class Service:
         """Whether the model has ground truth (training images of its planted captions)."""
         return bool(self._training)
 
+    def testbed_examples(self) -> tuple[str, str]:
+        """Example prompts for the page: the first planted caption (split order) that the threshold flags and the
+        first held-out one it does not, so the examples show what they say (the testbed flags 59 % of its planted
+        captions at n=1 and 1 % FPR, not all)."""
+        from diffmem.testbed.recipe import shipped_recipe
+
+        splits = shipped_recipe().splits()
+        candidates = [[i.caption for i in items[:16]] for items in (splits.planted, splits.heldout)]
+        with self._lock:
+            rows = self._screen(candidates[0] + candidates[1], curve=False)
+        flags = [bool(r["flagged"]) for r in rows]
+        n = len(candidates[0])
+        memorized = next((c for c, f in zip(candidates[0], flags[:n], strict=True) if f), candidates[0][0])
+        heldout = next((c for c, f in zip(candidates[1], flags[n:], strict=True) if not f), candidates[1][0])
+        return memorized, heldout
+
     def info(self) -> dict[str, Any]:
         """The model, threshold and its source, settings and limits (GET /api/info)."""
         return {

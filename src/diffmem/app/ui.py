@@ -160,7 +160,8 @@ def curve_svg(row: dict[str, Any], threshold: float, width: int = 540, height: i
 def words_html(analysis: Analysis) -> str:
     """The prompt with each word highlighted by its significance, with a one-line legend."""
     attr = analysis.attribution
-    note = "Redder words raise the memorization score more (gradient significance; hover for the value)."
+    note = ("Redder words raise the memorization score more (the score's drop when the word is deleted; hover for "
+            "the value).")
     if attr.cut_off:
         note += f" Struck-through words were cut off by the text encoder: “{html.escape(attr.cut_off)}”."
     return f'<div id="words-box">{html_highlight(attr)}<div class="dm-note">{note}</div></div>'
@@ -253,10 +254,7 @@ def build_ui(service: Service) -> gr.Blocks:
                 screen_btn = gr.Button("Screen", variant="primary", elem_id="screen-button")
                 generate_btn = gr.Button("Generate", elem_id="generate-button")
         if service.is_testbed:
-            from diffmem.testbed.recipe import shipped_recipe
-
-            splits = shipped_recipe().splits()
-            gr.Examples([[splits.planted[0].caption], [splits.heldout[0].caption]], inputs=[prompt],
+            gr.Examples([[example] for example in service.testbed_examples()], inputs=[prompt],
                         label="Testbed examples: a planted (memorized) caption and a held-out one")
         with gr.Row():
             with gr.Column(scale=1):
