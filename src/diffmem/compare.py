@@ -342,8 +342,7 @@ def compare(settings: CompareSettings, log: Log = print, progress: Progress | No
     import torch
 
     from diffmem.loading import load_pipeline, model_guidance, parse_device
-    from diffmem.mitigate.runner import run as generate_method
-    from diffmem.reproduce import _complete, _measures, _read, mitigation_row
+    from diffmem.reproduce import _measures, _read, run_mitigations
 
     settings.check()
     out = settings.out
@@ -380,19 +379,8 @@ def compare(settings: CompareSettings, log: Log = print, progress: Progress | No
     if limit == 0 or not settings.methods:
         return report
     report.calibration = _calibrate(settings, pipe(), normal, wen_normal, log)
-    folder = out / "mitigation"
-    folder.mkdir(parents=True, exist_ok=True)
-    prompt_file = folder / "prompts.jsonl"
-    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in mitigation_prompts))
-    for method in settings.methods:
-        method_dir = folder / method
-        if not _complete(method_dir / "results.jsonl", mitigation_prompts):
-            log(f"mitigation, {method}: generating {len(mitigation_prompts)} prompts x "
-                f"{settings.mitigation_generations}")
-            generate_method(prompt_file, method_dir, settings.model, method,
-                            _method_settings(method, settings, report.calibration, guidance), None, settings.device,
-                            settings.dtype, settings.allow_pickle, pipe=pipe())
-        log(f"mitigation, {method}: measuring")
-        report.mitigation.append(mitigation_row(method, method_dir, measures, settings.mitigation_generations))
-        write_report(report, out)
+    calibration = report.calibration
+    run_mitigations(out, mitigation_prompts, settings,
+                    lambda method: _method_settings(method, settings, calibration, guidance),
+                    settings.mitigation_generations, measures, report, lambda: write_report(report, out), log, pipe)
     return report

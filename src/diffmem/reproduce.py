@@ -297,6 +297,28 @@ def mitigation_row(method: str, folder: Path, measures: Measures, generations: i
     return out
 
 
+def run_mitigations(out: Path, prompts: Sequence[str], settings: Any, method_settings: Callable[[str], dict],
+                    generations: int, measures: Measures, report: Any, save: Callable[[], None], log: Log,
+                    pipe: Callable[[], Any]) -> None:
+    """Generate `prompts` with each of `settings.methods` into `out/mitigation/<method>` (resuming what is done),
+    measure each method's row into `report.mitigation`, and `save` the report after each."""
+    from diffmem.mitigate.runner import run as generate_method
+
+    folder = out / "mitigation"
+    folder.mkdir(parents=True, exist_ok=True)
+    prompt_file = folder / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    for method in settings.methods:
+        method_dir = folder / method
+        if not _complete(method_dir / "results.jsonl", prompts):
+            log(f"mitigation, {method}: generating {len(prompts)} prompts x {generations}")
+            generate_method(prompt_file, method_dir, settings.model, method, method_settings(method), None,
+                            settings.device, settings.dtype, settings.allow_pickle, pipe=pipe())
+        log(f"mitigation, {method}: measuring")
+        report.mitigation.append(mitigation_row(method, method_dir, measures, generations))
+        save()
+
+
 def _complete(path: Path, prompts: Sequence[str]) -> bool:
     """Whether a result file already holds a row for every prompt."""
     from diffmem.results import read_results
@@ -434,7 +456,6 @@ def reproduce(settings: ReproduceSettings, log: Log = print, progress: Progress 
     import torch
 
     from diffmem.loading import load_pipeline, model_guidance, parse_device
-    from diffmem.mitigate.runner import run as generate_method
     from diffmem.registry import model_id
 
     settings.check()
@@ -495,23 +516,14 @@ def reproduce(settings: ReproduceSettings, log: Log = print, progress: Progress 
         target = statistics.median(first_normal[n_mit]) if calibrate else DEFAULT_TARGET_LOSS
         report.notes.append(f"embedding target loss {target:.4g}: the median first-step score (n={n_mit}) of the "
                             f"{len(first_normal.get(n_mit, []))} non-memorized prompts (give --target-loss to fix it)")
-    folder = out / "mitigation"
-    folder.mkdir(parents=True, exist_ok=True)
-    prompt_file = folder / "prompts.jsonl"
-    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in mitigation_prompts))
-    for method in settings.methods:
-        method_dir = folder / method
-        if not _complete(method_dir / "results.jsonl", mitigation_prompts):
-            log(f"mitigation, {method}: generating {len(mitigation_prompts)} prompts x {n_mit}")
-            gen = dict(threshold=None, generations=n_mit, seed=settings.seed,
-                       num_inference_steps=settings.num_inference_steps, guidance_scale=guidance,
-                       target_loss=target if method == "embedding" else DEFAULT_TARGET_LOSS, iters=settings.iters,
-                       lr=settings.lr, k=settings.k, sigma=settings.sigma)
-            generate_method(prompt_file, method_dir, settings.model, method, gen, None, settings.device,
-                            settings.dtype, settings.allow_pickle, pipe=pipe())
-        log(f"mitigation, {method}: measuring")
-        report.mitigation.append(mitigation_row(method, method_dir, measures, n_mit))
-        write_report(report, out)
+    def method_settings(method: str) -> dict[str, Any]:
+        return dict(threshold=None, generations=n_mit, seed=settings.seed,
+                    num_inference_steps=settings.num_inference_steps, guidance_scale=guidance,
+                    target_loss=target if method == "embedding" else DEFAULT_TARGET_LOSS, iters=settings.iters,
+                    lr=settings.lr, k=settings.k, sigma=settings.sigma)
+
+    run_mitigations(out, mitigation_prompts, settings, method_settings, n_mit, measures, report,
+                    lambda: write_report(report, out), log, pipe)
     picture = plot_mitigation(report.mitigation, measures, out / "plots" / "mitigation.png")
     if picture is not None:
         report.plots.append(str(picture))
