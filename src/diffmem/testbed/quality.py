@@ -156,15 +156,14 @@ def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generatio
     copies = (own_sim >= COPY_THRESHOLD).sum(axis=1)
     is_trig = np.array([bool(i.scene.trigger) for i in planted])
     copies_without = copies_of_own(trig_imgs, triggered)
-    train_imgs = render_many([i.scene for i in splits.training_items], [i.seed for i in splits.training_items])
-    held_best = best_copy(held_imgs, train_imgs)
+    # which kind of training image a held-out prompt copies: a memorized (planted or anchor) one leaking to it, or
+    # one of the ~80 renderings of its own caption that pretraining saw once each; each image is compared once
+    repeated, once = splits.planted + splits.anchors, splits.stage1 + splits.stage2_unique
+    best_repeated = best_copy(held_imgs, render_many([i.scene for i in repeated], [i.seed for i in repeated]))
+    held_best = np.maximum(best_repeated,
+                           best_copy(held_imgs, render_many([i.scene for i in once], [i.seed for i in once])))
     held_copy = np.asarray((held_best >= COPY_THRESHOLD).any(axis=1))
-    # which kind of training image: a memorized (planted or anchor) one leaking to a held-out prompt, or one of
-    # the ~80 renderings of the prompt's own caption that pretraining saw once each
-    repeated = splits.planted + splits.anchors
-    held_copy_repeated = np.asarray(
-        (best_copy(held_imgs, render_many([i.scene for i in repeated], [i.seed for i in repeated]))
-         >= COPY_THRESHOLD).any(axis=1))
+    held_copy_repeated = np.asarray((best_repeated >= COPY_THRESHOLD).any(axis=1))
     ok, mem_ok = alignment(held_imgs, heldout), alignment(mem_imgs, planted)
     seen_once = splits.stage2_unique[: len(heldout)]
     once_mags = first_step_magnitudes(pipe, [i.caption for i in seen_once], generations, seed)
