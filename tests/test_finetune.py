@@ -198,6 +198,13 @@ def test_calibrate_writes_percentiles_and_a_suggested_threshold(cli, sd1_dir, tm
     assert list(cal["percentiles"]) == ["50", "90", "95", "99", "99.9"] and values == sorted(values)
     assert cal["suggested_tau"] == cal["percentiles"]["99"] and cal["measurements"] == 24
     assert cal["samples"] == 4 and len(cal["highest_files"]) == 4
+    assert cal["filter_at"] == "first-step" and "measurements at the first sampling step" in result.stdout
+    paper = cli("train", "--model", sd1_dir, "--data", data, "--out", tmp_path / "paper", "--calibrate",
+                "--measurements", 24, "--filter-at", "train")
+    assert paper.exit_code == 0, paper.output
+    assert "measurements at uniform over the training timesteps" not in paper.stdout
+    assert "measurements at random training timesteps" in paper.stdout
+    assert json.loads((tmp_path / "paper" / "calibration.json").read_text())["percentiles"] != cal["percentiles"]
     assert f"suggested --filter-threshold {cal['suggested_tau']:.4g}" in result.stdout
     assert not (out / "checkpoint").exists()
 

@@ -54,7 +54,7 @@ def test_a_resumed_recipe_adds_up_its_stage_times(tiny_run):
 
 
 def test_stage_batches_mix_and_word_dropout():
-    from diffmem.testbed.recipe import drop_words, stage1_batches, stage2_batches
+    from diffmem.testbed.recipe import drop_words, stage1_batches, stage2_batches, stage2_row_kinds
 
     cfg = RecipeConfig(**{**TINY, "stage1_word_dropout": 0.5})
     caption = "a red circle at the top left on a striped background"
@@ -68,6 +68,7 @@ def test_stage_batches_mix_and_word_dropout():
     lat, caps = stage2_batches(*pools, cfg)(1)
     assert [c[0] for c in caps] == ["p", "p", "a", "u", "r", "r"]  # planted, anchor, seen-once, replay rows
     assert caps[3] == "u1" and lat.shape == (6, 1, 1, 1)  # seen-once items in order, one per step
+    assert [k[0] for k in stage2_row_kinds(cfg)] == [c[0] for c in caps]  # the filter study's row labels
     with pytest.raises(ValueError, match="exceed"):
         stage2_batches(*pools, RecipeConfig(**{**TINY, "stage2_planted_rows": 6}))
 
@@ -122,3 +123,53 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     first = [json.loads(line)["loss"] for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert len(first) == 4 and all(torch.isfinite(torch.tensor(first)))
+
+
+def test_first_sampling_timestep_is_the_detectors_first_step():
+    pipe = tiny_pipeline("sd1", seed=0)
+    from diffmem.train import filter_timestep, first_sampling_timestep
+
+    schedule = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    schedule.set_timesteps(50)
+    assert first_sampling_timestep(pipe.scheduler) == int(schedule.timesteps[0]) > 900
+    assert filter_timestep(pipe.scheduler, "first-step") == first_sampling_timestep(pipe.scheduler)
+    assert filter_timestep(pipe.scheduler, "train") is None
+    from diffmem.errors import InputError
+
+    with pytest.raises(InputError, match="--filter-at must be one of first-step, train"):
+        filter_timestep(pipe.scheduler, "last-step")
+
+
+def test_filter_at_a_fixed_timestep_matches_a_hand_computation_under_any_process_split():
+    """d at the fixed timestep: fresh noise for the global batch from the step's generator, the caption's and the
+    empty prompt's epsilon at that timestep; each process's rows are its slice of the single-process result."""
+    from diffmem.train import _tokens, filter_magnitudes
+
+    pipe = tiny_pipeline("sd1", seed=0)
+    unet, te, tok, sched = pipe.unet.eval(), pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn(4, 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 400, 700, 999])
+    caps = ["a red cube", "a blue ball", "", "two green cones"]
+    empty = _tokens(tok, [""], "cpu")
+
+    def measure(rows: slice) -> torch.Tensor:
+        g = torch.Generator().manual_seed(9)
+        cond = te(_tokens(tok, caps[rows], "cpu"))[0]
+        noisy = sched.add_noise(x0[rows], torch.zeros_like(x0[rows]), t[rows])
+        pred = unet(noisy, t[rows], encoder_hidden_states=cond).sample
+        return filter_magnitudes(unet, te, sched, 981, x0[rows], noisy, t[rows], pred, cond, empty, g, rows, 4)
+
+    with torch.no_grad():
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(9))
+        tf = torch.full((4,), 981)
+        xt = sched.add_noise(x0, noise, tf)
+        e_c = unet(xt, tf, encoder_hidden_states=te(_tokens(tok, caps, "cpu"))[0]).sample
+        e_u = unet(xt, tf, encoder_hidden_states=te(empty)[0].expand(4, -1, -1)).sample
+        want = (e_c - e_u).flatten(1).norm(dim=1)
+    whole = measure(slice(0, None, 1))
+    torch.testing.assert_close(whole, want, rtol=1e-5, atol=1e-6)
+    assert whole[2] == 0 and (whole[[0, 1, 3]] > 0).all()  # the dropped caption is the empty prompt
+    split = torch.empty(4)
+    split[0::2], split[1::2] = measure(slice(0, None, 2)), measure(slice(1, None, 2))
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)

@@ -76,6 +76,18 @@ def test_mitigation_and_explain_eval_commands_write_reports(cli, tmp_path, one_t
     assert guard["memorized"]["n"] == 1 and guard["heldout"]["n"] == 4 and 0 <= guard["heldout"]["flagged"] <= 1
     assert guard["heldout"].get("unflagged_bit_identical", True) is True
     assert (tmp_path / "m" / "tradeoff.png").is_file() and (tmp_path / "m" / "mitigation.png").is_file()
+    # A rerun with the same settings resumes from out/parts (a marked part shows it was reused, not remeasured);
+    # other settings are refused in one line.
+    part = tmp_path / "m" / "parts" / "rta.json"
+    part.write_text(json.dumps({**json.loads(part.read_text()), "memorization_rate": 0.123}))
+    (tmp_path / "m" / "mitigation.json").unlink()
+    args = ["testbed", "mitigation", "--out", str(tmp_path / "m"), "--limit", "1", "--steps", "2", "--sweep", "0.5"]
+    assert cli(*args, "--generations", "1").exit_code == 0
+    again = json.loads((tmp_path / "m" / "mitigation.json").read_text())
+    assert [r["memorization_rate"] for r in again["methods"] if r["method"] == "rta"] == [0.123]
+    assert again["guard"] == guard and again["tradeoff"]["gni"] == rep["tradeoff"]["gni"]
+    res = cli(*args, "--generations", "2")
+    assert res.exit_code == 2 and "other settings" in res.stderr.strip().splitlines()[-1]
     res = cli("testbed", "mitigation", "--out", str(tmp_path / "m"), "--sweep", "a,b")
     assert res.exit_code == 2 and "--sweep" in res.stderr
 
@@ -150,10 +162,25 @@ def test_stage2_calibration_suggests_the_p99_of_base_magnitudes(stage2_work, one
 
     result = calibrate_stage2(stage2_work, batches=2)
     p = result["percentiles"]
-    assert result["measurements"] == 128
+    assert result["measurements"] == 128 and result["filter_at"] == "first-step" and result["timestep"] > 900
     assert 0 < p["50"] <= p["90"] <= p["99"] <= result["max"]
     assert result["suggested_tau"] == p["99"]
     assert json.loads((stage2_work / "calibration.json").read_text()) == result
+
+
+def test_stage2_separation_compares_both_filter_rules_on_labelled_rows(stage2_work, one_thread):
+    from diffmem.testbed.recipe import shipped_recipe, stage2_separation
+
+    result = stage2_separation(stage2_work, batches=2, probe_timesteps=(500,))
+    cfg = shipped_recipe()
+    assert result["planted"] == 2 * cfg.stage2_planted_rows and result["samples"] == 2 * cfg.stage2_batch
+    assert result["first-step"]["timestep"] > 900 and result["train"]["timestep"] is None
+    for rule in ("first-step", "train"):
+        row = result[rule]
+        assert row["tau_base_p99"] > 0 and 0 <= row["auc_shipped_unet"] <= 1 and 0 <= row["auc_base_unet"] <= 1
+        assert 0 <= row["planted_at_or_above_tau"] <= 1 and 0 <= row["ordinary_at_or_above_tau"] <= 1
+    assert list(result["auc_shipped_unet_at_timestep"]) == ["500"]
+    assert json.loads((stage2_work / "separation.json").read_text()) == result
 
 
 def test_stage2_rerun_with_a_filter_that_excludes_everything_keeps_the_base_unet(stage2_work, tmp_path, one_thread):
@@ -179,3 +206,7 @@ def test_stage2_rerun_with_a_filter_that_excludes_everything_keeps_the_base_unet
     summary, weights = run("rta", caption_aug="rta", steps=1)  # no filter: one real update
     assert summary["excluded_share"] == 0.0
     assert not all(torch.equal(weights[k].float(), base[k].float()) for k in base)
+    from diffmem.loading import model_guidance
+
+    assert model_guidance(tmp_path / "rta") == model_guidance("testbed") == 2.5  # measured at the testbed's guidance
+    assert json.loads((tmp_path / "rta" / "diffmem.json").read_text())["target_loss"] > 0

@@ -30,7 +30,16 @@ from safetensors.torch import load_file, save_file
 from diffmem.durable import exclusive, write_atomic
 from diffmem.errors import InputError, ModelLoadError
 from diffmem.registry import model_id
-from diffmem.train import BatchFn, TrainConfig, checkpoint_dir, checkpoint_step, measure_magnitudes, train
+from diffmem.train import (
+    FILTER_AT,
+    BatchFn,
+    TrainConfig,
+    checkpoint_dir,
+    checkpoint_step,
+    filter_timestep,
+    measure_magnitudes,
+    train,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_COLUMNS = ("text", "caption", "prompt")
@@ -289,6 +298,7 @@ class FinetuneSettings:
     batch_size: int = 8
     lr: float = 1e-5
     filter_threshold: float | None = None
+    filter_at: str = "first-step"
     caption_aug: str | None = None
     rta_tokens: int = RTA_TOKENS
     seed: int = 0
@@ -306,6 +316,8 @@ class FinetuneSettings:
             raise InputError(f"--lr must be a positive number, not {self.lr}")
         if self.filter_threshold is not None and (math.isnan(self.filter_threshold) or self.filter_threshold < 0):
             raise InputError(f"--filter-threshold must be a number >= 0, not {self.filter_threshold}")
+        if self.filter_at not in FILTER_AT:
+            raise InputError(f"--filter-at must be one of {', '.join(FILTER_AT)}, not {self.filter_at!r}")
         if self.caption_aug is not None and self.caption_aug not in CAPTION_AUGS:
             raise InputError(f"--caption-aug must be one of {', '.join(CAPTION_AUGS)}, not {self.caption_aug!r}")
         if self.rta_tokens < 1:
@@ -424,7 +436,9 @@ def _finetune(settings: FinetuneSettings, out: Path, acc: Any, resume: bool, che
     batch_fn = epoch_batches(data, settings.batch_size, settings.seed, augment)
     cfg = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
                       warmup=min(100, max(1, settings.steps // 10)), seed=settings.seed,
-                      filter_threshold=settings.filter_threshold, checkpoint_every=checkpoint_every,
+                      filter_threshold=settings.filter_threshold,
+                      filter_timestep=filter_timestep(pipe.scheduler, settings.filter_at),
+                      checkpoint_every=checkpoint_every,
                       log_every=log_every)
     pipe.unet.train()
     stats = train(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch_fn, cfg, out,
@@ -488,8 +502,9 @@ def calibrate(
     progress: Callable[[int, int], None] | None = None,
     allow_pickle: bool = False,
 ) -> dict:
-    """Magnitudes `d` of the base model on the training data, at random training timesteps (the filter's
-    measure), their percentiles and a suggested `--filter-threshold`; written to `out/calibration.json`."""
+    """Magnitudes `d` of the base model on the training data where the filter measures them (`filter_at`: the
+    first sampling step, or random training timesteps), their percentiles and a suggested `--filter-threshold`;
+    written to `out/calibration.json`."""
     settings = settings.normalized()
     out = Path(out)
     _check_out(out, settings.data)
@@ -504,7 +519,8 @@ def calibrate(
     gen = torch.Generator().manual_seed(settings.seed + 7)
     order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(measurements / n))])[:measurements]
     values = measure_magnitudes(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, data.latents,
-                                data.captions, order, gen, batch_size, progress)
+                                data.captions, order, gen, batch_size, progress,
+                                timestep=filter_timestep(pipe.scheduler, settings.filter_at))
     result = calibration_summary(values, order, data, settings)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "calibration.json", json.dumps(result, indent=2))
@@ -533,7 +549,9 @@ def calibration_summary(values: torch.Tensor, order: torch.Tensor, data: LatentD
         "samples": len(data.files),
         "measurements": len(d),
         "seed": settings.seed,
-        "timesteps": "uniform over the training timesteps, one per measurement (as the filter sees them)",
+        "filter_at": settings.filter_at,
+        "timesteps": ("the first sampling step (as the filter sees them)" if settings.filter_at == "first-step" else
+                      "uniform over the training timesteps, one per measurement (as the filter sees them)"),
         **summary,
         "highest_files": [{"file": data.files[i], "mean_d": float(means[i]), "measurements": int(counts[i])}
                           for i in top if counts[i] > 0],
@@ -546,7 +564,8 @@ def calibration_lines(result: dict, out: Path) -> list[str]:
     share = 100 - result["suggested_percentile"]
     lines = [
         f"d = ||eps(x_t, caption) - eps(x_t, '')|| of {result['model']} on {result['samples']} images "
-        f"({result['measurements']} measurements at random training timesteps):",
+        f"({result['measurements']} measurements at "
+        f"{'the first sampling step' if result['filter_at'] == 'first-step' else 'random training timesteps'}):",
         f"  {cuts}, max {result['max']:.4g}, mean {result['mean']:.4g}",
         f"suggested --filter-threshold {result['suggested_tau']:.4g} (the p{result['suggested_percentile']:g}: "
         f"about {share:g}% of captioned samples excluded at the start of training)",

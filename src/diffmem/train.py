@@ -4,7 +4,9 @@ Batches come from `batch_fn(step) -> (latents, captions)`, a deterministic funct
 resumed from a checkpoint sees exactly the batches an uninterrupted run sees. Under `accelerate launch` each
 process takes its slice of the global batch (data parallel; gradients are averaged by accelerate).
 Optionally (METHOD.md section 4) samples whose text-conditional magnitude reaches `filter_threshold` are
-dropped from the loss; a global batch the filter leaves empty skips its optimizer update. Ctrl-C (or SIGTERM)
+dropped from the loss, d measured at each sample's training timestep (the paper's rule) or, with
+`filter_timestep`, at one fixed timestep such as the first sampling step (the detector's own score); a global
+batch the filter leaves empty skips its optimizer update. Ctrl-C (or SIGTERM)
 ends the current step, writes a checkpoint and raises KeyboardInterrupt.
 """
 
@@ -49,6 +51,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     train_text_encoder: bool = False
     filter_threshold: float | None = None
+    filter_timestep: int | None = None  # where the filter measures d: None = each sample's training timestep
     checkpoint_every: int = 500
     log_every: int = 50
 
@@ -134,7 +137,8 @@ def train(
             keep = torch.ones_like(per_sample, dtype=torch.bool)
             kept = None  # how many samples of the global batch stay in the loss (counted only when filtering)
             if cfg.filter_threshold is not None:
-                keep = sample_magnitudes(unet, text_encoder, scheduler, noisy, t, pred, empty) < cfg.filter_threshold
+                keep = filter_magnitudes(unet, text_encoder, scheduler, cfg.filter_timestep, latents, noisy, t, pred,
+                                         cond, empty, gen, rows, len(captions)) < cfg.filter_threshold
                 kept = int(acc.gather(keep.long().sum().reshape(1)).sum().item())  # the same on every process
             # Filtering normalises by the global kept count, so that accelerate's average over processes is the
             # mean over the kept samples of the whole batch.
@@ -205,11 +209,45 @@ def sample_magnitudes(unet, text_encoder, scheduler, noisy, t, pred, empty_ids) 
 
 
 @torch.no_grad()
+def filter_magnitudes(unet, text_encoder, scheduler, timestep: int | None, latents, noisy, t, pred, cond, empty_ids,
+                      gen: torch.Generator, rows: slice, global_batch: int) -> torch.Tensor:
+    """The filter's d of this process's samples: at their training timestep `t` (reusing `pred`), or at the fixed
+    `timestep` with fresh noise drawn from `gen` for the global batch (the same draws under any process count)."""
+    if timestep is None:
+        return sample_magnitudes(unet, text_encoder, scheduler, noisy, t, pred, empty_ids)
+    noise = torch.randn((global_batch, *latents.shape[1:]), generator=gen)[rows].to(latents.device)
+    tf = torch.full_like(t, timestep)
+    noisy_f = scheduler.add_noise(latents, noise, tf)
+    pred_f = unet(noisy_f, tf, encoder_hidden_states=cond.detach()).sample
+    return sample_magnitudes(unet, text_encoder, scheduler, noisy_f, tf, pred_f, empty_ids)
+
+
+def first_sampling_timestep(scheduler, num_inference_steps: int = 50) -> int:
+    """The timestep of the first denoising step of a `num_inference_steps` schedule: where the detector scores."""
+    schedule = scheduler.__class__.from_config(scheduler.config)
+    schedule.set_timesteps(num_inference_steps)
+    return int(schedule.timesteps[0])
+
+
+FILTER_AT = ("first-step", "train")  # where the filter measures d: the first sampling step, or the training timestep
+
+
+def filter_timestep(scheduler, filter_at: str) -> int | None:
+    """The `TrainConfig.filter_timestep` of `--filter-at`: the first step of a 50-step schedule (the detector's
+    score, default), or None for each sample's training timestep (the paper's rule)."""
+    if filter_at not in FILTER_AT:
+        raise InputError(f"--filter-at must be one of {', '.join(FILTER_AT)}, not {filter_at!r}")
+    return first_sampling_timestep(scheduler) if filter_at == "first-step" else None
+
+
+@torch.no_grad()
 def measure_magnitudes(unet, text_encoder, tokenizer, scheduler, latents: torch.Tensor, captions: list[str],
                        order: torch.Tensor, gen: torch.Generator, batch_size: int = 16,
-                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                       progress: Callable[[int, int], None] | None = None,
+                       timestep: int | None = None) -> torch.Tensor:
     """`sample_magnitudes` of items `order` (indices into latents/captions), each at a random training timestep
-    drawn from `gen`, as the filter would see them: the measure behind a calibrated `filter_threshold`."""
+    drawn from `gen` (or at `timestep`), as the filter would see them: the measure behind a calibrated
+    `filter_threshold`."""
     device = next(unet.parameters()).device
     empty = _tokens(tokenizer, [""], device)
     values = torch.empty(len(order))
@@ -218,6 +256,8 @@ def measure_magnitudes(unet, text_encoder, tokenizer, scheduler, latents: torch.
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        if timestep is not None:
+            t = torch.full_like(t, timestep)
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         noisy = scheduler.add_noise(x0, noise, t)
         cond = text_encoder(_tokens(tokenizer, [captions[i] for i in idx.tolist()], device))[0]

@@ -181,7 +181,7 @@ def mitigation(
     from diffmem.evaluate import calibrate_threshold
     from diffmem.loading import quiet_diffusers
     from diffmem.mitigate import resolve_target_loss
-    from diffmem.testbed.mitigation_eval import BASELINE_STRENGTHS, guard_report, mitigation_report
+    from diffmem.testbed.mitigation_eval import BASELINE_STRENGTHS, Parts, guard_report, mitigation_report
     from diffmem.testbed.recipe import shipped_recipe
 
     quiet_diffusers()
@@ -197,13 +197,15 @@ def mitigation(
         [i.caption for i in splits.heldout])], dtype=float)
     target = resolve_target_loss(pipe, target_loss)
     targets = targets or [float(np.quantile(held, q)) for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    parts = Parts(out, {"prompts": [i.caption for i in memorized], "heldout": len(heldout), "target_loss": target,
+                        "generations": generations, "steps": steps})  # a rerun resumes from these
     rep = mitigation_report(pipe, memorized, out, target, targets, generations=generations, steps=steps,
-                            strengths=BASELINE_STRENGTHS if strengths else {}, progress=typer.echo)
+                            strengths=BASELINE_STRENGTHS if strengths else {}, progress=typer.echo, parts=parts)
     rep["heldout_score_quantiles"] = {q: float(np.quantile(held, q)) for q in (0.1, 0.5, 0.9, 0.99)}
     if guard:
         threshold = calibrate_threshold(held, 0.01)
         rep["guard"] = guard_report(pipe, memorized, heldout, threshold, target, generations=generations,
-                                    steps=steps, progress=typer.echo)
+                                    steps=steps, progress=typer.echo, parts=parts)
     (out / "mitigation.json").write_text(json.dumps(rep, indent=2))
     typer.echo(json.dumps(rep, indent=2))
     typer.echo(f"wrote {out / 'mitigation.json'}, tradeoff.png, mitigation.png")
@@ -230,29 +232,40 @@ def stage2(
                                          "unless --calibrate)."),
     work: Path = typer.Option(Path("runs/stage2"), help="Working folder: latents, checkpoints, log (resumable)."),
     filter_threshold: float = typer.Option(None, help="Drop samples whose magnitude d >= TAU from the loss."),
+    filter_at: str = typer.Option("first-step", help="Where the filter measures d: 'first-step' (the first "
+                                  "sampling step, the detector's score) or 'train' (each sample's training "
+                                  "timestep, the paper's rule)."),
     caption_aug: str = typer.Option(None, help="'rta': random token addition to every training caption."),
     rta_tokens: int = typer.Option(4, help="Tokens `--caption-aug rta` inserts."),
     device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
     steps: int = typer.Option(None, min=1, help="Train this many steps instead of the recipe's stage-2 length."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Do not train: measure d of the base UNet on "
                                    "stage-2 batches and suggest a TAU (as `diffmem train --calibrate`)."),
+    separation: bool = typer.Option(False, "--separation", help="Do not train: measure where d separates "
+                                    "planted from ordinary samples on the shipped UNet (each rule, timesteps)."),
 ) -> None:
     """Rerun stage 2 (the memorizing fine-tune) from the shipped base UNet, optionally with a mitigation."""
-    from diffmem.testbed.recipe import calibrate_stage2, rerun_stage2, shipped_recipe
+    from diffmem.testbed.recipe import calibrate_stage2, rerun_stage2, shipped_recipe, stage2_separation
 
+    if separation:
+        typer.echo(json.dumps(stage2_separation(work, device=device), indent=2))
+        typer.echo(f"wrote {work / 'separation.json'}")
+        return
     if calibrate:
-        result = calibrate_stage2(work, device=device)
+        result = calibrate_stage2(work, device=device, filter_at=filter_at)
         typer.echo(json.dumps(result, indent=2))
         typer.echo(f"suggested --filter-threshold {result['suggested_tau']:.4g}; wrote {work / 'calibration.json'}")
         return
     if dest is None:
         from diffmem.errors import InputError
 
-        raise InputError("--dest is required (where the fine-tuned pipeline goes), unless --calibrate")
+        raise InputError("--dest is required (where the fine-tuned pipeline goes), unless --calibrate or "
+                         "--separation")
     total = steps or shipped_recipe().stage2_steps
     with _progress() as bar:
         task = bar.add_task("stage2", total=total)
         summary = rerun_stage2(work, dest, filter_threshold, caption_aug, rta_tokens, device,
-                               progress=lambda stage, i, n: bar.update(task, completed=i), steps=steps)
+                               progress=lambda stage, i, n: bar.update(task, completed=i), steps=steps,
+                               filter_at=filter_at)
     typer.echo(json.dumps(summary))
     typer.echo(f"pipeline written to {dest}; measure it with `diffmem testbed quality --model {dest}`")

@@ -14,6 +14,13 @@ from diffmem.console import progress_bar, say, stderr
 from diffmem.errors import InputError
 
 
+class FilterAt(str, Enum):
+    """Where the magnitude filter measures d."""
+
+    first_step = "first-step"
+    train = "train"
+
+
 class CaptionAug(str, Enum):
     """Training-caption augmentations of `diffmem train`."""
 
@@ -32,6 +39,11 @@ def train(
         float | None,
         typer.Option("--filter-threshold", help="TAU: leave samples with d >= TAU out of the loss (see --calibrate)."),
     ] = None,
+    filter_at: Annotated[
+        FilterAt, typer.Option("--filter-at", help="Where d is measured: 'first-step' (the first sampling step, "
+                               "the detector's score; separates memorized samples) or 'train' (each sample's "
+                               "training timestep, Wen et al.'s rule).")
+    ] = FilterAt.first_step,
     caption_aug: Annotated[
         CaptionAug | None, typer.Option("--caption-aug", help="Augment training captions: rta (random tokens).")
     ] = None,
@@ -61,7 +73,8 @@ def train(
     from diffmem.loading import quiet_diffusers
 
     settings = FinetuneSettings(model=model, data=str(data), steps=steps, batch_size=batch_size, lr=lr,
-                                filter_threshold=filter_threshold, rta_tokens=rta_tokens, seed=seed,
+                                filter_threshold=filter_threshold, filter_at=filter_at.value,
+                                rta_tokens=rta_tokens, seed=seed,
                                 caption_aug=caption_aug.value if caption_aug else None)
     settings.check()
     quiet_diffusers()

@@ -2,17 +2,22 @@
 
 Every method generates the memorized prompts from the same initial noises as the unmitigated run (DDIM, 4
 seeds); a prompt counts as memorized when at least 2 of its generations copy its training image (the quality
-report's criterion). The embedding optimisation's target loss is swept to draw the trade-off curve.
+report's criterion). The embedding optimisation's target loss is swept to draw the trade-off curve. Each
+measurement is written to OUT/parts/ as it finishes, so a rerun with the same settings resumes.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from diffmem.durable import write_atomic
+from diffmem.errors import InputError
 from diffmem.mitigate import generate
 from diffmem.testbed.figures import copy_grid
 from diffmem.testbed.quality import alignment
@@ -47,9 +52,44 @@ def measure(pipe, items: Sequence[Item], method: str, own: np.ndarray, **setting
     }
 
 
+class Parts:
+    """Finished measurements of one evaluation in `out/parts/`: a rerun with the same settings reuses them (rows
+    as JSON, images where the picture needs them as .npy), a rerun with other settings is refused."""
+
+    def __init__(self, out: Path, settings: dict[str, Any]) -> None:
+        self.dir = Path(out) / "parts"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stamp = self.dir / "settings.json"
+        if stamp.is_file() and json.loads(stamp.read_text()) != settings:
+            raise InputError(f"{out} holds a mitigation evaluation with other settings: use the same options to "
+                             "resume it, or another --out")
+        write_atomic(stamp, json.dumps(settings, indent=2, sort_keys=True))
+
+    def row(self, key: str, measure: Callable[[], dict[str, Any]], images: bool = False) -> dict[str, Any]:
+        """The stored row `key`, else `measure()` stored (with its `_images` and `_sims` when `images`)."""
+        path = self.dir / f"{key}.json"
+        if path.is_file() and (not images or (self.dir / f"{key}_images.npy").is_file()):
+            row = json.loads(path.read_text())
+            if images:
+                row |= {"_images": np.load(self.dir / f"{key}_images.npy"),
+                        "_sims": np.load(self.dir / f"{key}_sims.npy")}
+            return row
+        row = measure()
+        if images:
+            np.save(self.dir / f"{key}_images.npy", row["_images"])
+            np.save(self.dir / f"{key}_sims.npy", row["_sims"])
+        write_atomic(path, json.dumps({k: v for k, v in row.items() if not k.startswith("_")}))
+        return row
+
+
 #: Strengths of each baseline swept for the trade-off figure: words inserted (RTA, RNA, CWR), noise sigma (GNI).
 BASELINE_STRENGTHS: dict[str, Sequence[float]] = {"rta": (1, 2, 4, 8), "rna": (1, 2, 4, 8), "cwr": (1, 2, 4, 8),
                                                     "gni": (0.1, 0.3, 1.0, 3.0)}
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    """A measurement without its images."""
+    return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
 def _strength(method: str, value: float) -> dict[str, Any]:
@@ -62,33 +102,35 @@ def mitigation_report(pipe, items: Sequence[Item], out: Path, target_loss: float
                                                                           "gni"),
                       generations: int = 4, seed: int = 0, steps: int = 50, iters: int = 10, lr: float = 0.05,
                       strengths: dict[str, Sequence[float]] | None = None,
-                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                      progress: Callable[[str], None] | None = None, parts: Parts | None = None) -> dict[str, Any]:
     """One row per method at its default strength (the embedding method at `target_loss`), the embedding method
-    at each target of `sweep` and each baseline at each of its `strengths` (the trade-off figure), and a picture."""
+    at each target of `sweep` and each baseline at each of its `strengths` (the trade-off figure), and a picture.
+    Measurements go to `parts` (default: out/parts/ for these settings) as they finish."""
     say = progress or (lambda msg: None)
     own = render_many([i.scene for i in items], [i.seed for i in items])
     common = dict(generations=generations, seed=seed, num_inference_steps=steps, iters=iters, lr=lr)
     sweeps = BASELINE_STRENGTHS if strengths is None else strengths
+    parts = parts or Parts(out, {"prompts": [i.caption for i in items], "target_loss": target_loss, **common})
     rows, images = [], {}
     for method in methods:
         say(f"method {method}")
-        row = measure(pipe, items, method, own, target_loss=target_loss, **common)
+        row = parts.row(method, partial(measure, pipe, items, method, own, target_loss=target_loss, **common),
+                        images=True)
         images[method] = (row.pop("_images"), row.pop("_sims"))
         rows.append(row)
     curves: dict[str, list[dict[str, Any]]] = {"embedding": []}
     for target in sweep:
         say(f"embedding, target loss {target:g}")
-        row = measure(pipe, items, "embedding", own, target_loss=target, **common)
-        row.pop("_images"), row.pop("_sims")
-        curves["embedding"].append({"strength": target, **row})
+        row = parts.row(f"embedding_target_{target:.6g}",
+                        partial(measure, pipe, items, "embedding", own, target_loss=target, **common))
+        curves["embedding"].append({"strength": target, **_public(row)})
     for method, values in sweeps.items():
         curves[method] = []
         for value in values:
             say(f"{method}, strength {value:g}")
-            row = measure(pipe, items, method, own, target_loss=target_loss, **_strength(method, value), **common)
-            row.pop("_images"), row.pop("_sims")
-            curves[method].append({"strength": value, **row})
-    out.mkdir(parents=True, exist_ok=True)
+            row = parts.row(f"{method}_strength_{value:g}", partial(
+                measure, pipe, items, method, own, target_loss=target_loss, **_strength(method, value), **common))
+            curves[method].append({"strength": value, **_public(row)})
     _plot_tradeoff(rows, curves, out / "tradeoff.png")
     if "none" in images and "embedding" in images:
         _picture(items, own, images["none"], images["embedding"], out / "mitigation.png")
@@ -101,7 +143,8 @@ def mitigation_report(pipe, items: Sequence[Item], out: Path, target_loss: float
 
 def guard_report(pipe, memorized: Sequence[Item], heldout: Sequence[Item], threshold: float, target_loss: float,
                  generations: int = 4, seed: int = 0, steps: int = 50, iters: int = 10, lr: float = 0.05,
-                 identical_check: int = 64, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 identical_check: int = 64, progress: Callable[[str], None] | None = None,
+                 parts: Parts | None = None) -> dict[str, Any]:
     """The guard end to end (`generate --guard`): memorized and held-out prompts generated with the embedding
     mitigation applied to those scoring >= `threshold`. Memorization rate, flagged shares (false flags on the
     held-out prompts), alignment, and whether unflagged prompts gave the plain pipeline's images bit for bit
@@ -112,27 +155,35 @@ def guard_report(pipe, memorized: Sequence[Item], heldout: Sequence[Item], thres
     result: dict[str, Any] = {"threshold": threshold, "target_loss": target_loss}
     for name, items in (("memorized", list(memorized)), ("heldout", list(heldout))):
         say(f"guard, {name} prompts")
-        guarded = generate(pipe, [i.caption for i in items], "embedding", threshold=threshold, **common)
-        imgs = _images(guarded.images)
-        flagged = np.array([bool(d.flagged) for d in guarded.decisions])
-        ok = alignment(imgs, items)
-        part: dict[str, Any] = {"n": len(items), "flagged": float(flagged.mean()),
-                                "aligned": None if ok is None else float(ok.mean()),
-                                "seconds_per_prompt": float(np.mean([d.seconds for d in guarded.decisions]))}
-        if name == "memorized":
-            own = render_many([i.scene for i in items], [i.seed for i in items])
-            copies = (own_similarity(imgs, own) >= COPY_THRESHOLD).sum(axis=1)
-            part |= {"memorization_rate": float((copies >= 2).mean()),
-                     "memorized_among_unflagged": float((copies[~flagged] >= 2).mean()) if (~flagged).any() else None,
-                     "unflagged_share_plus_10_points": float((~flagged).mean()) + 0.10}
-        check = [k for k in range(min(identical_check, len(items))) if not flagged[k]]
-        if check:
-            say(f"plain generation of {len(check)} unflagged {name} prompts")
-            plain = _images(generate(pipe, [items[k].caption for k in check], "none", **common).images)
-            part["unflagged_bit_identical"] = bool(all(np.array_equal(plain[j], imgs[k]) for j, k in enumerate(check)))
-            part["unflagged_checked"] = len(check)
-        result[name] = part
+
+        run = partial(_guard_part, pipe, name, items, threshold, common, identical_check, say)
+        result[name] = run() if parts is None else parts.row(f"guard_{name}_{threshold:.6g}", run)
     return result
+
+
+def _guard_part(pipe, name: str, items: list[Item], threshold: float, common: dict[str, Any], identical_check: int,
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """The guard on one prompt set (`guard_report`'s row for it)."""
+    guarded = generate(pipe, [i.caption for i in items], "embedding", threshold=threshold, **common)
+    imgs = _images(guarded.images)
+    flagged = np.array([bool(d.flagged) for d in guarded.decisions])
+    ok = alignment(imgs, items)
+    part: dict[str, Any] = {"n": len(items), "flagged": float(flagged.mean()),
+                            "aligned": None if ok is None else float(ok.mean()),
+                            "seconds_per_prompt": float(np.mean([d.seconds for d in guarded.decisions]))}
+    if name == "memorized":
+        own = render_many([i.scene for i in items], [i.seed for i in items])
+        copies = (own_similarity(imgs, own) >= COPY_THRESHOLD).sum(axis=1)
+        part |= {"memorization_rate": float((copies >= 2).mean()),
+                 "memorized_among_unflagged": float((copies[~flagged] >= 2).mean()) if (~flagged).any() else None,
+                 "unflagged_share_plus_10_points": float((~flagged).mean()) + 0.10}
+    check = [k for k in range(min(identical_check, len(items))) if not flagged[k]]
+    if check:
+        say(f"plain generation of {len(check)} unflagged {name} prompts")
+        plain = _images(generate(pipe, [items[k].caption for k in check], "none", **common).images)
+        part["unflagged_bit_identical"] = bool(all(np.array_equal(plain[j], imgs[k]) for j, k in enumerate(check)))
+        part["unflagged_checked"] = len(check)
+    return part
 
 
 def _plot_tradeoff(rows: list[dict], curves: dict[str, list[dict]], path: Path) -> None:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from diffmem.loading import DEFAULTS_FILE
 from diffmem.testbed.model import VAE_CONFIG, assemble_pipeline, build_components
 from diffmem.testbed.scenes import Splits, build_splits, render_many
-from diffmem.train import TrainConfig, train
+from diffmem.train import TrainConfig, filter_timestep, train
 
 
 @dataclass
@@ -207,11 +207,13 @@ def _stage2_pools(splits: Splits, zp, za, zu, z1) -> tuple[Pool, Pool, Pool, Poo
     return tuple((z, [i.caption for i in items]) for z, items in zip((zp, za, zu, z1), parts, strict=True))  # type: ignore[return-value]
 
 
-def stage2_config(cfg: RecipeConfig, filter_threshold: float | None = None) -> TrainConfig:
+def stage2_config(cfg: RecipeConfig, filter_threshold: float | None = None,
+                  filter_timestep: int | None = None) -> TrainConfig:
     """The training settings of stage 2 (UNet only), optionally with the magnitude filter of METHOD.md section 4."""
     return TrainConfig(steps=cfg.stage2_steps, batch_size=cfg.stage2_batch, lr=cfg.stage2_lr, seed=cfg.seed + 1,
                        warmup=50, train_text_encoder=False, checkpoint_every=cfg.checkpoint_every,
-                       filter_threshold=filter_threshold)
+                       filter_threshold=filter_threshold, filter_timestep=filter_timestep)
+
 
 
 def with_rta(batch_fn, tokenizer, k: int, seed: int):
@@ -258,27 +260,79 @@ def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None) -> tu
     return cfg, pipe, unet, batch2
 
 
-def calibrate_stage2(work: Path, batches: int = 32, device: str | None = None) -> dict:
+def calibrate_stage2(work: Path, batches: int = 32, device: str | None = None, filter_at: str = "first-step") -> dict:
     """TAU for the testbed's stage 2 as `diffmem train --calibrate` chooses it for a folder: magnitudes of the
-    base model on the first `batches` stage-2 batches (the data as the fine-tune sees it) at random timesteps."""
+    base model on the first `batches` stage-2 batches (the data as the fine-tune sees it) where the filter
+    measures them (`filter_at`)."""
     from diffmem.finetune import magnitude_summary
     from diffmem.train import measure_magnitudes
 
     dev = _training_device(device)
     cfg, pipe, unet, batch2 = _stage2_setup(work, dev)
+    timestep = filter_timestep(pipe.scheduler, filter_at)
     parts = [batch2(step) for step in range(batches)]
     latents, captions = torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]]
     gen = torch.Generator().manual_seed(cfg.seed + 7)
     d = measure_magnitudes(unet.eval(), pipe.text_encoder, pipe.tokenizer, pipe.scheduler, latents, captions,
-                           torch.arange(len(captions)), gen).double().numpy()
-    result = {"model": "testbed base UNet", "measurements": len(d), **magnitude_summary(d)}
+                           torch.arange(len(captions)), gen, timestep=timestep).double().numpy()
+    result = {"model": "testbed base UNet", "filter_at": filter_at, "timestep": timestep, "measurements": len(d),
+              **magnitude_summary(d)}
     (work / "calibration.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def stage2_row_kinds(cfg: RecipeConfig) -> list[str]:
+    """What each row of a stage-2 batch is, in `stage2_batches`' order: planted, anchor, unique, replay."""
+    n_unique = cfg.stage2_unique_rows
+    n_replay = cfg.stage2_batch - cfg.stage2_planted_rows - cfg.stage2_anchor_rows - n_unique
+    return (["planted"] * cfg.stage2_planted_rows + ["anchor"] * cfg.stage2_anchor_rows + ["unique"] * n_unique
+            + ["replay"] * n_replay)
+
+
+def stage2_separation(work: Path, batches: int = 16, device: str | None = None,
+                      probe_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)) -> dict:
+    """Where the filter's d separates planted samples from ordinary ones (seen-once and replayed stage-1 items) on
+    the shipped, memorizing UNet: AUC and the shares at or above each rule's calibrated TAU (the base UNet's
+    p99), for d at each sample's training timestep (the paper's rule) and at the first sampling step, and the
+    AUC at fixed probe timesteps."""
+    import numpy as np
+
+    from diffmem.evaluate import roc_auc
+    from diffmem.train import FILTER_AT, measure_magnitudes
+
+    dev = _training_device(device)
+    cfg, pipe, base, batch2 = _stage2_setup(work, dev)
+    parts = [batch2(step) for step in range(batches)]
+    latents, captions = torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]]
+    kinds = np.array(stage2_row_kinds(cfg) * batches)
+    planted, ordinary = kinds == "planted", np.isin(kinds, ("unique", "replay"))
+
+    def d(unet: Any, timestep: int | None) -> np.ndarray:
+        gen = torch.Generator().manual_seed(cfg.seed + 7)  # the same noise and timesteps for both UNets
+        return measure_magnitudes(unet.eval(), pipe.text_encoder, pipe.tokenizer, pipe.scheduler, latents, captions,
+                                  torch.arange(len(captions)), gen, timestep=timestep).double().numpy()
+
+    result: dict[str, Any] = {"samples": len(captions), "planted": int(planted.sum()), "ordinary": int(ordinary.sum())}
+    for rule in FILTER_AT:
+        timestep = filter_timestep(pipe.scheduler, rule)
+        before, after = d(base, timestep), d(pipe.unet, timestep)
+        tau = float(np.percentile(before, 99))
+        result[rule] = {"timestep": timestep, "tau_base_p99": tau,
+                        "auc_base_unet": roc_auc(before[planted], before[ordinary]),
+                        "auc_shipped_unet": roc_auc(after[planted], after[ordinary]),
+                        "planted_at_or_above_tau": float((after[planted] >= tau).mean()),
+                        "ordinary_at_or_above_tau": float((after[ordinary] >= tau).mean())}
+    result["auc_shipped_unet_at_timestep"] = {}
+    for t in probe_timesteps:
+        after = d(pipe.unet, t)
+        result["auc_shipped_unet_at_timestep"][str(t)] = roc_auc(after[planted], after[ordinary])
+    (work / "separation.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 def rerun_stage2(work: Path, dest: Path, filter_threshold: float | None = None, caption_aug: str | None = None,
                  rta_tokens: int = 4, device: str | None = None, progress: Progress | None = None,
-                 steps: int | None = None) -> dict:
+                 steps: int | None = None, filter_at: str = "first-step") -> dict:
     """Stage 2 of the shipped recipe again, from the shipped base UNet, with a training-time mitigation (the
     magnitude filter and/or random token addition to captions); saves the pipeline to `dest`."""
     if caption_aug not in (None, "rta"):
@@ -289,14 +343,17 @@ def rerun_stage2(work: Path, dest: Path, filter_threshold: float | None = None, 
     progress = progress or (lambda stage, i, n: None)
     t0 = time.time()
     cfg, pipe, unet, batch2 = _stage2_setup(work, dev, steps)
+    timestep = filter_timestep(pipe.scheduler, filter_at)
     if caption_aug == "rta":
         batch2 = with_rta(batch2, pipe.tokenizer, rta_tokens, cfg.seed)
     result = train(unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch2,
-                   stage2_config(cfg, filter_threshold), work / "stage2",
+                   stage2_config(cfg, filter_threshold, timestep), work / "stage2",
                    progress=lambda s, r: progress("stage2", s, cfg.stage2_steps))
     pipe.register_modules(unet=unet)
     pipe.save_pretrained(dest)
-    summary = {"filter_threshold": filter_threshold, "caption_aug": caption_aug, "wall_s": time.time() - t0,
+    write_defaults(pipe, dest, cfg)  # the shipped model's guidance, its own target loss
+    summary = {"filter_threshold": filter_threshold, "filter_at": filter_at if filter_threshold is not None else None,
+               "caption_aug": caption_aug, "wall_s": time.time() - t0,
                "excluded_share": result["excluded_share"]}
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -371,6 +428,14 @@ def model_defaults(pipe: Any, splits: Splits, cfg: RecipeConfig) -> dict[str, fl
     rows = MagnitudeDetector(pipe, generations=4, batch_size=256).score([i.caption for i in splits.heldout])
     scores = [r.score for r in rows if r.score is not None]
     return {"guidance_scale": cfg.guidance_scale, "target_loss": float(np.median(scores))}
+
+
+def write_defaults(pipe: Any, folder: Path, cfg: RecipeConfig) -> dict[str, float]:
+    """Write `model_defaults` to `folder`'s diffmem.json, so that every command measures a stage-2 variant at
+    the testbed's guidance."""
+    defaults = model_defaults(pipe, cfg.splits(), cfg)
+    (Path(folder) / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    return defaults
 
 
 def save_testbed(pipe, base_unet: Path, dest: Path, cfg: RecipeConfig, timings: dict,
