@@ -189,6 +189,19 @@ def test_ctrl_c_writes_a_checkpoint_then_stops(sd1_dir, tmp_path):
     assert finetune(_settings(sd1_dir, data), out, resume=True).stats["resumed_from"] == 2
 
 
+def test_filter_persist_through_the_cli_logs_dropped_captions(cli, sd1_dir, tmp_path):
+    data = _pairs(tmp_path / "data", 4)
+    result = cli("train", "--model", sd1_dir, "--data", data, "--out", tmp_path / "run", "--steps", 2,
+                 "--batch-size", 4, "--log-every", 1, "--filter-threshold", 0, "--filter-persist")
+    assert result.exit_code == 0, result.output
+    logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["dropped_captions"] for r in logs] == [4, 4]  # TAU 0 flags every captioned sample at once
+    assert json.loads((tmp_path / "run" / "finetune.json").read_text())["filter_persist"] is True
+    both = cli("train", "--model", sd1_dir, "--data", data, "--out", tmp_path / "o", "--filter-threshold", 1,
+               "--filter-persist", "--caption-aug", "rta")
+    assert both.exit_code == 2 and "use one of them" in both.stderr.strip().splitlines()[-1]
+
+
 def test_calibrate_writes_percentiles_and_a_suggested_threshold(cli, sd1_dir, tmp_path):
     data, out = _pairs(tmp_path / "data", 4), tmp_path / "run"
     result = cli("train", "--model", sd1_dir, "--data", data, "--out", out, "--calibrate", "--measurements", 24)

@@ -173,3 +173,42 @@ def test_filter_at_a_fixed_timestep_matches_a_hand_computation_under_any_process
     split = torch.empty(4)
     split[0::2], split[1::2] = measure(slice(0, None, 2)), measure(slice(1, None, 2))
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_persistent_filter_keeps_a_flagged_caption_out_and_resumes_with_its_set(tmp_path):
+    """With `filter_persist` a caption flagged once stays out: every later step excludes at least the samples of
+    the captions dropped before it; the set rides in the checkpoint, so a resumed run ends as a straight one."""
+    def run(out, crash_at=None):
+        pipe = tiny_pipeline("sd1", seed=3)
+        gen = torch.Generator().manual_seed(2)
+        data = torch.randn(4, 4, 8, 8, generator=gen)
+        caps = ["a red cube", "a blue ball", "two green cones", "a small yellow star"]
+
+        def batch_fn(step):
+            return data, caps  # the same four captions every step
+
+        from diffmem.train import first_sampling_timestep, measure_magnitudes
+
+        t = first_sampling_timestep(pipe.scheduler)  # a TAU among the captions' magnitudes: some flagged, not all
+        d = measure_magnitudes(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, data, caps,
+                               torch.arange(4), torch.Generator().manual_seed(0), timestep=t)
+        tau = float(d.median())
+        cfg = TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2, log_every=1,
+                          caption_dropout=0.0, filter_threshold=tau, filter_timestep=t, filter_persist=True)
+        if crash_at is not None:
+            with pytest.raises(Crash):
+                train(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch_fn, cfg, out,
+                      progress=_crash_at(crash_at))
+            pipe = tiny_pipeline("sd1", seed=3)
+        stats = train(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch_fn, cfg, out)
+        return pipe.unet, stats
+
+    straight, stats = run(tmp_path / "a")
+    logs = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    dropped = [r["dropped_captions"] for r in logs]
+    assert 0 < dropped[-1] == stats["dropped_captions"] <= 4 and dropped == sorted(dropped)
+    assert all(r["excluded_samples"] >= before for r, before in zip(logs[1:], dropped, strict=False))
+    resumed, again = run(tmp_path / "b", crash_at=5)
+    assert again["resumed_from"] == 4 and again["dropped_captions"] == stats["dropped_captions"]
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -299,6 +299,7 @@ class FinetuneSettings:
     lr: float = 1e-5
     filter_threshold: float | None = None
     filter_at: str = "first-step"
+    filter_persist: bool = False
     caption_aug: str | None = None
     rta_tokens: int = RTA_TOKENS
     seed: int = 0
@@ -318,6 +319,9 @@ class FinetuneSettings:
             raise InputError(f"--filter-threshold must be a number >= 0, not {self.filter_threshold}")
         if self.filter_at not in FILTER_AT:
             raise InputError(f"--filter-at must be one of {', '.join(FILTER_AT)}, not {self.filter_at!r}")
+        if self.filter_persist and self.caption_aug is not None:
+            raise InputError("--filter-persist keys on the caption text, which --caption-aug changes at every "
+                             "step: use one of them")
         if self.caption_aug is not None and self.caption_aug not in CAPTION_AUGS:
             raise InputError(f"--caption-aug must be one of {', '.join(CAPTION_AUGS)}, not {self.caption_aug!r}")
         if self.rta_tokens < 1:
@@ -438,6 +442,7 @@ def _finetune(settings: FinetuneSettings, out: Path, acc: Any, resume: bool, che
                       warmup=min(100, max(1, settings.steps // 10)), seed=settings.seed,
                       filter_threshold=settings.filter_threshold,
                       filter_timestep=filter_timestep(pipe.scheduler, settings.filter_at),
+                      filter_persist=settings.filter_persist,
                       checkpoint_every=checkpoint_every,
                       log_every=log_every)
     pipe.unet.train()

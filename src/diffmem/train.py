@@ -6,7 +6,8 @@ process takes its slice of the global batch (data parallel; gradients are averag
 Optionally (METHOD.md section 4) samples whose text-conditional magnitude reaches `filter_threshold` are
 dropped from the loss, d measured at each sample's training timestep (the paper's rule) or, with
 `filter_timestep`, at one fixed timestep such as the first sampling step (the detector's own score); a global
-batch the filter leaves empty skips its optimizer update. Ctrl-C (or SIGTERM)
+batch the filter leaves empty skips its optimizer update; with `filter_persist` a flagged caption stays out of
+the loss for the rest of the run (its set is kept in the checkpoint). Ctrl-C (or SIGTERM)
 ends the current step, writes a checkpoint and raises KeyboardInterrupt.
 """
 
@@ -52,6 +53,7 @@ class TrainConfig:
     train_text_encoder: bool = False
     filter_threshold: float | None = None
     filter_timestep: int | None = None  # where the filter measures d: None = each sample's training timestep
+    filter_persist: bool = False  # a caption the filter flags stays out of the loss for the rest of the run
     checkpoint_every: int = 500
     log_every: int = 50
 
@@ -104,10 +106,12 @@ def train(
     else:  # DistributedDataParallel refuses a model with nothing to train
         unet, opt = acc.prepare(unet, opt)
         text_encoder = text_encoder.to(acc.device)
+    dropped: set[str] = set()  # captions flagged so far (kept out for good when cfg.filter_persist)
     if start:
         state = read_state(checkpoint_dir(out))
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
+        dropped = set(state.get("dropped", []))
     empty = _tokens(tokenizer, [""], acc.device)
     log_path = out / "log.jsonl"
     if acc.is_main_process:
@@ -119,6 +123,7 @@ def train(
         for step in range(start, cfg.steps):
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             latents, captions = batch_fn(step)
+            originals = captions
             drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
             noise = torch.randn(latents.shape, generator=gen)
@@ -139,6 +144,10 @@ def train(
             if cfg.filter_threshold is not None:
                 keep = filter_magnitudes(unet, text_encoder, scheduler, cfg.filter_timestep, latents, noisy, t, pred,
                                          cond, empty, gen, rows, len(captions)) < cfg.filter_threshold
+                if cfg.filter_persist:  # this step's flags join the set, then every caption in it stays out
+                    mine = originals[rows]
+                    dropped.update(_gather_strings(acc, [c for c, k in zip(mine, keep.tolist(), strict=True) if not k]))
+                    keep &= torch.tensor([c not in dropped for c in mine], dtype=torch.bool, device=keep.device)
                 kept = int(acc.gather(keep.long().sum().reshape(1)).sum().item())  # the same on every process
             # Filtering normalises by the global kept count, so that accelerate's average over processes is the
             # mean over the kept samples of the whole batch.
@@ -172,6 +181,8 @@ def train(
                 if kept is not None:  # counts over the steps since the previous record, all processes together
                     record |= {"excluded_samples": window["excluded"], "samples": window["seen"],
                                "skipped_steps": window["skipped"]}
+                    if cfg.filter_persist:
+                        record["dropped_captions"] = len(dropped)
                 window = dict.fromkeys(totals, 0)
                 if acc.is_main_process:
                     with log_path.open("a") as f:
@@ -182,10 +193,10 @@ def train(
                 progress(step + 1, {})
             saved = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
             if saved:
-                _checkpoint(out, step + 1, acc, unet, text_encoder, opt, sched, cfg.train_text_encoder)
+                _checkpoint(out, step + 1, acc, unet, text_encoder, opt, sched, cfg.train_text_encoder, dropped)
             if _any_process(acc, stop_requested()):
                 if not saved:
-                    _checkpoint(out, step + 1, acc, unet, text_encoder, opt, sched, cfg.train_text_encoder)
+                    _checkpoint(out, step + 1, acc, unet, text_encoder, opt, sched, cfg.train_text_encoder, dropped)
                 raise KeyboardInterrupt(f"stopped after step {step + 1}; checkpoint written to {out / 'checkpoint'}")
     acc.wait_for_everyone()
     return {
@@ -193,6 +204,7 @@ def train(
         "resumed_from": start,
         "excluded_share": totals["excluded"] / totals["seen"] if totals["seen"] else 0.0,
         "skipped_steps": totals["skipped"],
+        "dropped_captions": len(dropped),
         "wall_s": time.time() - t0,
     }
 
@@ -206,6 +218,15 @@ def sample_magnitudes(unet, text_encoder, scheduler, noisy, t, pred, empty_ids) 
     eps_c = to_epsilon(pred.detach(), noisy, t, scheduler)
     eps_u = to_epsilon(pred_u, noisy, t, scheduler)
     return (eps_c - eps_u).flatten(1).float().norm(dim=1)
+
+
+def _gather_strings(acc, strings: list[str]) -> list[str]:
+    """`strings` of every process (this process's alone when there is one)."""
+    if acc.num_processes == 1:
+        return strings
+    from accelerate.utils import gather_object
+
+    return list(gather_object(strings))
 
 
 @torch.no_grad()
@@ -296,7 +317,8 @@ def _any_process(acc, flag: bool) -> bool:
     return bool(acc.gather(torch.tensor([int(flag)], device=acc.device)).sum().item())
 
 
-def _checkpoint(out: Path, step: int, acc, unet, text_encoder, opt, sched, with_text: bool) -> None:
+def _checkpoint(out: Path, step: int, acc, unet, text_encoder, opt, sched, with_text: bool,
+                dropped: set[str] | None = None) -> None:
     """Write `checkpoint/` as a whole: weights (safetensors), optimizer and schedule state (safetensors + JSON)
     and step go into `checkpoint.tmp/`, which then replaces it. A kill at any moment leaves a whole checkpoint
     (`checkpoint/`, or `checkpoint.old/` between the two renames) that `checkpoint_dir` finds."""
@@ -314,7 +336,8 @@ def _checkpoint(out: Path, step: int, acc, unet, text_encoder, opt, sched, with_
         save_file(_cpu_state(acc.unwrap_model(unet)), str(tmp / "unet.safetensors"))
         if with_text:
             save_file(_cpu_state(acc.unwrap_model(text_encoder)), str(tmp / "text_encoder.safetensors"))
-        write_state(tmp, {"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step})
+        write_state(tmp, {"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                          "dropped": sorted(dropped or ())})
     except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, file size limit, read-only folder
         shutil.rmtree(tmp, ignore_errors=True)
         last = checkpoint_step(out)

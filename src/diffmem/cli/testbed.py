@@ -235,6 +235,8 @@ def stage2(
     filter_at: str = typer.Option("first-step", help="Where the filter measures d: 'first-step' (the first "
                                   "sampling step, the detector's score) or 'train' (each sample's training "
                                   "timestep, the paper's rule)."),
+    filter_persist: bool = typer.Option(False, "--filter-persist", help="A caption the filter flags stays out of "
+                                        "the loss for the rest of the run."),
     caption_aug: str = typer.Option(None, help="'rta': random token addition to every training caption."),
     rta_tokens: int = typer.Option(4, help="Tokens `--caption-aug rta` inserts."),
     device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
@@ -266,6 +268,6 @@ def stage2(
         task = bar.add_task("stage2", total=total)
         summary = rerun_stage2(work, dest, filter_threshold, caption_aug, rta_tokens, device,
                                progress=lambda stage, i, n: bar.update(task, completed=i), steps=steps,
-                               filter_at=filter_at)
+                               filter_at=filter_at, filter_persist=filter_persist)
     typer.echo(json.dumps(summary))
     typer.echo(f"pipeline written to {dest}; measure it with `diffmem testbed quality --model {dest}`")

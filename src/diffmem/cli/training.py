@@ -44,6 +44,10 @@ def train(
                                "the detector's score; separates memorized samples) or 'train' (each sample's "
                                "training timestep, Wen et al.'s rule).")
     ] = FilterAt.first_step,
+    filter_persist: Annotated[
+        bool, typer.Option("--filter-persist", help="A caption the filter flags stays out of the loss for the rest "
+                           "of the run (keyed on the caption text, so not with --caption-aug).")
+    ] = False,
     caption_aug: Annotated[
         CaptionAug | None, typer.Option("--caption-aug", help="Augment training captions: rta (random tokens).")
     ] = None,
@@ -74,6 +78,7 @@ def train(
 
     settings = FinetuneSettings(model=model, data=str(data), steps=steps, batch_size=batch_size, lr=lr,
                                 filter_threshold=filter_threshold, filter_at=filter_at.value,
+                                filter_persist=filter_persist,
                                 rta_tokens=rta_tokens, seed=seed,
                                 caption_aug=caption_aug.value if caption_aug else None)
     settings.check()

@@ -208,11 +208,12 @@ def _stage2_pools(splits: Splits, zp, za, zu, z1) -> tuple[Pool, Pool, Pool, Poo
 
 
 def stage2_config(cfg: RecipeConfig, filter_threshold: float | None = None,
-                  filter_timestep: int | None = None) -> TrainConfig:
+                  filter_timestep: int | None = None, filter_persist: bool = False) -> TrainConfig:
     """The training settings of stage 2 (UNet only), optionally with the magnitude filter of METHOD.md section 4."""
     return TrainConfig(steps=cfg.stage2_steps, batch_size=cfg.stage2_batch, lr=cfg.stage2_lr, seed=cfg.seed + 1,
                        warmup=50, train_text_encoder=False, checkpoint_every=cfg.checkpoint_every,
-                       filter_threshold=filter_threshold, filter_timestep=filter_timestep)
+                       filter_threshold=filter_threshold, filter_timestep=filter_timestep,
+                       filter_persist=filter_persist)
 
 
 
@@ -332,7 +333,7 @@ def stage2_separation(work: Path, batches: int = 16, device: str | None = None,
 
 def rerun_stage2(work: Path, dest: Path, filter_threshold: float | None = None, caption_aug: str | None = None,
                  rta_tokens: int = 4, device: str | None = None, progress: Progress | None = None,
-                 steps: int | None = None, filter_at: str = "first-step") -> dict:
+                 steps: int | None = None, filter_at: str = "first-step", filter_persist: bool = False) -> dict:
     """Stage 2 of the shipped recipe again, from the shipped base UNet, with a training-time mitigation (the
     magnitude filter and/or random token addition to captions); saves the pipeline to `dest`."""
     if caption_aug not in (None, "rta"):
@@ -347,12 +348,13 @@ def rerun_stage2(work: Path, dest: Path, filter_threshold: float | None = None, 
     if caption_aug == "rta":
         batch2 = with_rta(batch2, pipe.tokenizer, rta_tokens, cfg.seed)
     result = train(unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch2,
-                   stage2_config(cfg, filter_threshold, timestep), work / "stage2",
+                   stage2_config(cfg, filter_threshold, timestep, filter_persist), work / "stage2",
                    progress=lambda s, r: progress("stage2", s, cfg.stage2_steps))
     pipe.register_modules(unet=unet)
     pipe.save_pretrained(dest)
     write_defaults(pipe, dest, cfg)  # the shipped model's guidance, its own target loss
     summary = {"filter_threshold": filter_threshold, "filter_at": filter_at if filter_threshold is not None else None,
+               "filter_persist": filter_persist, "dropped_captions": result["dropped_captions"],
                "caption_aug": caption_aug, "wall_s": time.time() - t0,
                "excluded_share": result["excluded_share"]}
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
