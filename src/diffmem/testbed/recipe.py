@@ -216,7 +216,6 @@ def stage2_config(cfg: RecipeConfig, filter_threshold: float | None = None,
                        filter_persist=filter_persist)
 
 
-
 def with_rta(batch_fn, tokenizer, k: int, seed: int):
     """`batch_fn` with random token addition (k tokens) on every caption, seeded by (seed, step, row)."""
     from diffmem.mitigate.baselines import rta
@@ -261,21 +260,34 @@ def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None) -> tu
     return cfg, pipe, unet, batch2
 
 
+def _stage2_sample(batch2: Callable, batches: int) -> tuple[torch.Tensor, list[str]]:
+    """The first `batches` stage-2 batches as one set of latents and captions."""
+    parts = [batch2(step) for step in range(batches)]
+    return torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]]
+
+
+def _stage2_magnitudes(unet: Any, pipe: Any, latents: torch.Tensor, captions: list[str], seed: int,
+                       timestep: int | None) -> Any:
+    """The filter's d of every sample under `unet` (at `timestep`, else at random training timesteps), from
+    noise seeded by the recipe's seed: the same draws for every UNet measured."""
+    from diffmem.train import measure_magnitudes
+
+    gen = torch.Generator().manual_seed(seed + 7)
+    return measure_magnitudes(unet.eval(), pipe.text_encoder, pipe.tokenizer, pipe.scheduler, latents, captions,
+                              torch.arange(len(captions)), gen, timestep=timestep).double().numpy()
+
+
 def calibrate_stage2(work: Path, batches: int = 32, device: str | None = None, filter_at: str = "first-step") -> dict:
     """TAU for the testbed's stage 2 as `diffmem train --calibrate` chooses it for a folder: magnitudes of the
     base model on the first `batches` stage-2 batches (the data as the fine-tune sees it) where the filter
     measures them (`filter_at`)."""
     from diffmem.finetune import magnitude_summary
-    from diffmem.train import measure_magnitudes
 
     dev = _training_device(device)
     cfg, pipe, unet, batch2 = _stage2_setup(work, dev)
     timestep = filter_timestep(pipe.scheduler, filter_at)
-    parts = [batch2(step) for step in range(batches)]
-    latents, captions = torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]]
-    gen = torch.Generator().manual_seed(cfg.seed + 7)
-    d = measure_magnitudes(unet.eval(), pipe.text_encoder, pipe.tokenizer, pipe.scheduler, latents, captions,
-                           torch.arange(len(captions)), gen, timestep=timestep).double().numpy()
+    latents, captions = _stage2_sample(batch2, batches)
+    d = _stage2_magnitudes(unet, pipe, latents, captions, cfg.seed, timestep)
     result = {"model": "testbed base UNet", "filter_at": filter_at, "timestep": timestep, "measurements": len(d),
               **magnitude_summary(d)}
     (work / "calibration.json").write_text(json.dumps(result, indent=2))
@@ -299,19 +311,16 @@ def stage2_separation(work: Path, batches: int = 16, device: str | None = None,
     import numpy as np
 
     from diffmem.evaluate import roc_auc
-    from diffmem.train import FILTER_AT, measure_magnitudes
+    from diffmem.train import FILTER_AT
 
     dev = _training_device(device)
     cfg, pipe, base, batch2 = _stage2_setup(work, dev)
-    parts = [batch2(step) for step in range(batches)]
-    latents, captions = torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]]
+    latents, captions = _stage2_sample(batch2, batches)
     kinds = np.array(stage2_row_kinds(cfg) * batches)
     planted, ordinary = kinds == "planted", np.isin(kinds, ("unique", "replay"))
 
-    def d(unet: Any, timestep: int | None) -> np.ndarray:
-        gen = torch.Generator().manual_seed(cfg.seed + 7)  # the same noise and timesteps for both UNets
-        return measure_magnitudes(unet.eval(), pipe.text_encoder, pipe.tokenizer, pipe.scheduler, latents, captions,
-                                  torch.arange(len(captions)), gen, timestep=timestep).double().numpy()
+    def d(unet: Any, timestep: int | None) -> np.ndarray:  # the same noise and timesteps for both UNets
+        return _stage2_magnitudes(unet, pipe, latents, captions, cfg.seed, timestep)
 
     result: dict[str, Any] = {"samples": len(captions), "planted": int(planted.sum()), "ordinary": int(ordinary.sum())}
     for rule in FILTER_AT:
