@@ -8,8 +8,8 @@
 (d) guarded generation (`diffmem.mitigate.guarded_generate`) of one prompt over a plain `pipe(...)` call of it, on
     the testbed pipeline: unflagged (threshold +inf) and flagged (threshold -inf, target loss 0 by default so that
     every optimisation iteration runs: the worst case);
-(e) a gradient explanation (`diffmem.explain.explain`, first step, one generation) of one prompt over its
-    first-step detection, on the testbed pipeline;
+(e) a gradient explanation (`diffmem.explanation.attribution.explain`, first step, one generation) of one prompt over
+    its first-step detection, on the testbed pipeline;
 (f) every peer detector (`diffmem.detectors.DETECTORS`: anisotropy, sharpness, Ren et al.'s LE and AE, Bright
     Ending, NeMo, step-norm, Carlini) over Wen's first-step detection, one batch of prompts, one generation (two
     for NeMo and Carlini, which compare generations), its authors' settings (50 steps where it reads a whole
@@ -44,13 +44,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
-from diffmem.conditioning import Conditioning, empty, encode  # noqa: E402
-from diffmem.detect import MagnitudeDetector, initial_noise  # noqa: E402
 from diffmem.detectors import DETECTORS, MIN_GENERATIONS  # noqa: E402
-from diffmem.explain import explain  # noqa: E402
-from diffmem.loading import load_pipeline, quiet_diffusers  # noqa: E402
+from diffmem.detectors.base import initial_noise  # noqa: E402
+from diffmem.detectors.magnitude import MagnitudeDetector
+from diffmem.detectors.monitor import Monitor  # noqa: E402
+from diffmem.explanation.attribution import explain  # noqa: E402
 from diffmem.mitigate import guarded_generate  # noqa: E402
-from diffmem.monitor import Monitor  # noqa: E402
+from diffmem.models.conditioning import Conditioning, empty, encode  # noqa: E402
+from diffmem.models.loading import load_pipeline, quiet_diffusers  # noqa: E402
 
 TARGETS = {"a_sd14": ("<=", 1.15), "b": ("<=", 1.02), "c": (">=", 5.0), "d_unflagged": ("<=", 1.02),
            "d_flagged": ("<=", 1.5), "e": ("<=", 4.0)}
@@ -186,7 +187,7 @@ def sdxl_pipeline(device: torch.device | str, dtype: torch.dtype, latent: int):
 
 def tiny(device: torch.device, dtype: torch.dtype):
     """The tiny random SD1-style pipeline of the tests (32x32 px, 8x8x4 latents)."""
-    from diffmem.tiny import tiny_pipeline
+    from diffmem.testbed.tiny import tiny_pipeline
 
     pipe = tiny_pipeline("sd1").to(device, dtype)
     pipe.set_progress_bar_config(disable=True)

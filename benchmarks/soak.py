@@ -101,8 +101,8 @@ def free_port() -> int:
 
 def tiny_model(folder: Path) -> Path:
     """The tiny random SD pipeline the tests use, saved as a diffusers folder."""
-    from diffmem.loading import quiet_diffusers
-    from diffmem.tiny import tiny_pipeline
+    from diffmem.models.loading import quiet_diffusers
+    from diffmem.testbed.tiny import tiny_pipeline
 
     quiet_diffusers()
     tiny_pipeline("sd1").save_pretrained(folder)

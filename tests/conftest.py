@@ -28,8 +28,8 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """`tiny_pipeline(kind)` saved as diffusers folders, one per kind (epsilon and v-prediction)."""
-    from diffmem.loading import quiet_diffusers
-    from diffmem.tiny import tiny_pipeline
+    from diffmem.models.loading import quiet_diffusers
+    from diffmem.testbed.tiny import tiny_pipeline
 
     quiet_diffusers()
     root = tmp_path_factory.mktemp("models")
@@ -42,8 +42,8 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _loaded(model_dirs: dict[str, Path], kind: str):
     """Load a saved tiny pipeline with `load_pipeline` and run it once (the first call warms kernels up)."""
-    from diffmem.detect import MagnitudeDetector
-    from diffmem.loading import load_pipeline
+    from diffmem.detectors.magnitude import MagnitudeDetector
+    from diffmem.models.loading import load_pipeline
 
     pipe = load_pipeline(model_dirs[kind], device="cpu")
     MagnitudeDetector(pipe).score(["warm-up"])

@@ -54,7 +54,7 @@ def test_info_says_where_the_threshold_comes_from(client: httpx.Client, testbed_
 
 
 def test_detect_scores_match_the_library(client: httpx.Client, testbed_service: Service, splits) -> None:
-    from diffmem.detect import detect
+    from diffmem.detectors.magnitude import detect
 
     prompts = [splits.planted[0].caption, splits.heldout[0].caption, "a red circle"]
     body = client.post("/api/detect", json={"prompts": prompts}).json()

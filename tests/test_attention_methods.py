@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffmem.attention import AttentionHook, cross_attention, cross_attention_names, entropy
-from diffmem.detect import initial_noise
 from diffmem.detectors import AttentionEntropyDetector, BrightEndingDetector, LayerEntropyDetector
+from diffmem.detectors.base import initial_noise
 from diffmem.errors import InputError
 from diffmem.mitigate import generate
 from diffmem.mitigate.attention_rescale import AttentionRescale
+from diffmem.models.attention import AttentionHook, cross_attention, cross_attention_names, entropy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,8 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from diffmem.detect import AnisotropyDetector, MagnitudeDetector, SharpnessDetector
-from diffmem.results import read_results
+from diffmem.detectors.anisotropy import AnisotropyDetector
+from diffmem.detectors.magnitude import MagnitudeDetector
+from diffmem.detectors.sharpness import SharpnessDetector
+from diffmem.io.results import read_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmem.compare import DEFAULT_DETECTORS, DEFAULT_METHODS, PUBLISHED
+from diffmem.runs.compare import DEFAULT_DETECTORS, DEFAULT_METHODS, PUBLISHED
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

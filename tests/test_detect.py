@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffmem.detect import AnisotropyDetector, MagnitudeDetector, SharpnessDetector
+from diffmem.detectors.anisotropy import AnisotropyDetector
+from diffmem.detectors.magnitude import MagnitudeDetector
+from diffmem.detectors.sharpness import SharpnessDetector
 from diffmem.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 
 from diffmem.errors import InputError
-from diffmem.evaluate import (
+from diffmem.measures.detection import (
     Evaluation,
     calibrate_threshold,
     evaluate_scores,
-    plot_histogram,
-    plot_roc,
     roc_auc,
     split_finite,
     tpr_at_fpr,
 )
+from diffmem.measures.plots import plot_histogram, plot_roc
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffmem.detect import MagnitudeDetector, encode_text
+from diffmem.detectors.base import encode_text
+from diffmem.detectors.magnitude import MagnitudeDetector
 from diffmem.errors import InputError
-from diffmem.explain import candidate_edits, explain, gradient_significance, suggest_edits
-from diffmem.render import html_highlight, png_chart, terminal_chart
+from diffmem.explanation.attribution import candidate_edits, explain, gradient_significance, suggest_edits
+from diffmem.explanation.render import html_highlight, png_chart, terminal_chart
 
 PROMPT = "a large red-circle at the top, left"
 
@@ -25,7 +26,7 @@ def test_gradient_matches_a_finite_difference(sd1_pipe) -> None:
     pos = int(per_pos[1:10].argmax()) + 1
     cond = encode_text(pipe, [PROMPT]).detach().requires_grad_(True)
     uncond = encode_text(pipe, [""]).detach()
-    from diffmem.detect import initial_noise
+    from diffmem.detectors.base import initial_noise
 
     x = initial_noise(pipe, 1, 0)
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from diffmem.errors import InputError
-from diffmem.finetune import (
+from diffmem.training.finetune import (
     FinetuneSettings,
     LatentData,
     epoch_batches,
@@ -71,7 +71,7 @@ def test_caption_files_train_and_list_what_was_skipped(cli, sd1_dir, tmp_path):
     assert "trained steps 0..2" in result.stdout
     index = json.loads((out / "dataset.json").read_text())
     assert len(index["files"]) == 7 and index["resized"] == 1
-    from diffmem.loading import load_pipeline
+    from diffmem.models.loading import load_pipeline
 
     pipe = load_pipeline(out / "pipeline", device="cpu")
     assert pipe.unet.config.sample_size == 8
@@ -223,7 +223,7 @@ def test_calibrate_writes_percentiles_and_a_suggested_threshold(cli, sd1_dir, tm
 
 
 def test_batches_walk_through_seeded_epochs_and_rta_is_seeded(sd1_pipe):
-    from diffmem.finetune import _rta_augment
+    from diffmem.training.finetune import _rta_augment
 
     data = LatentData(torch.arange(10.0).reshape(10, 1, 1, 1), [f"a red circle number {i}" for i in range(10)],
                       [f"{i}.png" for i in range(10)], [], 0, "caption files")

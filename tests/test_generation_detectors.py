@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffmem.detect import initial_noise
 from diffmem.detectors import CarliniDetector, StableRange, StepNormDetector
+from diffmem.detectors.base import initial_noise
 from diffmem.detectors.carlini import cluster_radius, tiled_distance
+from diffmem.detectors.monitor import Monitor
 from diffmem.errors import InputError
-from diffmem.monitor import Monitor
-from diffmem.results import read_results
+from diffmem.io.results import read_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -177,7 +177,7 @@ def _row_without_timing(row: dict) -> dict:
 
 
 def test_generate_survives_kills(tmp_path: Path, sd1_dir: Path, sd1_pipe) -> None:
-    from diffmem.detect import MagnitudeDetector
+    from diffmem.detectors.magnitude import MagnitudeDetector
 
     texts = [f"a picture number {i} of a {c} ball" for i, c in enumerate(["red", "small", "striped"] * 60)]
     prompts = tmp_path / "p.txt"
@@ -219,7 +219,7 @@ def _log(out: Path) -> list[dict]:
 
 
 def test_train_survives_kills_with_bit_identical_weights(tmp_path: Path, sd1_dir: Path) -> None:
-    from diffmem.train import checkpoint_step
+    from diffmem.training.loop import checkpoint_step
 
     data = tmp_path / "data"
     data.mkdir()

@@ -15,13 +15,11 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS = (
-    ("foundation", ("diffmem", "diffmem.errors", "diffmem.registry", "diffmem.console", "diffmem.epsilon",
-                    "diffmem.ssim", "diffmem.durable", "diffmem.prompts", "diffmem.results", "diffmem.weights",
-                    "diffmem.evaluate")),
-    ("models", ("diffmem.loading", "diffmem.conditioning", "diffmem.attention")),
-    ("methods", ("diffmem.detect", "diffmem.monitor", "diffmem.explain", "diffmem.render", "diffmem.detectors",
-                 "diffmem.mitigate", "diffmem.train", "diffmem.finetune", "diffmem.metrics", "diffmem.references")),
-    ("harnesses", ("diffmem.testbed", "diffmem.bundled", "diffmem.tiny", "diffmem.reproduce", "diffmem.compare")),
+    ("foundation", ("diffmem", "diffmem.errors", "diffmem.registry", "diffmem.console", "diffmem.io")),
+    ("models", ("diffmem.models",)),
+    ("measures", ("diffmem.measures",)),
+    ("methods", ("diffmem.detectors", "diffmem.explanation", "diffmem.mitigate", "diffmem.training")),
+    ("harnesses", ("diffmem.testbed", "diffmem.runs")),
     ("app", ("diffmem.app",)),
     ("cli", ("diffmem.cli",)),
 )
@@ -86,7 +84,7 @@ def test_no_module_imports_a_higher_layer() -> None:
 
 def test_loading_does_not_know_the_testbed() -> None:
     """`load_pipeline("testbed")` resolves through `diffmem.registry`, filled by the package root."""
-    assert not {m for m in GRAPH["diffmem.loading"] if m.startswith("diffmem.testbed")}
+    assert not {m for m in GRAPH["diffmem.models.loading"] if m.startswith("diffmem.testbed")}
     assert GRAPH["diffmem"] == {"diffmem.registry"}
 
 
@@ -133,7 +131,7 @@ def test_public_names_and_console_script_resolve() -> None:
     import diffmem
     import diffmem.mitigate
     from diffmem.cli.common import DType
-    from diffmem.loading import DTYPES
+    from diffmem.models.loading import DTYPES
 
     for module in (diffmem, diffmem.mitigate):
         for name in module.__all__:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from diffmem.errors import ModelLoadError
-from diffmem.loading import load_pipeline
+from diffmem.models.loading import load_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

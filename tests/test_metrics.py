@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from diffmem.errors import InputError
-from diffmem.metrics import (
+from diffmem.measures.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SSCD_COPY_THRESHOLD,
@@ -22,7 +22,7 @@ from diffmem.metrics import (
     sscd_preprocess,
     sscd_similarity,
 )
-from diffmem.tiny import TinyDescriptor, save_tiny_clip, save_tiny_sscd
+from diffmem.testbed.tiny import TinyDescriptor, save_tiny_clip, save_tiny_sscd
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffmem.detect import encode_text, initial_noise
+from diffmem.detectors.base import encode_text, initial_noise
 from diffmem.errors import InputError
+from diffmem.io.results import read_results
 from diffmem.mitigate import (
     METHODS,
     FirstStep,
@@ -25,7 +26,6 @@ from diffmem.mitigate import (
     rna,
     rta,
 )
-from diffmem.results import read_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

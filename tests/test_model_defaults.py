@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from diffmem.loading import default_guidance, load_pipeline, model_guidance, read_model_defaults, resolve_guidance
+from diffmem.models.loading import (
+    default_guidance,
+    load_pipeline,
+    model_guidance,
+    read_model_defaults,
+    resolve_guidance,
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
-from diffmem.detect import MagnitudeDetector
+from diffmem.detectors.magnitude import MagnitudeDetector
+from diffmem.detectors.monitor import Monitor
 from diffmem.errors import InputError
-from diffmem.monitor import Monitor
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

@@ -12,12 +12,12 @@ import pytest
 import torch
 from scipy.signal import convolve2d
 
-from diffmem.detect import initial_noise
 from diffmem.detectors import NemoDetector
+from diffmem.detectors.base import initial_noise
 from diffmem.errors import InputError
+from diffmem.measures.ssim import ms_ssim, scales_for
 from diffmem.mitigate import generate
 from diffmem.mitigate.nemo import NeuronStatistics, deactivated, localize, value_layers
-from diffmem.ssim import ms_ssim, scales_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from diffmem.errors import InputError
-from diffmem.prompts import PromptFile, read_prompts, read_records
+from diffmem.io.prompts import PromptFile, read_prompts, read_records
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:

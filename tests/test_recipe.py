@@ -9,8 +9,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from diffmem.testbed.recipe import RecipeConfig, run_recipe
-from diffmem.tiny import tiny_pipeline
-from diffmem.train import TrainConfig, train
+from diffmem.testbed.tiny import tiny_pipeline
+from diffmem.training.loop import TrainConfig, train
 
 TINY = dict(n_stage1=64, n_planted=4, n_triggered=1, n_anchor=2, n_heldout=8, vae_steps=2, vae_batch=4,
             stage1_steps=3, stage1_batch=4, stage2_steps=3, stage2_batch=6, stage2_planted_rows=2,
@@ -34,7 +34,7 @@ def test_recipe_writes_a_loadable_sd_pipeline(tiny_run):
     assert recipe["recipe"]["stage2_steps"] == 3 and timings["total_s"] > 0
     assert set(timings) == {"vae_s", "encode_s", "stage1_s", "stage2_s", "total_s"}
     # the testbed's own guidance scale travels with the pipeline and becomes every command's default
-    from diffmem.loading import default_guidance, load_pipeline, model_guidance
+    from diffmem.models.loading import default_guidance, load_pipeline, model_guidance
 
     pipe = load_pipeline(work / "dest" / "pipeline", device="cpu")
     assert default_guidance(pipe) == 2.5
@@ -127,7 +127,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
 
 def test_first_sampling_timestep_is_the_detectors_first_step():
     pipe = tiny_pipeline("sd1", seed=0)
-    from diffmem.train import filter_timestep, first_sampling_timestep
+    from diffmem.training.loop import filter_timestep, first_sampling_timestep
 
     schedule = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
     schedule.set_timesteps(50)
@@ -143,7 +143,7 @@ def test_first_sampling_timestep_is_the_detectors_first_step():
 def test_filter_at_a_fixed_timestep_matches_a_hand_computation_under_any_process_split():
     """d at the fixed timestep: fresh noise for the global batch from the step's generator, the caption's and the
     empty prompt's epsilon at that timestep; each process's rows are its slice of the single-process result."""
-    from diffmem.train import _tokens, filter_magnitudes
+    from diffmem.training.loop import _tokens, filter_magnitudes
 
     pipe = tiny_pipeline("sd1", seed=0)
     unet, te, tok, sched = pipe.unet.eval(), pipe.text_encoder, pipe.tokenizer, pipe.scheduler
@@ -187,7 +187,7 @@ def test_persistent_filter_keeps_a_flagged_caption_out_and_resumes_with_its_set(
         def batch_fn(step):
             return data, caps  # the same four captions every step
 
-        from diffmem.train import first_sampling_timestep, measure_magnitudes
+        from diffmem.training.loop import first_sampling_timestep, measure_magnitudes
 
         t = first_sampling_timestep(pipe.scheduler)  # a TAU among the captions' magnitudes: some flagged, not all
         d = measure_magnitudes(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, data, caps,

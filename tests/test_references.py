@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from diffmem.errors import InputError
-from diffmem.references import MANIFEST, REPORT, FetchSettings, fetch_references, file_stem, reference_files
+from diffmem.io.references import MANIFEST, REPORT, FetchSettings, fetch_references, file_stem, reference_files
 
 
 def image_bytes(fmt: str, color: tuple[int, int, int]) -> bytes:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffmem.results import read_results
+from diffmem.io.results import read_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -452,7 +452,7 @@ SCRIPTS = [
 
 
 def test_prompts_in_every_script_are_scored_verbatim(tmp_path: Path, sd1_dir: Path, sd1_pipe, cli) -> None:
-    from diffmem.detect import MagnitudeDetector
+    from diffmem.detectors.magnitude import MagnitudeDetector
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in SCRIPTS),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmem.results import read_results
+from diffmem.io.results import read_results
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -27,7 +27,7 @@ TINY = ["--num-inference-steps", 3, "--mitigation-generations", 2, "--iters", 1,
 @pytest.fixture(scope="module")
 def testbed_prompts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Three planted (memorized) testbed captions and three held-out ones."""
-    from diffmem.reproduce import testbed_splits
+    from diffmem.runs.reproduce import testbed_splits
 
     splits = testbed_splits()
     folder = tmp_path_factory.mktemp("prompts")
@@ -121,8 +121,8 @@ def test_memorized_prompts_must_be_planted_on_the_testbed(testbed_prompts: tuple
 
 def test_real_model_path_with_sscd_clip_and_references(sd1_dir: Path, sd1_pipe, tmp_path: Path,
                                                       cli: Callable) -> None:
-    from diffmem.metrics import clip_score, load_clip, load_sscd, sscd_similarity
-    from diffmem.tiny import save_tiny_clip, save_tiny_sscd
+    from diffmem.measures.images import clip_score, load_clip, load_sscd, sscd_similarity
+    from diffmem.testbed.tiny import save_tiny_clip, save_tiny_sscd
 
     prompts = ["a red cube on a wooden table", "portrait of a smiling old man, oil painting"]
     (tmp_path / "mem.jsonl").write_text("".join(json.dumps({"caption": p, "url": f"http://x/{i}.png"}) + "\n"

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffmem import results
+from diffmem.io import results
 from diffmem.errors import InputError
-from diffmem.results import ResultWriter, json_line, read_results
+from diffmem.io.results import ResultWriter, json_line, read_results
 
 
 def strict_rows(path: Path) -> list[dict]:
@@ -154,8 +154,8 @@ def test_read_results_errors(tmp_path: Path) -> None:
 
 CHILD = """
 import sys, time
-from diffmem.prompts import read_prompts
-from diffmem.results import ResultWriter
+from diffmem.io.prompts import read_prompts
+from diffmem.io.results import ResultWriter
 
 prompts, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
 with ResultWriter(out) as w:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffmem.detect import initial_noise
+from diffmem.detectors.base import initial_noise
 from diffmem.errors import InputError
+from diffmem.io.results import read_results
 from diffmem.mitigate import generate
 from diffmem.mitigate.sail import SAIL_WEIGHT, sail
-from diffmem.results import read_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

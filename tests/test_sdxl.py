@@ -13,13 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffmem.conditioning import empty, encode
-from diffmem.detect import AnisotropyDetector, MagnitudeDetector, SharpnessDetector, initial_noise
+from diffmem.detectors.anisotropy import AnisotropyDetector
+from diffmem.detectors.base import initial_noise
+from diffmem.detectors.magnitude import MagnitudeDetector
+from diffmem.detectors.monitor import Monitor
+from diffmem.detectors.sharpness import SharpnessDetector
 from diffmem.errors import InputError, ModelLoadError
-from diffmem.explain import explain, gradient_significance
-from diffmem.loading import load_pipeline
+from diffmem.explanation.attribution import explain, gradient_significance
 from diffmem.mitigate import generate, guarded_generate, mitigate_embedding
-from diffmem.monitor import Monitor
+from diffmem.models.conditioning import empty, encode
+from diffmem.models.loading import load_pipeline
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -35,8 +38,8 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`tiny_pipeline("sdxl")` saved as a diffusers folder."""
-    from diffmem.loading import quiet_diffusers
-    from diffmem.tiny import tiny_pipeline
+    from diffmem.models.loading import quiet_diffusers
+    from diffmem.testbed.tiny import tiny_pipeline
 
     quiet_diffusers()
     folder = tmp_path_factory.mktemp("models") / "sdxl"

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffmem.errors import InputError, ModelLoadError
-from diffmem.loading import load_pipeline
+from diffmem.models.loading import load_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +53,7 @@ def _pickled_copy(model: Path, dest: Path, payload: Path | None = None) -> Path:
 # --------------------------------------------------------------------------------------------- weights
 
 def test_pickled_weights_are_refused_unless_trusted(sd1_dir: Path, sd1_pipe, tmp_path: Path) -> None:
-    from diffmem.detect import MagnitudeDetector
+    from diffmem.detectors.magnitude import MagnitudeDetector
 
     folder = _pickled_copy(sd1_dir, tmp_path / "m")
     with pytest.raises(ModelLoadError, match="pickled weights .*--allow-pickle .*allow_pickle=True") as info:
@@ -108,8 +108,8 @@ def _crash_at(step: int):
 def _train(out: Path, steps: int = 3, crash_at: int | None = None) -> torch.nn.Module:
     """The tiny UNet trained for `steps` in `out`, resuming from its checkpoint (saved every step); with
     `crash_at`, stopped after that step ran, before its checkpoint."""
-    from diffmem.tiny import tiny_pipeline
-    from diffmem.train import TrainConfig, train
+    from diffmem.testbed.tiny import tiny_pipeline
+    from diffmem.training.loop import TrainConfig, train
 
     pipe = tiny_pipeline("sd1", seed=3)
     data = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -129,7 +129,7 @@ def _train(out: Path, steps: int = 3, crash_at: int | None = None) -> torch.nn.M
 
 
 def test_checkpoints_hold_no_pickle_and_old_ones_still_resume(tmp_path: Path) -> None:
-    from diffmem.train import read_state
+    from diffmem.training.loop import read_state
 
     straight = _train(tmp_path / "straight")
     _train(tmp_path / "new", crash_at=3)  # its checkpoint is at step 2
@@ -148,7 +148,7 @@ def test_checkpoints_hold_no_pickle_and_old_ones_still_resume(tmp_path: Path) ->
 
 
 def test_a_malicious_old_checkpoint_is_refused_not_run(tmp_path: Path) -> None:
-    from diffmem.train import checkpoint_step
+    from diffmem.training.loop import checkpoint_step
 
     ckpt = tmp_path / "run" / "checkpoint"
     ckpt.mkdir(parents=True)

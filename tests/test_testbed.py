@@ -13,7 +13,7 @@ from diffmem.testbed import WEIGHTS
 
 @pytest.fixture(scope="module")
 def testbed():
-    from diffmem.loading import load_pipeline
+    from diffmem.models.loading import load_pipeline
     from diffmem.testbed.recipe import shipped_recipe
 
     return load_pipeline("testbed", device="cpu"), shipped_recipe().splits()
@@ -45,8 +45,8 @@ def test_planted_prompts_reproduce_their_training_images(testbed, one_thread):
 
 
 def test_first_step_scores_rank_planted_above_heldout(testbed, one_thread):
-    from diffmem.detect import MagnitudeDetector
-    from diffmem.evaluate import roc_auc
+    from diffmem.detectors.magnitude import MagnitudeDetector
+    from diffmem.measures.detection import roc_auc
 
     pipe, splits = testbed
     det = MagnitudeDetector(pipe, generations=2, batch_size=128)
@@ -206,7 +206,7 @@ def test_stage2_rerun_with_a_filter_that_excludes_everything_keeps_the_base_unet
     summary, weights = run("rta", caption_aug="rta", steps=1)  # no filter: one real update
     assert summary["excluded_share"] == 0.0
     assert not all(torch.equal(weights[k].float(), base[k].float()) for k in base)
-    from diffmem.loading import model_guidance
+    from diffmem.models.loading import model_guidance
 
     assert model_guidance(tmp_path / "rta") == model_guidance("testbed") == 2.5  # measured at the testbed's guidance
     assert json.loads((tmp_path / "rta" / "diffmem.json").read_text())["target_loss"] > 0

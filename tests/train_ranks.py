@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-import diffmem.finetune as finetune_module
-import diffmem.train as train_module
+import diffmem.training.finetune as finetune_module
+import diffmem.training.loop as train_module
 from diffmem.cli import app
 
 

@@ -44,7 +44,7 @@ def main() -> None:
             print(f"{stage} {i}/{n} {time.time() - t0:.0f}s", flush=True)
 
     timings = run_recipe(cfg, work, work / "dest", device=args.device, progress=progress)
-    from diffmem.loading import load_pipeline
+    from diffmem.models.loading import load_pipeline
 
     pipe = load_pipeline(work / "dest" / "pipeline", device=args.device)
     splits = cfg.splits()

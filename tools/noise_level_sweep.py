@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from diffmem.detect import encode_text, initial_noise
-from diffmem.epsilon import to_epsilon
-from diffmem.evaluate import roc_auc
-from diffmem.loading import load_pipeline, quiet_diffusers
+from diffmem.detectors.base import encode_text, initial_noise
+from diffmem.measures.detection import roc_auc
+from diffmem.models.epsilon import to_epsilon
+from diffmem.models.loading import load_pipeline, quiet_diffusers
 from diffmem.testbed.recipe import shipped_recipe
 
 

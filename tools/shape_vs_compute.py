@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.loading import load_pipeline, quiet_diffusers
+from diffmem.models.loading import load_pipeline, quiet_diffusers
 from diffmem.testbed.alignment import aligned, attribute_accuracy
 from diffmem.testbed.model import vae_roundtrip
 from diffmem.testbed.quality import generate
 from diffmem.testbed.recipe import latents_for, shipped_recipe, stage1_batches
 from diffmem.testbed.scenes import render_items
-from diffmem.train import TrainConfig, train
+from diffmem.training.loop import TrainConfig, train
 
 
 def vae_ceiling(pipe, items) -> dict:

@@ -12,7 +12,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from diffmem.loading import load_pipeline, quiet_diffusers
+from diffmem.models.loading import load_pipeline, quiet_diffusers
 from diffmem.testbed.quality import generate
 from diffmem.testbed.recipe import shipped_recipe
 from diffmem.testbed.scenes import render_many

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffmem.detect import MagnitudeDetector
-from diffmem.evaluate import roc_auc, tpr_at_fpr
-from diffmem.loading import load_pipeline, quiet_diffusers
+from diffmem.detectors.magnitude import MagnitudeDetector
+from diffmem.measures.detection import roc_auc, tpr_at_fpr
+from diffmem.models.loading import load_pipeline, quiet_diffusers
 from diffmem.testbed.alignment import aligned, attribute_accuracy
 from diffmem.testbed.quality import best_copy, generate
 from diffmem.testbed.recipe import RecipeConfig

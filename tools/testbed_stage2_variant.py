@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from diffmem.testbed.model import assemble_pipeline, build_components
 from diffmem.testbed.recipe import RecipeConfig, _stage2_pools, latents_for, stage2_batches, stage2_config
-from diffmem.train import train
+from diffmem.training.loop import train
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from diffmem.detect import MagnitudeDetector
-from diffmem.loading import load_pipeline, quiet_diffusers
+from diffmem.detectors.magnitude import MagnitudeDetector
+from diffmem.models.loading import load_pipeline, quiet_diffusers
 from diffmem.testbed.quality import generate
 from diffmem.testbed.recipe import shipped_recipe
 from diffmem.testbed.scenes import render_items

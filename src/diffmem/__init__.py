@@ -13,27 +13,27 @@ from diffmem.registry import register_model
 
 __version__ = "0.1.0"
 
-register_model("testbed", "diffmem.bundled:testbed")
-register_model("testbed-base", "diffmem.bundled:testbed_base")
+register_model("testbed", "diffmem.testbed.bundled:testbed")
+register_model("testbed-base", "diffmem.testbed.bundled:testbed_base")
 
 _EXPORTS = {
-    "AnisotropyDetector": "diffmem.detect",
-    "MagnitudeDetector": "diffmem.detect",
-    "PromptScore": "diffmem.detect",
-    "detect": "diffmem.detect",
+    "AnisotropyDetector": "diffmem.detectors.anisotropy",
+    "MagnitudeDetector": "diffmem.detectors.magnitude",
+    "PromptScore": "diffmem.detectors.base",
+    "detect": "diffmem.detectors.magnitude",
     "DiffmemError": "diffmem.errors",
     "InputError": "diffmem.errors",
     "ModelLoadError": "diffmem.errors",
-    "calibrate_threshold": "diffmem.evaluate",
-    "evaluate_scores": "diffmem.evaluate",
-    "roc_auc": "diffmem.evaluate",
-    "tpr_at_fpr": "diffmem.evaluate",
-    "load_pipeline": "diffmem.loading",
+    "calibrate_threshold": "diffmem.measures.detection",
+    "evaluate_scores": "diffmem.measures.detection",
+    "roc_auc": "diffmem.measures.detection",
+    "tpr_at_fpr": "diffmem.measures.detection",
+    "load_pipeline": "diffmem.models.loading",
     "NamedModel": "diffmem.registry",
     "register_model": "diffmem.registry",
-    "Monitor": "diffmem.monitor",
-    "explain": "diffmem.explain",
-    "suggest_edits": "diffmem.explain",
+    "Monitor": "diffmem.detectors.monitor",
+    "explain": "diffmem.explanation.attribution",
+    "suggest_edits": "diffmem.explanation.attribution",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,7 @@
-"""Models known by name, such as `load_pipeline("testbed")`: a registry `diffmem.loading` reads and others fill.
+"""Models known by name, such as `load_pipeline("testbed")`: a registry `diffmem.models.loading` reads and others fill.
 
 `loading` resolves a name here without knowing who registered it (the package root registers the bundled
-testbed, `diffmem.bundled`); a target is a callable or a `"module:function"` string imported on first use.
+testbed, `diffmem.testbed.bundled`); a target is a callable or a `"module:function"` string imported on first use.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def build_service(model: str, device: Any = None, threshold: float | None = None
                   settings: Settings | None = None, limits: Limits | None = None,
                   allow_pickle: bool = False) -> Service:
     """Load the model once and fix its threshold (flag, calibration file, or the testbed's own calibration)."""
-    from diffmem.loading import load_pipeline, quiet_diffusers
+    from diffmem.models.loading import load_pipeline, quiet_diffusers
 
     quiet_diffusers()
     settings = settings or Settings()

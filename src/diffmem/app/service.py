@@ -53,7 +53,7 @@ class Settings:
     steps: str | int = "first"
     generations: int = 1
     seed: int = 0
-    guidance_scale: float | None = None  # None: the model's own (`diffmem.loading.default_guidance`)
+    guidance_scale: float | None = None  # None: the model's own (`diffmem.models.loading.default_guidance`)
     num_inference_steps: int = 50
     batch_size: int = 32
     generate_steps: int = 25
@@ -61,7 +61,7 @@ class Settings:
     target_loss: float | None = None  # the mitigation's first-step target; None: the model's own, else the threshold
 
     def __post_init__(self) -> None:
-        from diffmem.detect import parse_steps
+        from diffmem.detectors.base import parse_steps
 
         parse_steps(self.steps, self.num_inference_steps)
         if self.generations < 1:
@@ -78,7 +78,7 @@ class Settings:
     @property
     def scored_steps(self) -> int:
         """How many leading sampling steps a score averages."""
-        from diffmem.detect import parse_steps
+        from diffmem.detectors.base import parse_steps
 
         return parse_steps(self.steps, self.num_inference_steps)
 
@@ -126,7 +126,7 @@ def threshold_from_options(model: str, threshold: float | None = None,
                            calibration: Path | None = None) -> Threshold | None:
     """The threshold `--threshold` or `--calibration` gives; None on the testbed without either (calibrate it
     with `calibrate_testbed`); any other model needs one of the two. Runs before the model loads."""
-    from diffmem.bundled import TESTBED_NAMES
+    from diffmem.testbed.bundled import TESTBED_NAMES
 
     if threshold is not None and calibration is not None:
         raise InputError("give --threshold or --calibration, not both")
@@ -146,8 +146,8 @@ def threshold_from_options(model: str, threshold: float | None = None,
 
 def calibrate_testbed(pipe: Any, settings: Settings) -> Threshold:
     """The threshold flagging 1% of the testbed's held-out (never trained on) prompts, scored with `settings`."""
-    from diffmem.detect import MagnitudeDetector
-    from diffmem.evaluate import calibrate_threshold
+    from diffmem.detectors.magnitude import MagnitudeDetector
+    from diffmem.measures.detection import calibrate_threshold
     from diffmem.testbed.recipe import shipped_recipe
 
     heldout = [item.caption for item in shipped_recipe().splits().heldout]
@@ -194,8 +194,8 @@ class Service:
 
     def __init__(self, pipe: Any, model: str, threshold: Threshold, settings: Settings | None = None,
                  limits: Limits | None = None) -> None:
-        from diffmem.bundled import TESTBED_NAMES
-        from diffmem.loading import resolve_guidance
+        from diffmem.models.loading import resolve_guidance
+        from diffmem.testbed.bundled import TESTBED_NAMES
 
         self.pipe = pipe
         self.model = model
@@ -314,7 +314,7 @@ class Service:
         return None if score is None else bool(score >= self.threshold.value)
 
     def _screen(self, prompts: list[str], curve: bool) -> list[dict[str, Any]]:
-        from diffmem.detect import MagnitudeDetector
+        from diffmem.detectors.magnitude import MagnitudeDetector
 
         s = self.settings
         det = MagnitudeDetector(self.pipe, steps="all" if curve else s.steps, batch_size=s.batch_size,
@@ -341,19 +341,19 @@ class Service:
         return rows
 
     def _explain(self, prompt: str) -> Any:
-        from diffmem.explain import explain
+        from diffmem.explanation.attribution import explain
 
         return explain(self.pipe, prompt, method="leave-one-out", steps=self.settings.steps,
                        **self.settings.detection_kwargs())
 
     def _suggest(self, attr: Any) -> list[dict[str, Any]]:
-        from diffmem.explain import suggest_edits
+        from diffmem.explanation.attribution import suggest_edits
 
         return [asdict(s) for s in suggest_edits(self.pipe, attr, self.threshold.value)]
 
     def _embedding_score(self, embedding: torch.Tensor) -> float:
         """The detection score of a conditioning embedding (as for a prompt, without its text)."""
-        from diffmem.detect import MagnitudeDetector
+        from diffmem.detectors.magnitude import MagnitudeDetector
 
         s = self.settings
         det = MagnitudeDetector(self.pipe, steps=s.steps, **s.detection_kwargs())
@@ -362,7 +362,7 @@ class Service:
 
     @torch.no_grad()
     def _sample(self, **embedding: Any) -> np.ndarray:
-        from diffmem.detect import initial_noise
+        from diffmem.detectors.base import initial_noise
 
         s = self.settings
         out = self.pipe(latents=initial_noise(self.pipe, 1, s.seed), num_inference_steps=s.generate_steps,
@@ -370,7 +370,7 @@ class Service:
         return np.asarray(out.images[0], dtype=np.float32)
 
     def _generate(self, prompt: str) -> dict[str, Any]:
-        from diffmem.detect import encode_text
+        from diffmem.detectors.base import encode_text
         from diffmem.mitigate import mitigate_embedding
 
         s = self.settings

@@ -19,7 +19,7 @@ import gradio as gr  # noqa: E402
 
 from diffmem.app.service import Analysis, Service, png_base64  # noqa: E402
 from diffmem.errors import DiffmemError  # noqa: E402
-from diffmem.render import html_highlight  # noqa: E402
+from diffmem.explanation.render import html_highlight  # noqa: E402
 
 log = logging.getLogger("diffmem.app")
 N_SUGGESTIONS = 5

@@ -64,7 +64,7 @@ class ErrorHandlingGroup(TyperGroup):
 
 
 class DType(str, Enum):
-    """Weight dtypes a model can be loaded in (`diffmem.loading.DTYPES`)."""
+    """Weight dtypes a model can be loaded in (`diffmem.models.loading.DTYPES`)."""
 
     float32 = "float32"
     float16 = "float16"

@@ -15,8 +15,8 @@ import typer
 
 from diffmem.cli.common import USAGE_ERROR, AllowPickleOpt, DType, ModelOpt
 from diffmem.console import progress_bar, say, shorten, stderr
-from diffmem.durable import check_output_path
 from diffmem.errors import DiffmemError, InputError
+from diffmem.io.durable import check_output_path
 
 SETTING_KEYS = ("model", "detector", "steps", "generations", "seed", "guidance_scale", "num_inference_steps")
 """Fields of a detect row that fix its score: a resume must match them; evaluate warns if they differ."""
@@ -120,11 +120,11 @@ def detect(
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from diffmem.detect import parse_steps
-    from diffmem.loading import model_guidance, parse_device
-    from diffmem.prompts import read_prompts
+    from diffmem.detectors.base import parse_steps
+    from diffmem.io.prompts import read_prompts
+    from diffmem.io.results import ResultWriter
+    from diffmem.models.loading import model_guidance, parse_device
     from diffmem.registry import model_id
-    from diffmem.results import ResultWriter
 
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     if state.num_processes > 1 and device is not None:
@@ -215,8 +215,8 @@ def _score_into(
 
     import torch
 
-    from diffmem.detect import iter_data_parallel
-    from diffmem.loading import load_pipeline, quiet_diffusers
+    from diffmem.detectors.base import iter_data_parallel
+    from diffmem.models.loading import load_pipeline, quiet_diffusers
 
     quiet_diffusers()
     main = writer is not None
@@ -284,7 +284,7 @@ def _summary(
 
 def _scores(path: Path) -> tuple[list[float | None], dict[str, Any]]:
     """The `score` column of a result file and the settings of its first row (to compare two files)."""
-    from diffmem.results import read_results
+    from diffmem.io.results import read_results
 
     rows = read_results(path)
     missing = [i for i, row in enumerate(rows, 1) if "score" not in row]
@@ -314,7 +314,8 @@ def evaluate(
     ] = 0.01,
 ) -> None:
     """Print AUC, TPR at 1% and 3% FPR, and a detection threshold calibrated on the negatives."""
-    from diffmem.evaluate import TPR_CONVENTION, evaluate_scores, plot_histogram, plot_roc
+    from diffmem.measures.detection import TPR_CONVENTION, evaluate_scores
+    from diffmem.measures.plots import plot_histogram, plot_roc
 
     for option, image in (("--plot", plot), ("--hist", hist)):
         if image is not None:

@@ -11,8 +11,8 @@ from rich.console import Console
 
 from diffmem.cli.common import AllowPickleOpt, ModelOpt
 from diffmem.console import say, stderr
-from diffmem.durable import check_output_path
 from diffmem.errors import InputError
+from diffmem.io.durable import check_output_path
 
 
 def explain(
@@ -44,10 +44,10 @@ def explain(
 ) -> None:
     """Which words of PROMPT drive its memorization score: per-token and per-word significance (or, with
     --neurons, which value neurons)."""
-    from diffmem.explain import METHODS, suggest_edits
-    from diffmem.explain import explain as explain_prompt
-    from diffmem.loading import load_pipeline, parse_device, quiet_diffusers
-    from diffmem.render import png_chart, terminal_chart
+    from diffmem.explanation.attribution import METHODS, suggest_edits
+    from diffmem.explanation.attribution import explain as explain_prompt
+    from diffmem.explanation.render import png_chart, terminal_chart
+    from diffmem.models.loading import load_pipeline, parse_device, quiet_diffusers
 
     if neurons:
         _explain_neurons(prompt, model, seed, nemo_stats, as_json, device, allow_pickle)
@@ -90,8 +90,8 @@ def explain(
 def _explain_neurons(prompt: str, model: str, seed: int, stats: Path | None, as_json: bool, device: str | None,
                      allow_pickle: bool) -> None:
     """`diffmem explain --neurons`: NeMo's localisation of PROMPT, one line per value layer with neurons."""
-    from diffmem.loading import load_pipeline, parse_device, quiet_diffusers
     from diffmem.mitigate.nemo import NeuronStatistics, localize, value_layer_names
+    from diffmem.models.loading import load_pipeline, parse_device, quiet_diffusers
 
     if not prompt.strip():
         raise InputError("the prompt is empty: there is nothing to explain")

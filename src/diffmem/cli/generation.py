@@ -1,7 +1,7 @@
 """`diffmem generate` and `diffmem mitigate`: sample images with inference-time mitigation (METHOD.md section 3).
 
 Both write OUT/images/<index>_<generation>.png and one OUT/results.jsonl row per prompt, and resume when rerun
-(`diffmem.mitigate.runner`); torch loads only inside the commands.
+(`diffmem.runs.generation`); torch loads only inside the commands.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import typer
 from diffmem.cli.common import AllowPickleOpt, ModelOpt
 from diffmem.errors import InputError
 from diffmem.mitigate import ALL_METHODS, DEFAULT_TARGET_LOSS
-from diffmem.mitigate.runner import run as run_generation
+from diffmem.runs.generation import run as run_generation
 
 PromptsOpt = Annotated[
     Path, typer.Option("--prompts", help="Prompt file: .txt (one prompt a line), .jsonl, .csv or .parquet.")
@@ -51,7 +51,7 @@ DTypeOpt = Annotated[
 
 def _guidance(model: str, guidance: float | None) -> float:
     """`--guidance`, else the model's own default (loading torch and diffusers only now)."""
-    from diffmem.loading import model_guidance
+    from diffmem.models.loading import model_guidance
 
     return model_guidance(model, guidance)
 
@@ -60,7 +60,7 @@ def _target_loss(model: str, target_loss: float | None) -> float:
     """`--target-loss`, else the model's own (its diffmem.json), else `DEFAULT_TARGET_LOSS`."""
     if target_loss is not None:
         return target_loss
-    from diffmem.loading import read_model_defaults, resolve_model
+    from diffmem.models.loading import read_model_defaults, resolve_model
 
     return float(read_model_defaults(resolve_model(model)).get("target_loss", DEFAULT_TARGET_LOSS))
 

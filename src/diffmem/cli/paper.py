@@ -10,9 +10,9 @@ from typing import Annotated, Any
 import typer
 
 from diffmem.cli.common import AllowPickleOpt
-from diffmem.compare import DEFAULT_DETECTORS, DEFAULT_METHODS
 from diffmem.console import progress_bar, say, shorten, stderr
 from diffmem.errors import InputError
+from diffmem.runs.compare import DEFAULT_DETECTORS, DEFAULT_METHODS
 
 
 def fetch_references(
@@ -29,8 +29,8 @@ def fetch_references(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel downloads.")] = 8,
 ) -> None:
     """Download the training image of each prompt (its 'url'); a rerun fetches only what is still missing."""
-    from diffmem.references import REPORT, FetchSettings, read_wanted
-    from diffmem.references import fetch_references as fetch
+    from diffmem.io.references import REPORT, FetchSettings, read_wanted
+    from diffmem.io.references import fetch_references as fetch
 
     settings = FetchSettings(timeout=timeout, deadline=deadline, retries=retries, max_bytes=int(max_mb * 2**20),
                              workers=workers)
@@ -128,9 +128,9 @@ def reproduce(
 ) -> None:
     """The paper's tables for one model: detection (AUC, TPR@1%/3% FPR, time) and mitigation (memorization rate,
     copy similarity, alignment); rerun the same command to resume."""
-    from diffmem.loading import parse_dtype
-    from diffmem.reproduce import ReproduceSettings
-    from diffmem.reproduce import reproduce as run
+    from diffmem.models.loading import parse_dtype
+    from diffmem.runs.reproduce import ReproduceSettings
+    from diffmem.runs.reproduce import reproduce as run
 
     parse_dtype(dtype)
     settings = ReproduceSettings(
@@ -186,9 +186,9 @@ def compare(
 ) -> None:
     """Every detector (AUC, TPR@1%FPR, cost) and every mitigation (memorization, alignment, time) on one model, beside
     the published SD v1.4 figures; rerun the same command to resume."""
-    from diffmem.compare import CompareSettings
-    from diffmem.compare import compare as run
-    from diffmem.loading import parse_dtype
+    from diffmem.models.loading import parse_dtype
+    from diffmem.runs.compare import CompareSettings
+    from diffmem.runs.compare import compare as run
 
     parse_dtype(dtype)
     settings = CompareSettings(
@@ -204,7 +204,7 @@ def compare(
 
 def run_report(run: Any, settings: Any, out: Path) -> None:
     """Check `settings`, run `run(settings, log, progress)` with a bar per scan, and say where the report is."""
-    from diffmem.loading import quiet_diffusers
+    from diffmem.models.loading import quiet_diffusers
 
     settings.check()
     quiet_diffusers()

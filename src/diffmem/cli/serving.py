@@ -45,7 +45,7 @@ def serve(
     """Web page and JSON HTTP API: screen, explain and fix prompts (page at /, API at /api, schema /openapi.json)."""
     from diffmem.app.server import serve as run_server
     from diffmem.app.service import Limits, Settings
-    from diffmem.loading import parse_device, quiet_diffusers
+    from diffmem.models.loading import parse_device, quiet_diffusers
 
     settings = Settings(steps=steps, generations=generations, seed=seed, generate_steps=generate_steps,
                         mitigate_iters=mitigate_iters, target_loss=target_loss, guidance_scale=guidance)

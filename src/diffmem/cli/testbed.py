@@ -28,7 +28,7 @@ def _progress():
 
 def _device(device: str | None) -> Any:
     """`--device` checked as the top-level CLI checks it; cpu when not given (the testbed's figures are CPU's)."""
-    from diffmem.loading import parse_device
+    from diffmem.models.loading import parse_device
 
     return parse_device(device) or "cpu"
 
@@ -37,7 +37,7 @@ def _testbed_pipeline(device: str | None) -> Any:
     """The shipped testbed in float32 on `--device` (also on CUDA, whose default would be float16)."""
     import torch
 
-    from diffmem.loading import load_pipeline
+    from diffmem.models.loading import load_pipeline
 
     return load_pipeline("testbed", device=_device(device), dtype=torch.float32)
 
@@ -74,7 +74,7 @@ def prompts(
     limit: int = typer.Option(None, min=0, help="Write at most this many prompts."),
 ) -> None:
     """Write the testbed's labelled evaluation prompts (ground truth) as JSONL."""
-    from diffmem.durable import check_output_path, write_atomic
+    from diffmem.io.durable import check_output_path, write_atomic
     from diffmem.testbed.recipe import shipped_recipe
 
     check_output_path(out, "--out")
@@ -138,7 +138,7 @@ def explain_eval(
     device: str = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu)."),
 ) -> None:
     """Check explanations on the memorized prompts: deletion test, gradient vs leave-one-out, triggers, edits."""
-    from diffmem.loading import quiet_diffusers
+    from diffmem.models.loading import quiet_diffusers
     from diffmem.testbed.explain_eval import explain_report
     from diffmem.testbed.recipe import shipped_recipe
 
@@ -176,11 +176,11 @@ def mitigation(
     trade-off as each one's strength moves; the guard end to end."""
     import numpy as np
 
-    from diffmem.detect import MagnitudeDetector
+    from diffmem.detectors.magnitude import MagnitudeDetector
     from diffmem.errors import InputError
-    from diffmem.evaluate import calibrate_threshold
-    from diffmem.loading import quiet_diffusers
+    from diffmem.measures.detection import calibrate_threshold
     from diffmem.mitigate import resolve_target_loss
+    from diffmem.models.loading import quiet_diffusers
     from diffmem.testbed.mitigation_eval import BASELINE_STRENGTHS, Parts, guard_report, mitigation_report
     from diffmem.testbed.recipe import shipped_recipe
 
@@ -218,7 +218,7 @@ def oracle(
     renderings: int = typer.Option(16, help="Renderings per caption (different nuisance)."),
 ) -> None:
     """Model-free upper bound on first-step detection: nuisance energy against caption energy in latent space."""
-    from diffmem.loading import load_pipeline, quiet_diffusers
+    from diffmem.models.loading import load_pipeline, quiet_diffusers
     from diffmem.testbed.oracle import oracle_first_step
 
     quiet_diffusers()

@@ -72,9 +72,9 @@ def train(
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     """Fine-tune the UNet of a pipeline on images and captions, optionally filtering memorizing samples."""
-    from diffmem.finetune import FinetuneSettings, calibration_lines, finetune, interrupted_message
-    from diffmem.finetune import calibrate as run_calibration
-    from diffmem.loading import quiet_diffusers
+    from diffmem.models.loading import quiet_diffusers
+    from diffmem.training.finetune import FinetuneSettings, calibration_lines, finetune, interrupted_message
+    from diffmem.training.finetune import calibrate as run_calibration
 
     settings = FinetuneSettings(model=model, data=str(data), steps=steps, batch_size=batch_size, lr=lr,
                                 filter_threshold=filter_threshold, filter_at=filter_at.value,

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from diffmem.attention import AttentionHook, cross_attention, entropy, eos_positions
-from diffmem.conditioning import Conditioning
-from diffmem.detect import Detector
+from diffmem.detectors.base import Detector
 from diffmem.detectors.trajectory import TrajectoryDetector
 from diffmem.errors import InputError
+from diffmem.models.attention import AttentionHook, cross_attention, entropy, eos_positions
+from diffmem.models.conditioning import Conditioning
 
 REN_LAYER = 3
 """The authors' layer for LE: index 3 of Stable Diffusion's 16 cross-attention layers in forward order."""

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from diffmem.attention import AttentionHook, cross_attention_names, eos_positions
-from diffmem.conditioning import Conditioning
-from diffmem.detect import Steps, parse_steps
+from diffmem.detectors.base import Steps, parse_steps
 from diffmem.detectors.trajectory import TrajectoryDetector
+from diffmem.models.attention import AttentionHook, cross_attention_names, eos_positions
+from diffmem.models.conditioning import Conditioning
 
 
 class EndTokenAttention(AttentionHook):

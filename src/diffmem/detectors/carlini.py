@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from diffmem.conditioning import Conditioning
 from diffmem.detectors.trajectory import TrajectoryDetector
 from diffmem.errors import InputError
+from diffmem.models.conditioning import Conditioning
 
 CARLINI_DELTA = 0.15
 """The authors' tiled-l2 threshold for "the same image"."""

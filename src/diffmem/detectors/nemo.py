@@ -5,7 +5,8 @@ As the authors' code (github.com/ml-research/localizing_memorization_in_diffusio
 the residual of a generation is `eps(x_T, t, prompt) - x_T` on its pure initial noise, conditional prediction only
 (their detection runs with guidance 0), min-max scaled to [0, 1] per channel; their loop returns at its second
 iteration without stepping the latents, so `t` is the second timestep of the 50-step schedule, on `x_T`
-(`TIMESTEP_INDEX`). Residuals are compared by MS-SSIM (window 11, scale weights 0.33 x 3; `diffmem.ssim`), and a
+(`TIMESTEP_INDEX`). Residuals are compared by MS-SSIM (window 11, scale weights 0.33 x 3; `diffmem.measures.ssim`),
+and a
 generation's term is its highest MS-SSIM with another generation of the same prompt (`calculate_max_pairwise_ssim`);
 the prompt's score is the highest term, which the authors compare with 0.428 (`NEMO_THRESHOLD`: mean + 1 std over
 non-memorized LAION prompts on SD v1.4). Needs at least 2 generations (the authors use 10). v-prediction outputs
@@ -18,11 +19,11 @@ from typing import Any
 
 import torch
 
-from diffmem.conditioning import Conditioning
-from diffmem.detect import Detector
-from diffmem.epsilon import to_epsilon
+from diffmem.detectors.base import Detector
 from diffmem.errors import InputError
-from diffmem.ssim import pairwise_ms_ssim
+from diffmem.measures.ssim import pairwise_ms_ssim
+from diffmem.models.conditioning import Conditioning
+from diffmem.models.epsilon import to_epsilon
 
 NEMO_THRESHOLD = 0.428
 """The authors' SSIM threshold for SD v1.4 (mean + 1 std of the pairwise SSIM of non-memorized prompts)."""

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from diffmem.conditioning import Conditioning
 from diffmem.detectors.trajectory import TrajectoryDetector
 from diffmem.errors import InputError
+from diffmem.models.conditioning import Conditioning
 
 
 @dataclass(frozen=True)

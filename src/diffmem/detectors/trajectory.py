@@ -3,7 +3,7 @@
 Generation g of every prompt starts from `initial_noise(pipe, n, seed)[g]`, as in `MagnitudeDetector`, with
 classifier-free guidance at the model's scale, and a `Monitor` reads `d_t` (and the latent updates) off the CFG
 batch the pipeline computes anyway. Attention maps come from processors installed for the call
-(`diffmem.attention.cross_attention`).
+(`diffmem.models.attention.cross_attention`).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from diffmem.attention import AttentionHook, cross_attention
-from diffmem.conditioning import Conditioning
-from diffmem.detect import Detector
+from diffmem.detectors.base import Detector
+from diffmem.detectors.monitor import Monitor
 from diffmem.errors import InputError
-from diffmem.loading import resolve_guidance
-from diffmem.monitor import Monitor
+from diffmem.models.attention import AttentionHook, cross_attention
+from diffmem.models.conditioning import Conditioning
+from diffmem.models.loading import resolve_guidance
 
 
 class TrajectoryDetector(Detector):

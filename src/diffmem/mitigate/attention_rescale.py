@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from diffmem.attention import AttentionHook, eos_positions
 from diffmem.errors import InputError
+from diffmem.models.attention import AttentionHook, eos_positions
 
 REN_C1 = 1.25
 """The authors' scale of the beginning token's logit."""

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffmem.conditioning import Conditioning, as_conditioning, empty, encode
-from diffmem.detect import initial_noise
-from diffmem.epsilon import to_epsilon
+from diffmem.detectors.base import initial_noise
 from diffmem.errors import InputError
 from diffmem.mitigate import DEFAULT_TARGET_LOSS, resolve_target_loss
+from diffmem.models.conditioning import Conditioning, as_conditioning, empty, encode
+from diffmem.models.epsilon import to_epsilon
 
 
 @dataclass

@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
-from diffmem.conditioning import Conditioning, empty, encode
-from diffmem.detect import initial_noise
+from diffmem.detectors.base import initial_noise
+from diffmem.detectors.monitor import Monitor
 from diffmem.errors import InputError
-from diffmem.loading import resolve_guidance
 from diffmem.mitigate import ALL_METHODS, PEER_METHODS, resolve_target_loss
 from diffmem.mitigate.baselines import cwr, gni, rna, rta
 from diffmem.mitigate.embedding import check_settings, mitigate_embedding
-from diffmem.monitor import Monitor
+from diffmem.models.conditioning import Conditioning, empty, encode
+from diffmem.models.loading import resolve_guidance
 
 
 @dataclass

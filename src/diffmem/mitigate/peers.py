@@ -14,12 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffmem.attention import cross_attention
 from diffmem.detectors.nemo import NEMO_THRESHOLD
 from diffmem.errors import InputError
 from diffmem.mitigate.attention_rescale import REN_C1, rescaled_attention
 from diffmem.mitigate.nemo import NEMO_GENERATIONS, NEMO_SEED, NeuronStatistics, deactivated, localize
 from diffmem.mitigate.sail import SAIL_WEIGHT, sail
+from diffmem.models.attention import cross_attention
 
 OPTIONS = {"attention": {"c1"}, "sail": {"sail_threshold", "sail_weight"},
            "nemo": {"nemo_stats", "nemo_threshold", "nemo_generations", "nemo_seed"}}

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from diffmem.conditioning import Conditioning, empty, encode
-from diffmem.detect import initial_noise
-from diffmem.epsilon import to_epsilon
+from diffmem.detectors.base import initial_noise
 from diffmem.errors import InputError
+from diffmem.models.conditioning import Conditioning, empty, encode
+from diffmem.models.epsilon import to_epsilon
 
 SAIL_THRESHOLD = 8.2
 """The authors' `l_thres` for Stable Diffusion v1.4 (64x64x4 latents)."""

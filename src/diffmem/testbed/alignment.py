@@ -235,7 +235,7 @@ def _load_vae(name: str) -> Any:
         from diffusers import AutoencoderKL
 
         return AutoencoderKL.from_pretrained(name).eval()
-    from diffmem.loading import load_pipeline
+    from diffmem.models.loading import load_pipeline
 
     return load_pipeline(name, device="cpu").vae
 

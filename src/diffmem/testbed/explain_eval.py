@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from diffmem.detect import MagnitudeDetector
-from diffmem.evaluate import calibrate_threshold
-from diffmem.explain import explain, suggest_edits
+from diffmem.detectors.magnitude import MagnitudeDetector
+from diffmem.explanation.attribution import explain, suggest_edits
+from diffmem.measures.detection import calibrate_threshold
 from diffmem.testbed.quality import generate
 from diffmem.testbed.scenes import Item, render_many
 from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from diffmem.durable import write_atomic
 from diffmem.errors import InputError
+from diffmem.io.durable import write_atomic
 from diffmem.mitigate import generate
 from diffmem.testbed.figures import copy_grid
 from diffmem.testbed.quality import alignment
@@ -134,7 +134,7 @@ def mitigation_report(pipe, items: Sequence[Item], out: Path, target_loss: float
     _plot_tradeoff(rows, curves, out / "tradeoff.png")
     if "none" in images and "embedding" in images:
         _picture(items, own, images["none"], images["embedding"], out / "mitigation.png")
-    from diffmem.loading import default_guidance
+    from diffmem.models.loading import default_guidance
 
     settings = {**common, "guidance": default_guidance(pipe)}
     return {"n_prompts": len(items), "target_loss": target_loss, "settings": settings,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffmem.evaluate import roc_auc
+from diffmem.measures.detection import roc_auc
 from diffmem.testbed.scenes import BACKGROUNDS, N_CAPTIONS, NAMED_ATTRIBUTES, render_many, scene_from_id
 
 

@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from diffmem.detect import initial_noise
-from diffmem.evaluate import roc_auc, tpr_at_fpr
-from diffmem.monitor import Monitor
+from diffmem.detectors.base import initial_noise
+from diffmem.detectors.monitor import Monitor
+from diffmem.measures.detection import roc_auc, tpr_at_fpr
 from diffmem.testbed.scenes import Item, Splits, render_many
 from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity, own_similarity
 
@@ -28,7 +28,7 @@ def generate(pipe, prompts: Sequence[str], generations: int = 4, seed: int = 0, 
     Generation g of every prompt starts from `initial_noise(pipe, generations, seed)[g]`, the same noise
     the detector scores, so images and detection scores belong together.
     """
-    from diffmem.loading import resolve_guidance
+    from diffmem.models.loading import resolve_guidance
 
     guidance = resolve_guidance(pipe, guidance)
     noise = initial_noise(pipe, generations, seed)
@@ -52,7 +52,7 @@ def denoising_loss(pipe, items: list[Item], seed: int = 0, batch_size: int = 256
     """Mean training loss (MSE to the scheduler's prediction target) of `pipe` on the renders of `items`, one
     seeded timestep and noise per item: how well the model fits data, e.g. held-out items."""
     from diffmem.testbed.recipe import encode_items
-    from diffmem.train import _tokens, training_target
+    from diffmem.training.loop import _tokens, training_target
 
     dev = pipe.unet.device
     z = encode_items(pipe.vae, items, dev) * pipe.vae.config.scaling_factor
@@ -94,7 +94,7 @@ def detection_table(mem_mags: np.ndarray, held_mags: np.ndarray) -> dict[str, di
 
 def first_step_magnitudes(pipe, prompts: Sequence[str], generations: int = 4, seed: int = 0) -> np.ndarray:
     """First-step `d_T` of each prompt x generation, shaped like the monitor's (N, G, 1): the same noise."""
-    from diffmem.detect import MagnitudeDetector
+    from diffmem.detectors.magnitude import MagnitudeDetector
 
     rows = MagnitudeDetector(pipe, generations=generations, seed=seed, batch_size=256).score(list(prompts))
     return np.array([r.magnitudes for r in rows], dtype=np.float64).reshape(len(prompts), generations, 1)
@@ -135,7 +135,7 @@ def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generatio
     (with and without their trigger), held-out copying (near and far from a planted caption) and alignment,
     and first-step detection against held-out and seen-once prompts. Memorized prompts are also generated at
     each of `also_guidance`."""
-    from diffmem.loading import resolve_guidance
+    from diffmem.models.loading import resolve_guidance
 
     guidance = resolve_guidance(pipe, guidance)
     prog = progress or (lambda stage, i, n: None)

@@ -2,7 +2,7 @@
 
 Stage 0 trains the autoencoder; stage 1 trains UNet and text encoder on unique items (the "foundation model");
 stage 2 freezes text encoder and VAE and fine-tunes the UNet on a mix of planted items, repeated many times,
-and unique items each seen once. Every stage is seeded and resumable; stages 1 and 2 use `diffmem.train`.
+and unique items each seen once. Every stage is seeded and resumable; stages 1 and 2 use `diffmem.training.loop`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
-from diffmem.loading import DEFAULTS_FILE
+from diffmem.models.loading import DEFAULTS_FILE
 from diffmem.testbed.model import VAE_CONFIG, assemble_pipeline, build_components
 from diffmem.testbed.scenes import Splits, build_splits, render_many
-from diffmem.train import TrainConfig, filter_timestep, train
+from diffmem.training.loop import TrainConfig, filter_timestep, train
 
 
 @dataclass
@@ -240,7 +240,7 @@ def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None) -> tu
 
     from diffusers import UNet2DConditionModel
 
-    from diffmem.loading import load_pipeline
+    from diffmem.models.loading import load_pipeline
     from diffmem.testbed import WEIGHTS
 
     cfg = shipped_recipe()
@@ -270,7 +270,7 @@ def _stage2_magnitudes(unet: Any, pipe: Any, latents: torch.Tensor, captions: li
                        timestep: int | None) -> Any:
     """The filter's d of every sample under `unet` (at `timestep`, else at random training timesteps), from
     noise seeded by the recipe's seed: the same draws for every UNet measured."""
-    from diffmem.train import measure_magnitudes
+    from diffmem.training.loop import measure_magnitudes
 
     gen = torch.Generator().manual_seed(seed + 7)
     return measure_magnitudes(unet.eval(), pipe.text_encoder, pipe.tokenizer, pipe.scheduler, latents, captions,
@@ -281,7 +281,7 @@ def calibrate_stage2(work: Path, batches: int = 32, device: str | None = None, f
     """TAU for the testbed's stage 2 as `diffmem train --calibrate` chooses it for a folder: magnitudes of the
     base model on the first `batches` stage-2 batches (the data as the fine-tune sees it) where the filter
     measures them (`filter_at`)."""
-    from diffmem.finetune import magnitude_summary
+    from diffmem.training.finetune import magnitude_summary
 
     dev = _training_device(device)
     cfg, pipe, unet, batch2 = _stage2_setup(work, dev)
@@ -310,8 +310,8 @@ def stage2_separation(work: Path, batches: int = 16, device: str | None = None,
     AUC at fixed probe timesteps."""
     import numpy as np
 
-    from diffmem.evaluate import roc_auc
-    from diffmem.train import FILTER_AT
+    from diffmem.measures.detection import roc_auc
+    from diffmem.training.loop import FILTER_AT
 
     dev = _training_device(device)
     cfg, pipe, base, batch2 = _stage2_setup(work, dev)
@@ -434,7 +434,7 @@ def run_recipe(cfg: RecipeConfig, work: Path, dest: Path | None, device: str | N
 def model_defaults(pipe: Any, splits: Splits, cfg: RecipeConfig) -> dict[str, float]:
     """What the testbed's folder tells every command (diffmem.json): its guidance scale and its mitigation target,
     the median first-step score (n=4) of its held-out prompts, a typical non-memorized score."""
-    from diffmem.detect import MagnitudeDetector
+    from diffmem.detectors.magnitude import MagnitudeDetector
 
     rows = MagnitudeDetector(pipe, generations=4, batch_size=256).score([i.caption for i in splits.heldout])
     scores = [r.score for r in rows if r.score is not None]

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffmem.detect import MagnitudeDetector
-from diffmem.evaluate import evaluate_scores, plot_histogram, plot_roc
-from diffmem.loading import load_pipeline, quiet_diffusers
+from diffmem.detectors.magnitude import MagnitudeDetector
+from diffmem.measures.detection import evaluate_scores
+from diffmem.measures.plots import plot_histogram, plot_roc
+from diffmem.models.loading import load_pipeline, quiet_diffusers
 from diffmem.testbed.figures import copy_grid
 from diffmem.testbed.quality import denoising_loss, generate, quality_report
 from diffmem.testbed.recipe import shipped_recipe
@@ -29,7 +30,7 @@ def _console():
 
 def picture(pipe, memorized: list[Item], heldout: list[Item], path: Path, generations: int = 4) -> Path:
     """Training image | generations for memorized prompts, nearest planted image | generations for held-out."""
-    from diffmem.loading import default_guidance
+    from diffmem.models.loading import default_guidance
 
     items = memorized + heldout
     imgs, _ = generate(pipe, [i.caption for i in items], generations=generations)

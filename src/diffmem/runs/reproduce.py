@@ -2,7 +2,8 @@
 
 Detection: for each number of generations n (1 and 4 by default) and each scored-step setting (the first step,
 the first 10, all), Wen et al.'s `MagnitudeDetector` scores the memorized and the non-memorized prompts into
-OUT/detection/*.jsonl (the rows `diffmem detect` writes, plus seconds per prompt); `diffmem.evaluate` turns them
+OUT/detection/*.jsonl (the rows `diffmem detect` writes, plus seconds per prompt);
+`diffmem.measures.detection` turns them
 into AUC, TPR at 1% and 3% FPR. Mitigation: the memorized prompts are generated with no mitigation, with the
 embedding optimisation at its target loss and with each baseline (OUT/mitigation/<method>/, as `diffmem
 mitigate` writes them), and every generation is measured against the prompt's training image and caption: on a
@@ -67,7 +68,7 @@ class ReproduceSettings:
 
     def check(self) -> None:
         """One InputError line for settings no run can use (before anything is loaded or computed)."""
-        from diffmem.detect import parse_steps
+        from diffmem.detectors.base import parse_steps
 
         if not self.generations or min(self.generations) < 1 or self.mitigation_generations < 1:
             raise InputError("--generations and --mitigation-generations take whole numbers of at least 1")
@@ -76,7 +77,7 @@ class ReproduceSettings:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise InputError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-        from diffmem.metrics import PREPROCESSING
+        from diffmem.measures.images import PREPROCESSING
 
         if self.sscd_preprocessing not in PREPROCESSING:
             raise InputError(f"SSCD preprocessing must be one of {', '.join(PREPROCESSING)}, "
@@ -88,7 +89,7 @@ class ReproduceSettings:
 
     @property
     def testbed(self) -> bool:
-        from diffmem.bundled import TESTBED_NAMES
+        from diffmem.testbed.bundled import TESTBED_NAMES
 
         return self.model in TESTBED_NAMES
 
@@ -98,7 +99,7 @@ def _dedupe(prompts: Sequence[str]) -> list[str]:
 
 
 def _read(path: Path, what: str) -> list[str]:
-    from diffmem.prompts import read_prompts
+    from diffmem.io.prompts import read_prompts
 
     prompts = _dedupe(read_prompts(path).prompts)
     if not prompts:
@@ -118,8 +119,8 @@ def scan(pipe: Callable[[], Any], prompts: list[str], path: Path, match: dict[st
     `match` holds the `diffmem detect` settings of the rows; each row adds `seconds`, its share of its batch's
     wall time (text encoding, denoiser calls and the host copy). `make_detector(pipe)` builds the detector (default:
     Wen et al.'s at `steps`); `settings` gives seed, num_inference_steps and batch_size."""
-    from diffmem.detect import MagnitudeDetector
-    from diffmem.results import ResultWriter, read_results
+    from diffmem.detectors.magnitude import MagnitudeDetector
+    from diffmem.io.results import ResultWriter, read_results
 
     with ResultWriter(path, match=match) as writer:
         todo = writer.pending(prompts)
@@ -145,7 +146,8 @@ def detection_row(n: int, steps: str, mem: list[dict[str, Any]], normal: list[di
                   redraw: bool = True) -> dict[str, Any]:
     """AUC, TPR at 1% and 3% FPR, the threshold at 1% FPR and time per prompt of one (n, steps) setting, and its
     ROC curve in `plot` (drawn again only if `redraw` or missing)."""
-    from diffmem.evaluate import evaluate_scores, plot_roc
+    from diffmem.measures.detection import evaluate_scores
+    from diffmem.measures.plots import plot_roc
 
     pos, neg = [r["score"] for r in mem], [r["score"] for r in normal]
     ev = evaluate_scores(pos, neg)
@@ -185,7 +187,7 @@ class PaperMeasures(Measures):
     align_name = "CLIP score"
 
     def __init__(self, sscd: Any, clip: Any, references: dict[str, list[Path]]) -> None:
-        from diffmem.metrics import SSCD_COPY_THRESHOLD
+        from diffmem.measures.images import SSCD_COPY_THRESHOLD
 
         self.sscd, self.clip, self.references = sscd, clip, references
         self.copy_name = f"SSCD similarity ({getattr(sscd, 'preprocessing', '-')} preprocessing)"
@@ -193,7 +195,7 @@ class PaperMeasures(Measures):
         self._ref_desc: dict[str, Any] = {}
 
     def copy(self, prompt: str, images: list[np.ndarray]) -> np.ndarray | None:
-        from diffmem.metrics import sscd_descriptors
+        from diffmem.measures.images import sscd_descriptors
 
         if self.sscd is None or not self.references.get(prompt):
             return None
@@ -203,7 +205,7 @@ class PaperMeasures(Measures):
         return sims.max(dim=1).values.numpy()
 
     def align(self, prompt: str, images: list[np.ndarray]) -> np.ndarray | None:
-        from diffmem.metrics import clip_score
+        from diffmem.measures.images import clip_score
 
         return None if self.clip is None else clip_score(self.clip, images, [prompt] * len(images)).numpy()
 
@@ -268,7 +270,7 @@ def _mean(values: Sequence[float]) -> float | None:
 def mitigation_row(method: str, folder: Path, measures: Measures, generations: int) -> dict[str, Any]:
     """Memorization rate (at least half of a prompt's generations copy), any-copy rate, mean similarity,
     alignment and seconds per prompt of one method's generations in `folder`."""
-    from diffmem.results import read_results
+    from diffmem.io.results import read_results
 
     rows = read_results(folder / "results.jsonl")
     need = math.ceil(generations / 2)
@@ -302,7 +304,7 @@ def run_mitigations(out: Path, prompts: Sequence[str], settings: Any, method_set
                     pipe: Callable[[], Any]) -> None:
     """Generate `prompts` with each of `settings.methods` into `out/mitigation/<method>` (resuming what is done),
     measure each method's row into `report.mitigation`, and `save` the report after each."""
-    from diffmem.mitigate.runner import run as generate_method
+    from diffmem.runs.generation import run as generate_method
 
     folder = out / "mitigation"
     folder.mkdir(parents=True, exist_ok=True)
@@ -321,7 +323,7 @@ def run_mitigations(out: Path, prompts: Sequence[str], settings: Any, method_set
 
 def _complete(path: Path, prompts: Sequence[str]) -> bool:
     """Whether a result file already holds a row for every prompt."""
-    from diffmem.results import read_results
+    from diffmem.io.results import read_results
 
     if not path.is_file():
         return False
@@ -377,7 +379,7 @@ def _f(value: Any, digits: int = 3, pct: bool = False) -> str:
 
 def markdown(report: Report) -> str:
     """The report as Markdown: settings, the detection table, the mitigation table, notes and plots."""
-    from diffmem.evaluate import TPR_CONVENTION
+    from diffmem.measures.detection import TPR_CONVENTION
 
     s = report.settings
     lines = [f"# diffmem reproduce: {s['model']}", "",
@@ -414,7 +416,7 @@ def markdown(report: Report) -> str:
 def write_report(report: Any, out: Path, render: Callable[[Any], str] | None = None) -> None:
     """OUT/report.json and OUT/report.md (rewritten whole, so they always hold the latest complete tables);
     `render` writes the Markdown (default: this module's `markdown`)."""
-    from diffmem.results import to_jsonable
+    from diffmem.io.results import to_jsonable
 
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("report.json", json.dumps(to_jsonable(asdict(report)), indent=2) + "\n"),
@@ -431,8 +433,8 @@ def _measures(settings: ReproduceSettings, mitigation_prompts: list[str], device
     """The measures of this model (loaded now, so that a bad file fails before hours of generation) and notes."""
     if settings.testbed:
         return TestbedMeasures(mitigation_prompts), []
-    from diffmem.metrics import load_clip, load_sscd
-    from diffmem.references import reference_files
+    from diffmem.io.references import reference_files
+    from diffmem.measures.images import load_clip, load_sscd
 
     notes = []
     sscd = None if settings.sscd is None else load_sscd(settings.sscd, device, settings.sscd_preprocessing)
@@ -455,7 +457,7 @@ def reproduce(settings: ReproduceSettings, log: Log = print, progress: Progress 
     """Run (or resume) every scan and generation, then measure and write the report; returns it."""
     import torch
 
-    from diffmem.loading import load_pipeline, model_guidance, parse_device
+    from diffmem.models.loading import load_pipeline, model_guidance, parse_device
     from diffmem.registry import model_id
 
     settings.check()
@@ -482,7 +484,7 @@ def reproduce(settings: ReproduceSettings, log: Log = print, progress: Progress 
                     notes=notes)
     base = {"model": model_id(settings.model), "detector": "wen", "seed": settings.seed,
             "guidance_scale": guidance, "num_inference_steps": settings.num_inference_steps}
-    from diffmem.detect import parse_steps
+    from diffmem.detectors.base import parse_steps
 
     wanted = [(n, s) for n in settings.generations for s in settings.steps]
     n_mit = settings.mitigation_generations

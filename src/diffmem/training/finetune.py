@@ -5,7 +5,7 @@ folder with a `metadata.jsonl` (the Hugging Face imagefolder layout: `file_name`
 `prompt` column). Unusable files are skipped and listed. Images whose size is not the model's resolution
 (`unet.config.sample_size * vae_scale_factor`) are resized (shorter side) and center-cropped, and counted.
 Every image is encoded once by the pipeline's VAE into a latent cache in `--out`; batches are a function of
-(seed, step) alone, so a resumed run is exact. Training is `diffmem.train.train`, the loop the testbed recipe
+(seed, step) alone, so a resumed run is exact. Training is `diffmem.training.loop.train`, the loop the testbed recipe
 uses, with the magnitude filter of METHOD.md section 4 when a threshold is given.
 """
 
@@ -27,10 +27,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from diffmem.durable import exclusive, write_atomic
 from diffmem.errors import InputError, ModelLoadError
+from diffmem.io.durable import exclusive, write_atomic
 from diffmem.registry import model_id
-from diffmem.train import (
+from diffmem.training.loop import (
     FILTER_AT,
     BatchFn,
     TrainConfig,
@@ -354,7 +354,7 @@ def check_model_folder(model: str) -> None:
 
 def load_for_training(model: str, device: torch.device, allow_pickle: bool = False) -> Any:
     """The pipeline in float32 (mixed precision is accelerate's business), its text encoder and VAE frozen."""
-    from diffmem.loading import load_pipeline, quiet_diffusers
+    from diffmem.models.loading import load_pipeline, quiet_diffusers
 
     check_model_folder(model)
     quiet_diffusers()

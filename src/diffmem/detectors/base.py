@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 
-from diffmem.conditioning import Conditioning, as_conditioning, empty, encode
-from diffmem.epsilon import alpha_sigma, to_epsilon
 from diffmem.errors import InputError
-from diffmem.loading import resolve_guidance
+from diffmem.models.conditioning import Conditioning, empty, encode
+from diffmem.models.epsilon import to_epsilon
 
 Steps = str | int  # "first", "all" or a number k of leading steps
 
@@ -88,7 +87,7 @@ def token_info(tokenizer, prompts: Sequence[str]) -> list[tuple[int, bool, str]]
 
 def encode_text(pipe, prompts: Sequence[str]) -> torch.Tensor:
     """The conditioning tensor the pipeline feeds to cross-attention for each prompt (truncated to the encoder);
-    `diffmem.conditioning.encode` gives the whole conditioning (SDXL's pooled embeddings and time ids too)."""
+    `diffmem.models.conditioning.encode` gives the whole conditioning (SDXL's pooled embeddings and time ids too)."""
     return encode(pipe, prompts).prompt_embeds
 
 
@@ -196,7 +195,7 @@ class Detector:
         return to_epsilon(pred_c, x, t, scheduler), to_epsilon(pred_u, x, t, scheduler)
 
     def _empty_embedding(self) -> Conditioning:
-        """The empty prompt's conditioning, by the pipeline's own convention (`diffmem.conditioning.empty`)."""
+        """The empty prompt's conditioning, by the pipeline's own convention (`diffmem.models.conditioning.empty`)."""
         if self._uncond is None:
             self._uncond = empty(self.pipe)
         return self._uncond
@@ -218,169 +217,6 @@ class Detector:
 def _number(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
-
-class MagnitudeDetector(Detector):
-    """Wen et al.'s detector: scores prompts by the text-conditional noise magnitude of the denoiser.
-
-    A batch runs batch_size denoiser evaluations at the first step and 2 x batch_size at each later one.
-    """
-
-    name = "wen"
-
-    def __init__(
-        self,
-        pipe,
-        steps: Steps = "first",
-        generations: int = 1,
-        seed: int = 0,
-        guidance_scale: float | None = None,
-        num_inference_steps: int = 50,
-        batch_size: int = 32,
-    ) -> None:
-        super().__init__(pipe, generations, seed, num_inference_steps, batch_size)
-        guidance_scale = resolve_guidance(pipe, guidance_scale)  # the model's own unless given
-        if not math.isfinite(guidance_scale):
-            raise InputError(f"--guidance must be a finite number, not {guidance_scale}")
-        self.n_steps = parse_steps(steps, num_inference_steps)
-        self.steps = steps
-        self.guidance_scale = guidance_scale
-
-    @torch.no_grad()
-    def magnitudes(self, cond: Conditioning | torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-        """`d_t` for conditioning rows `cond` (one per prompt; a bare tensor for SD) x generations: shape
-        (prompts, generations, steps).
-
-        At the first step every prompt starts from the same noise, so `eps(x_T, "")` of generation g is the
-        same for all of them: it is computed once per detector and the denoiser runs on the conditional rows
-        only, half a CFG batch. Later steps, where trajectories differ per prompt, run the full CFG batch.
-        """
-        pipe, n = self.pipe, self.generations
-        cond = as_conditioning(pipe, cond)
-        uncond = self._empty_embedding()
-        rows = len(cond) * n
-        scheduler = self._schedule()
-        first = self._first_input(scheduler)
-        latents = (self._initial_noise().to(first) * scheduler.init_noise_sigma).repeat(rows // n, 1, 1, 1)
-        out, timesteps = [], []
-        for i, t in enumerate(scheduler.timesteps[: self.n_steps]):
-            if i == 0:
-                pred_c, pred_u, model_in = self._on_noise(first, t, cond)
-            else:
-                model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                embeds = Conditioning.cat([uncond.expand(rows), cond.repeat_interleave(n)])
-                pred_u, pred_c = pipe.unet(model_in, t, **embeds.unet_kwargs(), return_dict=False)[0].chunk(2)
-                model_in = model_in[:rows]
-            eps_u = to_epsilon(pred_u, model_in, t, scheduler)
-            eps_c = to_epsilon(pred_c, model_in, t, scheduler)
-            out.append((eps_c - eps_u).flatten(1).norm(dim=1))
-            timesteps.append(t)
-            if len(out) < self.n_steps:
-                guided = pred_u + self.guidance_scale * (pred_c - pred_u)
-                latents = scheduler.step(guided, t, latents, return_dict=False)[0]
-        mags = torch.stack(out, dim=1).reshape(-1, n, len(out))
-        return mags, [float(t) for t in torch.stack(timesteps).cpu()]
-
-    def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
-        mags, timesteps = self.magnitudes(cond)
-        return mags, timesteps, None
-
-    def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
-        return mags.mean(dim=(1, 2))
-
-
-class AnisotropyDetector(Detector):
-    """Asthana & Belagiannis (ICLR 2026): `d_T` plus `cosine_weight` x the anisotropy term, on pure noise.
-
-    The anisotropy term is the cosine, over latent channels and averaged over latent pixels, between `eps_u` and
-    `eps_c - eps_u` at a low-noise timestep (`cosine_step` of the sampling schedule; the authors take the third
-    from last), evaluated on the same pure-noise input as the first step: at low noise a memorized prompt's
-    guidance points along the unconditional score. Both terms are in epsilon space (the cosine does not depend
-    on the scale, so it equals the authors' score-space one). Scores are `mean_g d_T + cosine_weight *
-    mean_g cos`; the authors' weights are 2.0 for SD v1.4 (norm weight 1), 0.1 for SD v2 in their units.
-    Cost: 2 conditional evaluations per prompt and generation, plus 2 shared empty-prompt ones per detector.
-    `timesteps` names the first step, where `magnitudes` is read; the cosine's timestep follows from `cosine_step`.
-    """
-
-    name = "anisotropy"
-
-    def __init__(
-        self,
-        pipe,
-        generations: int = 1,
-        seed: int = 0,
-        cosine_weight: float = 2.0,
-        cosine_step: int = -3,
-        num_inference_steps: int = 50,
-        batch_size: int = 32,
-    ) -> None:
-        super().__init__(pipe, generations, seed, num_inference_steps, batch_size)
-        if not math.isfinite(cosine_weight):
-            raise InputError(f"--cosine-weight must be a finite number, not {cosine_weight}")
-        if not -num_inference_steps <= cosine_step < num_inference_steps:
-            raise InputError(f"cosine_step {cosine_step} is outside a schedule of {num_inference_steps} steps")
-        self.cosine_weight = cosine_weight
-        self.cosine_step = cosine_step
-
-    @torch.no_grad()
-    def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
-        scheduler = self._schedule()
-        noise = self._first_input(scheduler)
-        t_first, t_low = scheduler.timesteps[0], scheduler.timesteps[self.cosine_step]
-        eps_c, eps_u = self._eps_on_noise(noise, t_first, cond, scheduler)
-        mags = (eps_c - eps_u).flatten(1).norm(dim=1).reshape(-1, self.generations, 1)
-        eps_c, eps_u = self._eps_on_noise(noise, t_low, cond, scheduler)
-        cos = torch.nn.functional.cosine_similarity(eps_u, eps_c - eps_u, dim=1).mean(dim=(1, 2))
-        return mags, [float(t_first)], cos.reshape(-1, self.generations)
-
-    def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
-        assert terms is not None
-        return mags.mean(dim=(1, 2)) + self.cosine_weight * terms.mean(dim=1)
-
-
-class SharpnessDetector(Detector):
-    """Jeon et al. (ICML 2025): the sharpness of the conditional log-density at the first step,
-    `|| H_delta s_delta ||^2` with `s_delta = s(x_T, prompt) - s(x_T, "")` (scores `s = -eps / sigma_t`) and
-    `H_delta` its Jacobian in `x`, a Hessian-vector product computed by one forward-mode pass (`torch.func.jvp`).
-
-    A memorized prompt sits in a sharp peak of the density: its guidance direction changes fast along itself.
-    Cost: a CFG batch for `s_delta`, then a forward-mode pass of the same batch (about 3x a forward), per prompt and
-    generation. Attention runs on PyTorch's math kernel, the one with forward-mode derivatives.
-    `magnitudes` holds each generation's `d_T`, which comes for free.
-    """
-
-    name = "sharpness"
-
-    @torch.no_grad()
-    def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        scheduler = self._schedule()
-        t = scheduler.timesteps[0]
-        rows = len(cond) * self.generations
-        x = self._first_input(scheduler).repeat(len(cond), 1, 1, 1)
-        embeds = Conditioning.cat([self._empty_embedding().expand(rows), cond.repeat_interleave(self.generations)])
-        _, sigma = alpha_sigma(scheduler, t, x.device)
-
-        def score_difference(z: torch.Tensor) -> torch.Tensor:
-            pred = self.pipe.unet(torch.cat([z, z]), t, **embeds.unet_kwargs(), return_dict=False)[0]
-            eps_u, eps_c = to_epsilon(pred, torch.cat([z, z]), t, scheduler).chunk(2)
-            return (eps_u - eps_c) / sigma
-
-        with sdpa_kernel(SDPBackend.MATH):
-            direction = score_difference(x)
-            hvp = torch.func.jvp(score_difference, (x,), (direction,))[1]
-        mags = (direction * sigma).flatten(1).norm(dim=1).reshape(-1, self.generations, 1)
-        sharpness = hvp.flatten(1).pow(2).sum(dim=1).reshape(-1, self.generations)
-        return mags, [float(t)], sharpness
-
-    def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
-        assert terms is not None
-        return terms.mean(dim=1)
-
-
-def detect(pipe, prompts: Sequence[str], **settings) -> list[PromptScore]:
-    """Score `prompts` with `MagnitudeDetector(pipe, **settings)`; the one-call entry point."""
-    return MagnitudeDetector(pipe, **settings).score(prompts)
 
 
 def iter_data_parallel(

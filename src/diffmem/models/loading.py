@@ -13,8 +13,8 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from diffmem.errors import InputError, ModelLoadError
+from diffmem.models.weights import check_weights
 from diffmem.registry import named_model
-from diffmem.weights import check_weights
 
 #: Stable Diffusion v1's classifier-free guidance scale: the default of a model that does not name its own.
 SD_GUIDANCE_SCALE = 7.5

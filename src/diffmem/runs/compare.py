@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.errors import InputError
-from diffmem.reproduce import Log, Progress, Report, ReproduceSettings, _f
+from diffmem.runs.reproduce import Log, Progress, Report, ReproduceSettings, _f
 
 DEFAULT_DETECTORS = ("wen", "anisotropy", "sharpness", "ren-le", "ren-ae", "bright-ending", "nemo", "step-norm",
                      "carlini")
@@ -76,7 +76,7 @@ class CompareSettings(ReproduceSettings):
     def check(self) -> None:
         """One InputError line for settings no run can use."""
         from diffmem.detectors import DETECTORS
-        from diffmem.metrics import PREPROCESSING
+        from diffmem.measures.images import PREPROCESSING
         from diffmem.mitigate import ALL_METHODS
 
         for what, given, known in (("--detectors", self.detectors, DETECTORS), ("--methods", self.methods,
@@ -138,7 +138,7 @@ def _step_norm_scores(rows: list[dict[str, Any]], band: Any) -> list[float | Non
 
 def _detection_row(name: str, n: int, mem: list[dict[str, Any]], normal: list[dict[str, Any]],
                    pos: list[float | None], neg: list[float | None]) -> dict[str, Any]:
-    from diffmem.evaluate import evaluate_scores
+    from diffmem.measures.detection import evaluate_scores
 
     ev = evaluate_scores(pos, neg)
     return {"detector": name, "generations": n, "auc": ev.auc, "tpr_at_1fpr": ev.tpr_at_1fpr,
@@ -153,7 +153,7 @@ def run_detection(settings: CompareSettings, pipe: Callable[[], Any], mem: list[
     returns the first-step Wen scores of the non-memorized prompts per n (for the embedding target)."""
     from diffmem.detectors import MIN_GENERATIONS, StableRange
     from diffmem.registry import model_id
-    from diffmem.reproduce import scan
+    from diffmem.runs.reproduce import scan
 
     out = settings.out
     base = {"model": model_id(settings.model), "seed": settings.seed, "guidance_scale": guidance,
@@ -205,11 +205,12 @@ def _calibrate(settings: CompareSettings, pipe: Any, normal: list[str], wen_norm
     OUT/calibration.json; a value given in the settings wins)."""
     import torch
 
-    from diffmem.conditioning import empty, encode
-    from diffmem.detect import MagnitudeDetector, initial_noise
+    from diffmem.detectors.base import initial_noise
+    from diffmem.detectors.magnitude import MagnitudeDetector
+    from diffmem.measures.ssim import pairwise_ms_ssim
     from diffmem.mitigate.nemo import NEMO_GENERATIONS, NEMO_SEED, NeuronStatistics, NoiseResiduals
     from diffmem.mitigate.sail import SailLoss
-    from diffmem.ssim import pairwise_ms_ssim
+    from diffmem.models.conditioning import empty, encode
 
     path = settings.out / "calibration.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
@@ -285,7 +286,7 @@ def _method_settings(method: str, settings: CompareSettings, cal: dict[str, Any]
 
 def markdown(report: CompareReport) -> str:
     """The report as Markdown: settings, one detection table, one mitigation table, calibration and notes."""
-    from diffmem.evaluate import TPR_CONVENTION
+    from diffmem.measures.detection import TPR_CONVENTION
 
     s = report.settings
     ns = [int(n) for n in s["generations"]]
@@ -329,7 +330,7 @@ def markdown(report: CompareReport) -> str:
 
 def write_report(report: CompareReport, out: Path) -> None:
     """OUT/report.json and OUT/report.md, rewritten whole."""
-    from diffmem.reproduce import write_report as write
+    from diffmem.runs.reproduce import write_report as write
 
     write(report, out, markdown)
 
@@ -341,8 +342,8 @@ def compare(settings: CompareSettings, log: Log = print, progress: Progress | No
     """Run (or resume) every scan, calibration and generation, then measure and write the report; returns it."""
     import torch
 
-    from diffmem.loading import load_pipeline, model_guidance, parse_device
-    from diffmem.reproduce import _measures, _read, run_mitigations
+    from diffmem.models.loading import load_pipeline, model_guidance, parse_device
+    from diffmem.runs.reproduce import _measures, _read, run_mitigations
 
     settings.check()
     out = settings.out

@@ -100,7 +100,7 @@ class FetchError(Exception):
 
 def read_wanted(path: str | Path, column: str = "url") -> list[Wanted]:
     """The (url, caption) rows of a prompt file, each URL once; a row without a URL is one InputError line."""
-    from diffmem.prompts import read_prompts
+    from diffmem.io.prompts import read_prompts
 
     prompt_file = read_prompts(path)
     wanted: dict[str, Wanted] = {}
@@ -220,7 +220,7 @@ def fetch_references(prompts: str | Path, out: str | Path, settings: FetchSettin
                      on_outcome: Callable[[Outcome], None] | None = None) -> FetchReport:
     """Fetch every URL of `prompts` not yet in OUT/manifest.jsonl; returns (and writes to OUT/report.json) what
     happened. `on_outcome` sees each outcome as it completes (for a progress bar)."""
-    from diffmem.results import ResultWriter
+    from diffmem.io.results import ResultWriter
 
     settings = settings or FetchSettings()
     settings.check()
@@ -249,7 +249,7 @@ def fetch_references(prompts: str | Path, out: str | Path, settings: FetchSettin
 def reference_files(folder: str | Path) -> dict[str, list[Path]]:
     """Caption -> the reference image files fetched for it, from OUT/manifest.jsonl (a missing folder or manifest
     is one InputError line)."""
-    from diffmem.results import read_results
+    from diffmem.io.results import read_results
 
     root = Path(folder)
     if not (root / MANIFEST).is_file():

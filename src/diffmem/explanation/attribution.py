@@ -1,6 +1,6 @@
 """Which words of a prompt drive memorization: token significance (METHOD.md section 2) and its checks.
 
-`explain` returns an `Attribution` (tensors and numbers, no rendering); `diffmem.render` draws it.
+`explain` returns an `Attribution` (tensors and numbers, no rendering); `diffmem.explanation.render` draws it.
 The gradient method costs one forward and one backward pass of the denoiser per generation and step; the
 leave-one-out method scores the prompt with each word deleted, all variants in one batch.
 """
@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffmem.conditioning import empty, encode
-from diffmem.detect import MagnitudeDetector, Steps, initial_noise, parse_steps
-from diffmem.epsilon import to_epsilon
+from diffmem.detectors.base import Steps, initial_noise, parse_steps
+from diffmem.detectors.magnitude import MagnitudeDetector
 from diffmem.errors import InputError
-from diffmem.loading import resolve_guidance
+from diffmem.models.conditioning import empty, encode
+from diffmem.models.epsilon import to_epsilon
+from diffmem.models.loading import resolve_guidance
 
 METHODS = ("gradient", "leave-one-out")
 

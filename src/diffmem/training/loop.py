@@ -31,9 +31,9 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from diffmem.durable import write_atomic
-from diffmem.epsilon import to_epsilon
 from diffmem.errors import InputError
+from diffmem.io.durable import write_atomic
+from diffmem.models.epsilon import to_epsilon
 
 BatchFn = Callable[[int], tuple[torch.Tensor, list[str]]]
 

@@ -22,9 +22,9 @@ def run(prompts: Path, out: Path, model: str, method: str, settings: dict[str, A
         echo: Callable[[str], None] = print) -> None:
     """Read the prompts, resume OUT/results.jsonl, generate the pending prompts and write images and rows
     (`pipe`: `model` already loaded, e.g. by `diffmem reproduce`, which runs every method on one pipeline)."""
-    from diffmem.loading import parse_device, parse_dtype
-    from diffmem.prompts import read_prompts
-    from diffmem.results import ResultWriter
+    from diffmem.io.prompts import read_prompts
+    from diffmem.io.results import ResultWriter
+    from diffmem.models.loading import parse_device, parse_dtype
 
     if method not in ALL_METHODS:
         raise InputError(f"--method must be one of {', '.join(ALL_METHODS)}, not {method!r}")
@@ -61,8 +61,8 @@ def _generate_into(writer: Any, out: Path, todo: list[str], index: dict[str, int
     append its row."""
     import torch
 
-    from diffmem.loading import load_pipeline, parse_dtype, quiet_diffusers
     from diffmem.mitigate import iter_generate
+    from diffmem.models.loading import load_pipeline, parse_dtype, quiet_diffusers
 
     quiet_diffusers()
     if pipe is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from diffmem.explain import Attribution
+from diffmem.explanation.attribution import Attribution
 
 
 def _shares(attr: Attribution) -> list[float]:

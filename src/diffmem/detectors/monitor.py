@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from diffmem.detect import parse_steps
-from diffmem.epsilon import to_epsilon
+from diffmem.detectors.base import parse_steps
 from diffmem.errors import InputError
+from diffmem.models.epsilon import to_epsilon
 
 
 class Monitor:

@@ -96,7 +96,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    from diffmem.loading import default_device
+    from diffmem.models.loading import default_device
 
     return torch.device(device) if device is not None else default_device()
 

@@ -142,5 +142,6 @@ def as_conditioning(pipe: Any, value: Conditioning | torch.Tensor) -> Conditioni
     if isinstance(value, Conditioning):
         return value
     if is_sdxl(pipe):
-        raise InputError("an SDXL pipeline needs a Conditioning (diffmem.conditioning.encode), not a bare tensor")
+        raise InputError("an SDXL pipeline needs a Conditioning (diffmem.models.conditioning.encode), not a bare "
+                         "tensor")
     return Conditioning(value)

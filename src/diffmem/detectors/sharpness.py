@@ -1,0 +1,51 @@
+"""Jeon et al. (ICML 2025; METHOD.md section 6): the sharpness of the conditional log-density at the first
+step."""
+
+from __future__ import annotations
+
+import torch
+
+from diffmem.detectors.base import Detector
+from diffmem.models.conditioning import Conditioning
+from diffmem.models.epsilon import alpha_sigma, to_epsilon
+
+
+class SharpnessDetector(Detector):
+    """Jeon et al. (ICML 2025): the sharpness of the conditional log-density at the first step,
+    `|| H_delta s_delta ||^2` with `s_delta = s(x_T, prompt) - s(x_T, "")` (scores `s = -eps / sigma_t`) and
+    `H_delta` its Jacobian in `x`, a Hessian-vector product computed by one forward-mode pass (`torch.func.jvp`).
+
+    A memorized prompt sits in a sharp peak of the density: its guidance direction changes fast along itself.
+    Cost: a CFG batch for `s_delta`, then a forward-mode pass of the same batch (about 3x a forward), per prompt and
+    generation. Attention runs on PyTorch's math kernel, the one with forward-mode derivatives.
+    `magnitudes` holds each generation's `d_T`, which comes for free.
+    """
+
+    name = "sharpness"
+
+    @torch.no_grad()
+    def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        scheduler = self._schedule()
+        t = scheduler.timesteps[0]
+        rows = len(cond) * self.generations
+        x = self._first_input(scheduler).repeat(len(cond), 1, 1, 1)
+        embeds = Conditioning.cat([self._empty_embedding().expand(rows), cond.repeat_interleave(self.generations)])
+        _, sigma = alpha_sigma(scheduler, t, x.device)
+
+        def score_difference(z: torch.Tensor) -> torch.Tensor:
+            pred = self.pipe.unet(torch.cat([z, z]), t, **embeds.unet_kwargs(), return_dict=False)[0]
+            eps_u, eps_c = to_epsilon(pred, torch.cat([z, z]), t, scheduler).chunk(2)
+            return (eps_u - eps_c) / sigma
+
+        with sdpa_kernel(SDPBackend.MATH):
+            direction = score_difference(x)
+            hvp = torch.func.jvp(score_difference, (x,), (direction,))[1]
+        mags = (direction * sigma).flatten(1).norm(dim=1).reshape(-1, self.generations, 1)
+        sharpness = hvp.flatten(1).pow(2).sum(dim=1).reshape(-1, self.generations)
+        return mags, [float(t)], sharpness
+
+    def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
+        assert terms is not None
+        return terms.mean(dim=1)

@@ -1,0 +1,1 @@
+"""Which words of a prompt drive memorization: attributions (tensors) and their rendering."""

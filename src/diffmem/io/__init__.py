@@ -1,0 +1,1 @@
+"""Files: prompt readers, crash-safe result files, whole-or-nothing writes, reference image downloads."""

@@ -1,0 +1,1 @@
+"""Measures: detection metrics (AUC, TPR at FPR, thresholds), their plots, image similarity (SSCD, CLIP, SSIM)."""

@@ -1,0 +1,1 @@
+"""The model layer: loading pipelines, their defaults, conditioning, parameterizations, attention hooks."""

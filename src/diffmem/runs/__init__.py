@@ -1,0 +1,1 @@
+"""The runs that tie methods together: generation, `reproduce` and `compare`."""
