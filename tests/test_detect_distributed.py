@@ -1,4 +1,5 @@
-"""`diffmem detect` under `accelerate launch` with two CPU processes: a data-parallel scan, rows in input order."""
+"""`diffmem detect` and `diffmem mitigate` under `accelerate launch` with two CPU processes: data-parallel scans
+(`diffmem.runs.rows`), rows in input order, resume and a user error."""
 
 from __future__ import annotations
 
@@ -61,3 +62,35 @@ def test_a_user_error_ends_every_process_with_one_line(sd1_dir, tmp_path) -> Non
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "seed" in errors[0], proc.stderr[-3000:]
     assert len(rows(out)) == 2  # nothing written is lost
+
+
+def test_mitigate_runs_data_parallel_like_one_process(sd1_dir, cli, tmp_path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:3]) + "\n")
+    common = ("mitigate", "--model", sd1_dir, "--prompts", prompts, "--method", "rta", "--k", "1", "--steps", "2",
+              "--generations", "2")
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = launch(*common, "--out", two)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # global batches of 2 x 1 prompts: rank 0 generates prompts 0 and 2, rank 1 prompt 1 (and saves its PNGs)
+    assert "generated 3 prompts on 2 processes (2 + 1)" in proc.stdout
+    assert cli(*common, "--out", one).exit_code == 0
+    timing = ("seconds", "score", "final_loss")
+    rows_two, rows_one = rows(two / "results.jsonl"), rows(one / "results.jsonl")
+    assert [r["prompt"] for r in rows_two] == PROMPTS[:3] and [r["index"] for r in rows_two] == [0, 1, 2]
+    for a, b in zip(rows_two, rows_one, strict=True):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+        assert a["score"] == pytest.approx(b["score"], rel=1e-4)
+        for name in a["images"]:
+            pixels = [np.asarray(Image.open(folder / name), dtype=int) for folder in (two, one)]
+            assert np.abs(pixels[0] - pixels[1]).max() <= 1
+
+    prompts.write_text("\n".join(PROMPTS) + "\n")  # four more prompts: the parallel run resumes the folder
+    proc = launch(*common, "--out", two)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "generated 4 prompts on 2 processes (2 + 2)" in proc.stdout and "3 were already done" in proc.stdout
+    assert [r["index"] for r in rows(two / "results.jsonl")] == list(range(len(PROMPTS)))
+    assert len(list((two / "images").glob("*.png"))) == 2 * len(PROMPTS)

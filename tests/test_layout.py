@@ -15,7 +15,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS = (
-    ("foundation", ("diffmem", "diffmem.errors", "diffmem.registry", "diffmem.console", "diffmem.io")),
+    ("foundation", ("diffmem", "diffmem.errors", "diffmem.config", "diffmem.registry", "diffmem.console",
+                    "diffmem.io")),
     ("models", ("diffmem.models",)),
     ("measures", ("diffmem.measures",)),
     ("methods", ("diffmem.detectors", "diffmem.explanation", "diffmem.mitigate", "diffmem.training")),

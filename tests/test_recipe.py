@@ -34,16 +34,16 @@ def test_recipe_writes_a_loadable_sd_pipeline(tiny_run):
     assert recipe["recipe"]["stage2_steps"] == 3 and timings["total_s"] > 0
     assert set(timings) == {"vae_s", "encode_s", "stage1_s", "stage2_s", "total_s"}
     # the testbed's own guidance scale travels with the pipeline and becomes every command's default
-    from diffmem.models.loading import default_guidance, load_pipeline, model_guidance
+    from diffmem.models.defaults import ModelDefaults
+    from diffmem.models.loading import load_pipeline
 
     pipe = load_pipeline(work / "dest" / "pipeline", device="cpu")
-    assert default_guidance(pipe) == 2.5
+    assert ModelDefaults.of(pipe).guidance_scale == 2.5
     # and so does its mitigation target: a typical first-step score of its held-out prompts
-    from diffmem.mitigate import resolve_target_loss
-
-    assert 0 < resolve_target_loss(pipe, None) == pipe.diffmem_defaults["target_loss"]
-    assert model_guidance(str(work / "dest" / "pipeline")) == 2.5
-    assert model_guidance(str(work / "dest" / "pipeline"), 4.0) == 4.0
+    defaults = ModelDefaults.of(pipe)
+    assert 0 < defaults.resolve_target_loss(None) == defaults.target_loss and defaults.own_target_loss
+    assert ModelDefaults.for_model(str(work / "dest" / "pipeline")).resolve_guidance(None) == 2.5
+    assert ModelDefaults.for_model(str(work / "dest" / "pipeline")).resolve_guidance(4.0) == 4.0
 
 
 def test_a_resumed_recipe_adds_up_its_stage_times(tiny_run):

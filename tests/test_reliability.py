@@ -70,6 +70,11 @@ def model_copy(edit: Callable[[Path], None]) -> Setup:
     return make
 
 
+def _own_defaults(text: str) -> Setup:
+    """A setup copying the tiny model with `text` as its diffmem.json (`diffmem.models.defaults`)."""
+    return model_copy(lambda m: (m / "diffmem.json").write_text(text))
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -213,6 +218,10 @@ CASES: dict[str, Case] = {
     "detect/truncated safetensors": Case(f"{MODEL} {{in}}/m", "truncated", model_copy(lambda m: _truncate(m / UNET))),
     "detect/damaged model_index.json": Case(f"{MODEL} {{in}}/m", "model_index.json is not valid JSON",
                                             model_copy(lambda m: (m / "model_index.json").write_text("{"))),
+    "detect/diffmem.json out of range": Case(f"{MODEL} {{in}}/m", "diffmem.json: guidance_scale must be above 1",
+                                             _own_defaults('{"guidance_scale": 1}')),
+    "detect/diffmem.json unknown field": Case(f"{MODEL} {{in}}/m", "diffmem.json: unknown field 'target-loss'",
+                                              _own_defaults('{"target-loss": 1}')),
     "detect/pickled weights": Case(f"{MODEL} {{in}}/m", "--allow-pickle", model_copy(_pickle_unet)),
     # -- detect: options
     "detect/--generations 0": Case(f"{DETECT} {{ws}}/more.txt --generations 0", "Invalid value for '--generations'"),

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffmem.io import results
 from diffmem.errors import InputError
+from diffmem.io import results
 from diffmem.io.results import ResultWriter, json_line, read_results
 
 

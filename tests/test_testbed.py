@@ -206,7 +206,8 @@ def test_stage2_rerun_with_a_filter_that_excludes_everything_keeps_the_base_unet
     summary, weights = run("rta", caption_aug="rta", steps=1)  # no filter: one real update
     assert summary["excluded_share"] == 0.0
     assert not all(torch.equal(weights[k].float(), base[k].float()) for k in base)
-    from diffmem.models.loading import model_guidance
+    from diffmem.models.defaults import ModelDefaults
 
-    assert model_guidance(tmp_path / "rta") == model_guidance("testbed") == 2.5  # measured at the testbed's guidance
+    guidance = [ModelDefaults.for_model(m).resolve_guidance(None) for m in (tmp_path / "rta", "testbed")]
+    assert guidance == [2.5, 2.5]  # measured at the testbed's guidance
     assert json.loads((tmp_path / "rta" / "diffmem.json").read_text())["target_loss"] > 0

@@ -65,12 +65,15 @@ def create_app(service: Service, token: str | None = None) -> Any:
 def build_service(model: str, device: Any = None, threshold: float | None = None, calibration: Path | None = None,
                   settings: Settings | None = None, limits: Limits | None = None,
                   allow_pickle: bool = False) -> Service:
-    """Load the model once and fix its threshold (flag, calibration file, or the testbed's own calibration)."""
+    """Load the model once and fix its threshold (flag, calibration file, the model's own, or the testbed's own
+    calibration)."""
+    from diffmem.models.defaults import ModelDefaults
     from diffmem.models.loading import load_pipeline, quiet_diffusers
 
     quiet_diffusers()
     settings = settings or Settings()
-    fixed = threshold_from_options(model, threshold, calibration)  # before loading: fail fast on bad options
+    # before loading: fail fast on bad options
+    fixed = threshold_from_options(model, threshold, calibration, ModelDefaults.for_model(model))
     pipe = load_pipeline(model, device=device, allow_pickle=allow_pickle)
     service = Service(pipe, model, fixed or calibrate_testbed(pipe, settings), settings, limits)
     service.analyse("warm up")  # the first request of a user should not pay for one-time set-up

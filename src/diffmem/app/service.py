@@ -22,9 +22,7 @@ import numpy as np
 import torch
 
 from diffmem.errors import InputError
-
-CALIBRATION_FPR = 0.01
-"""FPR the startup calibration on the testbed's held-out prompts targets."""
+from diffmem.models.defaults import ModelDefaults
 
 
 class LimitError(InputError):
@@ -53,12 +51,12 @@ class Settings:
     steps: str | int = "first"
     generations: int = 1
     seed: int = 0
-    guidance_scale: float | None = None  # None: the model's own (`diffmem.models.loading.default_guidance`)
+    guidance_scale: float | None = None  # None: the model's own (`diffmem.models.defaults.ModelDefaults`)
     num_inference_steps: int = 50
     batch_size: int = 32
     generate_steps: int = 25
     mitigate_iters: int = 10
-    target_loss: float | None = None  # the mitigation's first-step target; None: the model's own, else the threshold
+    target_loss: float | None = None  # the mitigation's first-step target; None: the model's own, as the CLI's
 
     def __post_init__(self) -> None:
         from diffmem.detectors.base import parse_steps
@@ -122,10 +120,11 @@ def _read_calibration(path: Path) -> Threshold:
     return Threshold(float(value), source)
 
 
-def threshold_from_options(model: str, threshold: float | None = None,
-                           calibration: Path | None = None) -> Threshold | None:
-    """The threshold `--threshold` or `--calibration` gives; None on the testbed without either (calibrate it
-    with `calibrate_testbed`); any other model needs one of the two. Runs before the model loads."""
+def threshold_from_options(model: str, threshold: float | None = None, calibration: Path | None = None,
+                           defaults: ModelDefaults | None = None) -> Threshold | None:
+    """The threshold `--threshold` or `--calibration` gives, else the model's own calibrated one (`defaults`, read
+    before loading); None on the testbed without any (calibrate it with `calibrate_testbed`); any other model needs
+    one of them. Runs before the model loads."""
     from diffmem.testbed.bundled import TESTBED_NAMES
 
     if threshold is not None and calibration is not None:
@@ -136,6 +135,8 @@ def threshold_from_options(model: str, threshold: float | None = None,
         return Threshold(float(threshold), "the --threshold option")
     if calibration is not None:
         return _read_calibration(Path(calibration))
+    if defaults is not None and defaults.detection_threshold is not None:
+        return Threshold(defaults.detection_threshold, f"the model's own ({defaults.where('detection_threshold')})")
     if model not in TESTBED_NAMES:
         raise InputError(
             f"{model} needs a detection threshold: pass --threshold T or --calibration FILE "
@@ -146,25 +147,25 @@ def threshold_from_options(model: str, threshold: float | None = None,
 
 def calibrate_testbed(pipe: Any, settings: Settings) -> Threshold:
     """The threshold flagging 1% of the testbed's held-out (never trained on) prompts, scored with `settings`."""
+    from diffmem.detectors.calibration import calibrate_detection
     from diffmem.detectors.magnitude import MagnitudeDetector
-    from diffmem.measures.detection import calibrate_threshold
     from diffmem.testbed.recipe import shipped_recipe
 
     heldout = [item.caption for item in shipped_recipe().splits().heldout]
     det = MagnitudeDetector(pipe, steps=settings.steps, batch_size=max(settings.batch_size, 64),
                             **settings.detection_kwargs())
-    scores = [s.score for s in det.score(heldout)]
-    value = calibrate_threshold([s for s in scores if s is not None], CALIBRATION_FPR)
-    return Threshold(value, f"calibrated at startup on {len(heldout)} held-out testbed prompts at "
-                            f"{CALIBRATION_FPR:.0%} FPR")
+    cal = calibrate_detection(det, heldout)
+    return Threshold(cal.threshold, f"calibrated at startup on {len(heldout)} held-out testbed prompts at "
+                                    f"{cal.fpr:.0%} FPR")
 
 
 def resolve_threshold(
     model: str, pipe: Any, settings: Settings, threshold: float | None = None, calibration: Path | None = None
 ) -> Threshold:
-    """The threshold from `--threshold` or `--calibration`; on the testbed without either, calibrated now on
-    its held-out ground-truth prompts at 1% FPR; any other model needs one of the two."""
-    return threshold_from_options(model, threshold, calibration) or calibrate_testbed(pipe, settings)
+    """The threshold from `--threshold` or `--calibration`, else the model's own; on the testbed without any,
+    calibrated now on its held-out ground-truth prompts at 1% FPR; any other model needs one of them."""
+    fixed = threshold_from_options(model, threshold, calibration, ModelDefaults.of(pipe))
+    return fixed or calibrate_testbed(pipe, settings)
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -194,14 +195,14 @@ class Service:
 
     def __init__(self, pipe: Any, model: str, threshold: Threshold, settings: Settings | None = None,
                  limits: Limits | None = None) -> None:
-        from diffmem.models.loading import resolve_guidance
         from diffmem.testbed.bundled import TESTBED_NAMES
 
         self.pipe = pipe
         self.model = model
         self.threshold = threshold
-        settings = settings or Settings()
-        self.settings = replace(settings, guidance_scale=resolve_guidance(pipe, settings.guidance_scale))
+        settings, defaults = settings or Settings(), ModelDefaults.of(pipe)
+        self.settings = replace(settings, guidance_scale=defaults.resolve_guidance(settings.guidance_scale),
+                                target_loss=defaults.resolve_target_loss(settings.target_loss))
         self.limits = limits or Limits()
         self._lock = threading.Lock()
         self._training: dict[str, Any] = {}
@@ -374,8 +375,7 @@ class Service:
         from diffmem.mitigate import mitigate_embedding
 
         s = self.settings
-        own = getattr(self.pipe, "diffmem_defaults", {}).get("target_loss")
-        target = s.target_loss if s.target_loss is not None else own if own is not None else self.threshold.value
+        target = s.target_loss  # resolved in __init__: the model's own unless given, as `diffmem mitigate`'s
         start = time.perf_counter()
         plain = self._sample(prompt=prompt)
         result = mitigate_embedding(self.pipe, prompt, generations=s.generations, seed=s.seed,

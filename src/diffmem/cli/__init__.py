@@ -1,7 +1,8 @@
 """The `diffmem` command line: a thin shell over the library, one module per command group.
 
 `common` holds what every command shares; each group module (`detection`, `explanation`, `serving`,
-`training`, `generation`, `paper`, `testbed`) imports only `common` and the library, and this module mounts them.
+`training`, `generation`, `paper`, `testbed`, `datasets`) imports only `common` and the library, and this module
+mounts them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 
 import typer
 
-from diffmem.cli import detection, explanation, generation, paper, serving, testbed, training
+from diffmem.cli import datasets, detection, explanation, generation, paper, serving, testbed, training
 from diffmem.cli.common import USAGE_ERROR, ErrorHandlingGroup
 from diffmem.errors import DiffmemError
 
@@ -38,6 +39,7 @@ for _name, _command in (
 ):
     app.command(_name)(_command)
 app.add_typer(testbed.app, name="testbed")
+app.add_typer(datasets.app, name="datasets")
 
 
 def main() -> None:

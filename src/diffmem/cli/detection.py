@@ -3,19 +3,17 @@ measure how well the scores separate memorized from other prompts."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
-from contextlib import ExitStack
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from diffmem.cli.common import USAGE_ERROR, AllowPickleOpt, DType, ModelOpt
-from diffmem.console import progress_bar, say, shorten, stderr
-from diffmem.errors import DiffmemError, InputError
+from diffmem.cli.common import AllowPickleOpt, DType, ModelOpt
+from diffmem.console import say, stderr
+from diffmem.errors import InputError
 from diffmem.io.durable import check_output_path
 
 SETTING_KEYS = ("model", "detector", "steps", "generations", "seed", "guidance_scale", "num_inference_steps")
@@ -116,19 +114,11 @@ def detect(
     Under `accelerate launch` with several processes the scan runs data-parallel: each process scores its slice
     of every global batch on its own device, and the main process writes the rows in input order.
     """
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     from diffmem.detectors.base import parse_steps
-    from diffmem.io.prompts import read_prompts
-    from diffmem.io.results import ResultWriter
-    from diffmem.models.loading import model_guidance, parse_device
+    from diffmem.models.defaults import ModelDefaults
     from diffmem.registry import model_id
+    from diffmem.runs.detection import run
 
-    state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
-    if state.num_processes > 1 and device is not None:
-        raise InputError("--device is chosen by `accelerate launch` when it starts several processes; leave it out")
     stepped = (DetectorName.wen, DetectorName.bright_ending)
     if steps is not None and detector not in stepped:
         raise InputError(f"--steps applies to the wen and bright-ending detectors; {detector.value} has its own")
@@ -137,9 +127,8 @@ def detect(
     if not math.isfinite(cosine_weight):
         raise InputError(f"--cosine-weight must be a finite number, not {cosine_weight}")
     check_output_path(out, "--out")
-    torch_device = state.device if state.num_processes > 1 else parse_device(device)
-    values = (model_id(model), detector.value, n_steps, generations, seed, model_guidance(model, guidance),
-              num_inference_steps)
+    guidance_scale = ModelDefaults.for_model(model).resolve_guidance(guidance)  # the model's own unless given
+    values = (model_id(model), detector.value, n_steps, generations, seed, guidance_scale, num_inference_steps)
     settings: dict[str, Any] = dict(zip(SETTING_KEYS, values, strict=True))
     if detector is DetectorName.anisotropy:
         settings["cosine_weight"] = cosine_weight
@@ -150,136 +139,8 @@ def detect(
 
         band = StableRange.load(stable_range)
         settings["stable_range"] = {"lo": list(band.lo), "hi": list(band.hi)}
-    with ExitStack() as stack:
-
-        def open_run() -> tuple[tuple[Any, Any], list[str]]:
-            """Read the prompts and open (or resume) the result file: the main process's part. Returns what
-            stays on it (the prompt file and the writer) and the prompts left to score, which all processes get."""
-            prompt_file = read_prompts(prompts, column)
-            if notice := prompt_file.skipped_summary():
-                say(stderr, f"notice: {notice}")
-            writer = stack.enter_context(ResultWriter(out, match=settings))
-            if writer.repaired:
-                say(stderr, f"notice: {out}: {writer.repaired}")
-            todo = writer.pending(prompt_file.prompts)
-            resumed = len(set(prompt_file.prompts)) - len(todo)
-            if resumed:
-                say(stderr, f"notice: resuming {out}: {resumed} of {resumed + len(todo)} prompts already scored")
-            return (prompt_file, writer), todo
-
-        (prompt_file, writer), todo = _on_main(state, open_run)
-        counts = _score_into(writer, todo, model, torch_device, dtype, settings, batch_size, state,
-                             allow_pickle) if todo else {}
-    if state.is_main_process:
-        n_distinct = len(set(prompt_file.prompts))
-        _summary(out, len(todo), n_distinct - len(todo), len(prompt_file.skipped), len(prompt_file) - n_distinct,
-                 counts)
-
-
-def _on_main(state: Any, fn: Any) -> tuple[Any, Any]:
-    """Run `fn() -> (local, shared)` on the main process only; the other processes get `((None, None), shared)`.
-    A user error there ends every process: the main one says why, the others exit quietly with the same code."""
-    if state.num_processes == 1:
-        return fn()
-    from accelerate.utils import broadcast_object_list
-
-    local: Any = (None, None)
-    payload: list[Any] = [None, None]  # [shared, error message]
-    if state.is_main_process:
-        try:
-            local, payload[0] = fn()
-        except DiffmemError as exc:
-            payload[1] = str(exc)
-    broadcast_object_list(payload)
-    if payload[1] is not None:
-        if state.is_main_process:
-            raise InputError(payload[1])
-        raise typer.Exit(USAGE_ERROR)
-    return local, payload[0]
-
-
-def _score_into(
-    writer: Any,
-    todo: list[str],
-    model: str,
-    device: Any,
-    dtype: DType | None,
-    settings: dict[str, Any],
-    batch_size: int,
-    state: Any,
-    allow_pickle: bool = False,
-) -> dict[str, Any]:
-    """Load the model, score `todo` batch by batch (data-parallel over `state`'s processes) and, on the main
-    process (`writer` is None elsewhere), append each global batch's rows; returns warning and process counts."""
-    from contextlib import nullcontext
-
-    import torch
-
-    from diffmem.detectors.base import iter_data_parallel
-    from diffmem.models.loading import load_pipeline, quiet_diffusers
-
-    quiet_diffusers()
-    main = writer is not None
-    with stderr.status(f"loading {model} ...") if main else nullcontext(), state.main_process_first():
-        pipe: Any = load_pipeline(model, device=device, dtype=getattr(torch, dtype.value) if dtype else None,
-                                  allow_pickle=allow_pickle)
-    pipe.set_progress_bar_config(disable=True)  # load_pipeline does it too; the CLI must never show tqdm
-    detector = _detector(pipe, settings, batch_size)
-    counts: dict[str, Any] = {"truncated": 0, "errors": 0, "per_process": [0] * state.num_processes}
-    limit = pipe.tokenizer.model_max_length - 2
-    bar: Any = progress_bar(len(todo), "scoring prompts") if main else nullcontext()
-    with bar as progress:
-        try:
-            for scores, per_process in iter_data_parallel(detector, todo, state):
-                counts["per_process"] = [a + b for a, b in zip(counts["per_process"], per_process, strict=True)]
-                if not main:
-                    continue
-                for s in scores:
-                    name = f'prompt "{shorten(s.prompt)}"'
-                    if s.truncated:
-                        counts["truncated"] += 1
-                        cut = s.truncated_text.strip()
-                        say(
-                            progress.console,
-                            f"warning: {name} has {s.n_tokens} tokens, over the text encoder's "
-                            f'{limit}; scored without the cut-off words "{cut}"',
-                        )
-                    if s.error:
-                        counts["errors"] += 1
-                        say(progress.console, f"warning: {name}: {s.error}; its score is null")
-                writer.write_many({**s.to_dict(), **settings} for s in scores)
-                progress.advance(progress.task_ids[0], len(scores))
-        except torch.cuda.OutOfMemoryError:
-            raise InputError(f"out of memory on {pipe.device}: lower --batch-size ({batch_size})") from None
-    return counts
-
-
-def _detector(pipe: Any, settings: dict[str, Any], batch_size: int) -> Any:
-    """The detector a `diffmem detect` run's settings name."""
-    from diffmem.detectors import DETECTORS, StableRange
-
-    common = {"generations": settings["generations"], "seed": settings["seed"],
-              "num_inference_steps": settings["num_inference_steps"], "batch_size": batch_size}
-    detector = DETECTORS[settings["detector"]]
-    accepted = inspect.signature(detector).parameters
-    common.update({key: settings[key] for key in ("steps", "guidance_scale", "cosine_weight")
-                   if key in accepted and key in settings})
-    if "stable_range" in settings:
-        common["stable_range"] = StableRange(**{k: tuple(v) for k, v in settings["stable_range"].items()})
-    return detector(pipe, **common)
-
-
-def _summary(
-    out: Path, scored: int, resumed: int, skipped: int, duplicates: int, counts: dict[str, Any]
-) -> None:
-    """Print the run's one-line summary on stdout."""
-    parts = [f"{resumed} were already in the file", f"{skipped} empty rows skipped"]
-    if duplicates:
-        parts.append(f"{duplicates} repeated prompts written once")
-    parts += [f"{counts.get('truncated', 0)} truncated", f"{counts.get('errors', 0)} errors (null score)"]
-    per_process = counts.get("per_process", [])
-    where = f" on {len(per_process)} processes ({' + '.join(map(str, per_process))})" if len(per_process) > 1 else ""
-    typer.echo(f"scored {scored} prompts{where} -> {out}; {', '.join(parts)}")
+    run(prompts, out, model, settings, column, device, dtype.value if dtype else None, batch_size, allow_pickle,
+        echo=typer.echo)
 
 
 def _scores(path: Path) -> tuple[list[float | None], dict[str, Any]]:

@@ -14,7 +14,7 @@ import typer
 
 from diffmem.cli.common import AllowPickleOpt, ModelOpt
 from diffmem.errors import InputError
-from diffmem.mitigate import ALL_METHODS, DEFAULT_TARGET_LOSS
+from diffmem.mitigate import ALL_METHODS
 from diffmem.runs.generation import run as run_generation
 
 PromptsOpt = Annotated[
@@ -49,20 +49,14 @@ DTypeOpt = Annotated[
 ]
 
 
-def _guidance(model: str, guidance: float | None) -> float:
-    """`--guidance`, else the model's own default (loading torch and diffusers only now)."""
-    from diffmem.models.loading import model_guidance
+def _model_settings(model: str, guidance: float | None, target_loss: float | None) -> dict[str, float]:
+    """`--guidance` and `--target-loss`, each the model's own unless given: what the rows record, read from the
+    model's folder before it loads (`ModelDefaults`)."""
+    from diffmem.models.defaults import ModelDefaults
 
-    return model_guidance(model, guidance)
-
-
-def _target_loss(model: str, target_loss: float | None) -> float:
-    """`--target-loss`, else the model's own (its diffmem.json), else `DEFAULT_TARGET_LOSS`."""
-    if target_loss is not None:
-        return target_loss
-    from diffmem.models.loading import read_model_defaults, resolve_model
-
-    return float(read_model_defaults(resolve_model(model)).get("target_loss", DEFAULT_TARGET_LOSS))
+    defaults = ModelDefaults.for_model(model)
+    return {"guidance_scale": defaults.resolve_guidance(guidance),
+            "target_loss": defaults.resolve_target_loss(target_loss)}
 
 
 def parse_threshold(text: str) -> float:
@@ -145,8 +139,7 @@ def generate(
         raise InputError("--method chooses the guard's mitigation: give --guard too")
     settings: dict[str, Any] = dict(
         threshold=None if threshold is None else parse_threshold(threshold), generations=generations, seed=seed,
-        num_inference_steps=steps, guidance_scale=_guidance(model, guidance),
-        target_loss=_target_loss(model, target_loss), iters=iters, lr=lr)
+        num_inference_steps=steps, **_model_settings(model, guidance, target_loss), iters=iters, lr=lr)
     if method not in ("embedding", "none"):
         settings["method_options"] = _peer_options(method)
     run_generation(prompts, out, model, method if guard else "none", settings, column, device, dtype, allow_pickle,
@@ -182,8 +175,7 @@ def mitigate(
     if method not in ALL_METHODS:
         raise InputError(f"--method must be one of {', '.join(ALL_METHODS)}, not {method!r}")
     settings: dict[str, Any] = dict(threshold=None, generations=generations, seed=seed, num_inference_steps=steps,
-                                    guidance_scale=_guidance(model, guidance),
-                                    target_loss=_target_loss(model, target_loss), iters=iters, lr=lr, k=k,
+                                    **_model_settings(model, guidance, target_loss), iters=iters, lr=lr, k=k,
                                     sigma=sigma)
     options = _peer_options(method, c1, sail_threshold, sail_weight, nemo_stats, nemo_threshold, nemo_generations)
     if options or method in ("attention", "sail", "nemo"):

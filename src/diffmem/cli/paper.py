@@ -67,13 +67,28 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 def reproduce(
-    memorized: Annotated[
-        Path, typer.Option("--memorized", help="Memorized prompts (e.g. data/sdv1_500_memorized.jsonl).")
-    ],
-    normal: Annotated[Path, typer.Option("--normal", help="Non-memorized reference prompts, any prompt format.")],
     out: Annotated[
         Path, typer.Option("--out", help="Report folder: report.md, report.json, plots/, detection/, mitigation/.")
     ],
+    memorized: Annotated[
+        Path | None, typer.Option("--memorized", help="Memorized prompts (e.g. data/sdv1_500_memorized.jsonl); "
+                                  "default: those of --dataset.")
+    ] = None,
+    normal: Annotated[
+        Path | None, typer.Option("--normal", help="Non-memorized reference prompts, any prompt format; default: "
+                                  "those of --dataset.")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="A benchmark of `diffmem datasets list`, fetched into --data.")
+    ] = None,
+    data: Annotated[Path, typer.Option("--data", help="Root folder of `diffmem datasets fetch`.")] = Path("datasets"),
+    aesthetic: Annotated[
+        Path | None, typer.Option("--aesthetic", help="LAION aesthetic predictor file (.pth state dict, read "
+                                  "weights-only), e.g. sac+logos+ava1-l14-linearMSE.pth.")
+    ] = None,
+    aesthetic_clip: Annotated[
+        str, typer.Option("--aesthetic-clip", help="CLIP ViT-L/14 CLIPModel folder or hub id for the aesthetic score.")
+    ] = "openai/clip-vit-large-patch14",
     model: Annotated[
         str, typer.Option("--model", help="Local diffusers folder, hub id, or 'testbed' (its own measures).")
     ] = "testbed",
@@ -133,14 +148,32 @@ def reproduce(
     from diffmem.runs.reproduce import reproduce as run
 
     parse_dtype(dtype)
+    memorized, normal = dataset_prompts(dataset, data, memorized, normal)
     settings = ReproduceSettings(
         model=model, memorized=memorized, normal=normal, out=out, generations=_numbers(generations, "--generations"),
         steps=_words(steps), seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance,
         batch_size=batch_size, methods=_words(methods), mitigation_prompts=mitigation_prompts,
         mitigation_generations=mitigation_generations, target_loss=target_loss, iters=iters, k=k, sigma=sigma,
         references=references, sscd=sscd, sscd_preprocessing=sscd_preprocessing, clip=clip, device=device,
-        dtype=dtype, allow_pickle=allow_pickle)
+        dtype=dtype, allow_pickle=allow_pickle, aesthetic=aesthetic, aesthetic_clip=aesthetic_clip, dataset=dataset,
+        data=data if dataset else None)
     run_report(run, settings, out)
+
+
+def dataset_prompts(dataset: str | None, data: Path, memorized: Path | None,
+                    normal: Path | None) -> tuple[Path, Path]:
+    """The memorized and non-memorized prompt files: those given, else those of a fetched `--dataset`."""
+    if dataset is not None:
+        from diffmem.io.datasets import prepare
+
+        prepared = prepare(dataset, data)
+        memorized, normal = memorized or prepared.memorized, normal or prepared.normal
+        if normal is None:
+            raise InputError(f"{dataset} has no non-memorized prompts: give --normal FILE (e.g. "
+                             f"{data}/ren-sd1/prompts/normal.jsonl after `diffmem datasets fetch ren-sd1`)")
+    if memorized is None or normal is None:
+        raise InputError("give --memorized and --normal prompt files, or --dataset NAME (see `diffmem datasets list`)")
+    return memorized, normal
 
 
 def compare(
@@ -180,6 +213,10 @@ def compare(
     sscd: Annotated[Path | None, typer.Option("--sscd", help="SSCD TorchScript file.")] = None,
     sscd_preprocessing: Annotated[str, typer.Option("--sscd-preprocessing", help="'sscd' or 'wen'.")] = "sscd",
     clip: Annotated[str | None, typer.Option("--clip", help="CLIPModel folder or hub id for the CLIP score.")] = None,
+    aesthetic: Annotated[Path | None, typer.Option("--aesthetic", help="LAION aesthetic predictor file (.pth, "
+                                                   "read weights-only).")] = None,
+    aesthetic_clip: Annotated[str, typer.Option("--aesthetic-clip", help="CLIP ViT-L/14 for the aesthetic score.")
+                              ] = "openai/clip-vit-large-patch14",
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = None,
     allow_pickle: AllowPickleOpt = False,
@@ -198,7 +235,7 @@ def compare(
         mitigation_generations=mitigation_generations, target_loss=target_loss, sail_threshold=sail_threshold,
         nemo_threshold=nemo_threshold, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance,
         batch_size=batch_size, references=references, sscd=sscd, sscd_preprocessing=sscd_preprocessing, clip=clip,
-        device=device, dtype=dtype, allow_pickle=allow_pickle)
+        device=device, dtype=dtype, allow_pickle=allow_pickle, aesthetic=aesthetic, aesthetic_clip=aesthetic_clip)
     run_report(run, settings, out)
 
 

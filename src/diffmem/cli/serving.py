@@ -30,7 +30,8 @@ def serve(
     ] = 25,
     mitigate_iters: Annotated[int, typer.Option("--mitigate-iters", min=0, help="Mitigation iterations.")] = 10,
     target_loss: Annotated[
-        float | None, typer.Option("--target-loss", help="Mitigation's first-step target (default: the threshold).")
+        float | None, typer.Option("--target-loss", help="Mitigation's first-step target (default: the model's own, as "
+                                      "`diffmem mitigate`'s).")
     ] = None,
     guidance: Annotated[
         float | None, typer.Option("--guidance", help="Guidance scale of generated images (default: the model's own).")

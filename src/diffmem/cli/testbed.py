@@ -176,10 +176,10 @@ def mitigation(
     trade-off as each one's strength moves; the guard end to end."""
     import numpy as np
 
+    from diffmem.detectors.calibration import calibrate_detection
     from diffmem.detectors.magnitude import MagnitudeDetector
     from diffmem.errors import InputError
-    from diffmem.measures.detection import calibrate_threshold
-    from diffmem.mitigate import resolve_target_loss
+    from diffmem.models.defaults import ModelDefaults
     from diffmem.models.loading import quiet_diffusers
     from diffmem.testbed.mitigation_eval import BASELINE_STRENGTHS, Parts, guard_report, mitigation_report
     from diffmem.testbed.recipe import shipped_recipe
@@ -193,9 +193,10 @@ def mitigation(
     splits = shipped_recipe().splits()
     memorized = splits.planted[:limit] if limit else splits.planted
     heldout = splits.heldout[: 4 * limit] if limit else splits.heldout
-    held = np.array([r.score for r in MagnitudeDetector(pipe, generations=generations, batch_size=256).score(
-        [i.caption for i in splits.heldout])], dtype=float)
-    target = resolve_target_loss(pipe, target_loss)
+    cal = calibrate_detection(MagnitudeDetector(pipe, generations=generations, batch_size=256),
+                              [i.caption for i in splits.heldout])  # 1% FPR on the held-out prompts
+    held = np.array(cal.scores)
+    target = ModelDefaults.of(pipe).resolve_target_loss(target_loss)
     targets = targets or [float(np.quantile(held, q)) for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
     parts = Parts(out, {"prompts": [i.caption for i in memorized], "heldout": len(heldout), "target_loss": target,
                         "generations": generations, "steps": steps})  # a rerun resumes from these
@@ -203,8 +204,7 @@ def mitigation(
                             strengths=BASELINE_STRENGTHS if strengths else {}, progress=typer.echo, parts=parts)
     rep["heldout_score_quantiles"] = {q: float(np.quantile(held, q)) for q in (0.1, 0.5, 0.9, 0.99)}
     if guard:
-        threshold = calibrate_threshold(held, 0.01)
-        rep["guard"] = guard_report(pipe, memorized, heldout, threshold, target, generations=generations,
+        rep["guard"] = guard_report(pipe, memorized, heldout, cal.threshold, target, generations=generations,
                                     steps=steps, progress=typer.echo, parts=parts)
     (out / "mitigation.json").write_text(json.dumps(rep, indent=2))
     typer.echo(json.dumps(rep, indent=2))

@@ -68,7 +68,7 @@ class LayerEntropyDetector(Detector):
     def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
         scheduler = self._schedule()
         noise, t = self._first_input(scheduler), scheduler.timesteps[0]
-        self._shared_uncond(noise, t)  # computed (once) outside the recording
+        self.denoiser.shared_uncond(noise, t)  # computed (once) outside the recording
         hook = TokenAttention(calls={0}, conditional_half=False)
         with cross_attention(self.pipe.unet, hook, layers=[self.layer]):
             eps_c, eps_u = self._eps_on_noise(noise, t, cond, scheduler)

@@ -13,13 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 
 from diffmem.errors import InputError
-from diffmem.models.conditioning import Conditioning, empty, encode
-from diffmem.models.epsilon import to_epsilon
+from diffmem.models.conditioning import Conditioning, encode
+from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
 
 Steps = str | int  # "first", "all" or a number k of leading steps
 
@@ -59,19 +58,6 @@ def parse_steps(steps: Steps, num_inference_steps: int) -> int:
     if not 1 <= int(steps) <= num_inference_steps:
         raise InputError(f"--steps {steps} must be between 1 and num_inference_steps ({num_inference_steps})")
     return int(steps)
-
-
-def initial_noise(pipe, generations: int, seed: int, height: int | None = None, width: int | None = None):
-    """Initial latents `x_T` for generations 0..n-1: generation g uses `torch.Generator().manual_seed(seed + g)`.
-
-    The same noise serves every prompt, so a score depends on neither batch size nor batch composition, and a
-    plain `pipe(..., latents=noise[g:g+1])` call reproduces exactly the trajectory that was scored.
-    """
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + g)) for g in range(generations)]
-    return torch.cat(noise)
 
 
 def token_info(tokenizer, prompts: Sequence[str]) -> list[tuple[int, bool, str]]:
@@ -115,9 +101,8 @@ class Detector:
         self.seed = seed
         self.num_inference_steps = num_inference_steps
         self.batch_size = batch_size
-        self._uncond: Conditioning | None = None
+        self.denoiser = Denoiser(pipe)
         self._noise: torch.Tensor | None = None
-        self._uncond_preds: dict[float, torch.Tensor] = {}
 
     def score(self, prompts: Sequence[str]) -> list[PromptScore]:
         """Score every prompt (see `iter_scores` to consume results batch by batch)."""
@@ -170,43 +155,23 @@ class Detector:
 
     def _schedule(self):
         """A fresh copy of the pipeline's scheduler, set to `num_inference_steps`."""
-        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        scheduler.set_timesteps(self.num_inference_steps, device=self.pipe.unet.device)
-        return scheduler
+        return self.denoiser.schedule(self.num_inference_steps)
 
     def _first_input(self, scheduler) -> torch.Tensor:
         """The denoiser input of the first step for generations 0..n-1: the shared pure-noise `x_T`."""
-        latents = self._initial_noise().to(self.pipe.unet.device, self.pipe.unet.dtype) * scheduler.init_noise_sigma
-        return scheduler.scale_model_input(latents, scheduler.timesteps[0])
-
-    def _on_noise(self, model_in: torch.Tensor, t: torch.Tensor, cond: Conditioning):
-        """Denoiser outputs `(pred_c, pred_u, input)` at timestep `t` for conditioning rows `cond` x generations,
-        all on the shared input `model_in` (one row per generation, repeated per prompt in `input`); the empty
-        prompt's rows are computed once per detector and timestep."""
-        repeated = model_in.repeat(len(cond), 1, 1, 1)
-        rows = cond.repeat_interleave(self.generations)
-        pred_c = self.pipe.unet(repeated, t, **rows.unet_kwargs(), return_dict=False)[0]
-        pred_u = self._shared_uncond(model_in, t).repeat(len(cond), 1, 1, 1)
-        return pred_c, pred_u, repeated
+        return self.denoiser.first_input(self._initial_noise(), scheduler)
 
     def _eps_on_noise(self, model_in: torch.Tensor, t: torch.Tensor, cond: Conditioning, scheduler):
-        """`eps_c` and `eps_u` of `_on_noise`, in epsilon space."""
-        pred_c, pred_u, x = self._on_noise(model_in, t, cond)
-        return to_epsilon(pred_c, x, t, scheduler), to_epsilon(pred_u, x, t, scheduler)
+        """`eps_c` and `eps_u` at timestep `t` for conditioning rows `cond` x generations (prompt-major) on the
+        shared input `model_in` (one row per generation), in epsilon space; the empty prompt's rows are computed
+        once per detector and timestep (`Denoiser.cfg_shared`)."""
+        pred_c, pred_u, x = self.denoiser.cfg_shared(model_in, t, cond)
+        param = Parameterization.of(scheduler)
+        return param.to_epsilon(pred_c, x, t), param.to_epsilon(pred_u, x, t)
 
     def _empty_embedding(self) -> Conditioning:
         """The empty prompt's conditioning, by the pipeline's own convention (`diffmem.models.conditioning.empty`)."""
-        if self._uncond is None:
-            self._uncond = empty(self.pipe)
-        return self._uncond
-
-    def _shared_uncond(self, model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The denoiser's output for the empty prompt on the shared noise at `t`, one row per generation."""
-        key = float(t)
-        if key not in self._uncond_preds:
-            embeds = self._empty_embedding().expand(model_in.shape[0])
-            self._uncond_preds[key] = self.pipe.unet(model_in, t, **embeds.unet_kwargs(), return_dict=False)[0]
-        return self._uncond_preds[key]
+        return self.denoiser.empty()
 
     def _initial_noise(self) -> torch.Tensor:
         if self._noise is None:
@@ -216,28 +181,3 @@ class Detector:
 
 def _number(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
-
-
-
-def iter_data_parallel(
-    detector: Detector, prompts: Sequence[str], state: Any = None
-) -> Iterator[tuple[list[PromptScore], list[int]]]:
-    """Score `prompts` data-parallel over accelerate's processes (`state`: a `PartialState`; None: one process).
-
-    Every process walks the same global batches of `num_processes` x (prompts per batch); process r scores the
-    r-th contiguous slice of each, and the slices are gathered in rank order, which is input order. Yields per
-    global batch its scores (on every process) and how many each process scored. Call it on every process.
-    """
-    n_proc = state.num_processes if state is not None else 1
-    rank = state.process_index if state is not None else 0
-    per = max(1, detector.batch_size // detector.generations)
-    for start in range(0, len(prompts), per * n_proc):
-        mine = list(prompts[start + rank * per : start + (rank + 1) * per])
-        scores = detector.score(mine) if mine else []
-        if n_proc == 1:
-            yield scores, [len(scores)]
-            continue
-        from accelerate.utils import gather_object
-
-        parts = gather_object([scores])  # one list per process, in rank order
-        yield [s for part in parts for s in part], [len(part) for part in parts]

@@ -11,8 +11,8 @@ import torch
 from diffmem.detectors.base import Detector, PromptScore, Steps, parse_steps
 from diffmem.errors import InputError
 from diffmem.models.conditioning import Conditioning, as_conditioning
-from diffmem.models.epsilon import to_epsilon
-from diffmem.models.loading import resolve_guidance
+from diffmem.models.defaults import ModelDefaults
+from diffmem.models.denoiser import Parameterization
 
 
 class MagnitudeDetector(Detector):
@@ -34,7 +34,7 @@ class MagnitudeDetector(Detector):
         batch_size: int = 32,
     ) -> None:
         super().__init__(pipe, generations, seed, num_inference_steps, batch_size)
-        guidance_scale = resolve_guidance(pipe, guidance_scale)  # the model's own unless given
+        guidance_scale = ModelDefaults.of(pipe).resolve_guidance(guidance_scale)  # the model's own unless given
         if not math.isfinite(guidance_scale):
             raise InputError(f"--guidance must be a finite number, not {guidance_scale}")
         self.n_steps = parse_steps(steps, num_inference_steps)
@@ -50,24 +50,23 @@ class MagnitudeDetector(Detector):
         same for all of them: it is computed once per detector and the denoiser runs on the conditional rows
         only, half a CFG batch. Later steps, where trajectories differ per prompt, run the full CFG batch.
         """
-        pipe, n = self.pipe, self.generations
-        cond = as_conditioning(pipe, cond)
+        denoiser, n = self.denoiser, self.generations
+        cond = as_conditioning(self.pipe, cond)
         uncond = self._empty_embedding()
         rows = len(cond) * n
         scheduler = self._schedule()
+        param = Parameterization.of(scheduler)
         first = self._first_input(scheduler)
         latents = (self._initial_noise().to(first) * scheduler.init_noise_sigma).repeat(rows // n, 1, 1, 1)
         out, timesteps = [], []
         for i, t in enumerate(scheduler.timesteps[: self.n_steps]):
             if i == 0:
-                pred_c, pred_u, model_in = self._on_noise(first, t, cond)
+                pred_c, pred_u, model_in = denoiser.cfg_shared(first, t, cond)
             else:
-                model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                embeds = Conditioning.cat([uncond.expand(rows), cond.repeat_interleave(n)])
-                pred_u, pred_c = pipe.unet(model_in, t, **embeds.unet_kwargs(), return_dict=False)[0].chunk(2)
-                model_in = model_in[:rows]
-            eps_u = to_epsilon(pred_u, model_in, t, scheduler)
-            eps_c = to_epsilon(pred_c, model_in, t, scheduler)
+                model_in = scheduler.scale_model_input(latents, t)
+                pred_c, pred_u = denoiser.cfg(model_in, t, cond.repeat_interleave(n), uncond.expand(rows))
+            eps_u = param.to_epsilon(pred_u, model_in, t)
+            eps_c = param.to_epsilon(pred_c, model_in, t)
             out.append((eps_c - eps_u).flatten(1).norm(dim=1))
             timesteps.append(t)
             if len(out) < self.n_steps:

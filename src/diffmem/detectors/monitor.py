@@ -13,7 +13,7 @@ import torch
 
 from diffmem.detectors.base import parse_steps
 from diffmem.errors import InputError
-from diffmem.models.epsilon import to_epsilon
+from diffmem.models.denoiser import Parameterization
 
 
 class Monitor:
@@ -79,7 +79,8 @@ class Monitor:
             self.unguided_calls += 1  # no CFG batch (guidance_scale <= 1): nothing to measure
             return
         with torch.no_grad():
-            eps = to_epsilon(pred.detach(), sample.detach(), timestep, self.pipe.scheduler)
+            param = Parameterization.of(self.pipe.scheduler)  # the running call's scheduler
+            eps = param.to_epsilon(pred.detach(), sample.detach(), timestep)
             eps_u, eps_c = eps.chunk(2)
             self._steps.append((eps_c - eps_u).flatten(1).norm(dim=1))
             self._timesteps.append(torch.as_tensor(timestep).reshape(-1)[:1].detach())

@@ -23,7 +23,7 @@ from diffmem.detectors.base import Detector
 from diffmem.errors import InputError
 from diffmem.measures.ssim import pairwise_ms_ssim
 from diffmem.models.conditioning import Conditioning
-from diffmem.models.epsilon import to_epsilon
+from diffmem.models.denoiser import Denoiser, Parameterization
 
 NEMO_THRESHOLD = 0.428
 """The authors' SSIM threshold for SD v1.4 (mean + 1 std of the pairwise SSIM of non-memorized prompts)."""
@@ -42,13 +42,12 @@ def noise_residuals(pipe: Any, cond: Conditioning, noise: torch.Tensor, num_infe
                     timestep_index: int = TIMESTEP_INDEX) -> torch.Tensor:
     """NeMo's scaled residuals of `cond` (one row per noise) on the pure noises `noise` (rows, C, H, W): one
     conditional denoiser call."""
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps, device=pipe.unet.device)
+    denoiser = Denoiser(pipe)
+    scheduler = denoiser.schedule(num_inference_steps)
     t = scheduler.timesteps[timestep_index]
-    x = noise.to(pipe.unet.device, pipe.unet.dtype)
-    model_in = scheduler.scale_model_input(x * scheduler.init_noise_sigma, t)
-    pred = pipe.unet(model_in, t, **cond.unet_kwargs(), return_dict=False)[0]
-    return scaled_residuals(to_epsilon(pred, model_in, t, scheduler), x)
+    model_in = denoiser.first_input(noise, scheduler, t)
+    eps = Parameterization.of(scheduler).to_epsilon(denoiser.predict(model_in, t, cond), model_in, t)
+    return scaled_residuals(eps, noise.to(denoiser.device, denoiser.dtype))
 
 
 def max_pairwise_ssim(residuals: torch.Tensor) -> torch.Tensor:
@@ -81,7 +80,7 @@ class NemoDetector(Detector):
         scheduler = self._schedule()
         t = scheduler.timesteps[self.timestep_index]
         latents = self._initial_noise().to(self.pipe.unet.device, self.pipe.unet.dtype)
-        model_in = scheduler.scale_model_input(latents * scheduler.init_noise_sigma, t)
+        model_in = self.denoiser.first_input(latents, scheduler, t)
         eps_c, eps_u = self._eps_on_noise(model_in, t, cond, scheduler)
         mags = (eps_c - eps_u).flatten(1).norm(dim=1).reshape(-1, self.generations, 1)
         residuals = scaled_residuals(eps_c, latents.repeat(len(cond), 1, 1, 1))

@@ -7,7 +7,7 @@ import torch
 
 from diffmem.detectors.base import Detector
 from diffmem.models.conditioning import Conditioning
-from diffmem.models.epsilon import alpha_sigma, to_epsilon
+from diffmem.models.denoiser import Parameterization
 
 
 class SharpnessDetector(Detector):
@@ -31,12 +31,12 @@ class SharpnessDetector(Detector):
         t = scheduler.timesteps[0]
         rows = len(cond) * self.generations
         x = self._first_input(scheduler).repeat(len(cond), 1, 1, 1)
-        embeds = Conditioning.cat([self._empty_embedding().expand(rows), cond.repeat_interleave(self.generations)])
-        _, sigma = alpha_sigma(scheduler, t, x.device)
+        rows_c, rows_u = cond.repeat_interleave(self.generations), self._empty_embedding().expand(rows)
+        param = Parameterization.of(scheduler)
+        _, sigma = param.alpha_sigma(t, x.device)
 
-        def score_difference(z: torch.Tensor) -> torch.Tensor:
-            pred = self.pipe.unet(torch.cat([z, z]), t, **embeds.unet_kwargs(), return_dict=False)[0]
-            eps_u, eps_c = to_epsilon(pred, torch.cat([z, z]), t, scheduler).chunk(2)
+        def score_difference(z: torch.Tensor) -> torch.Tensor:  # differentiable in z (forward mode)
+            eps_c, eps_u = self.denoiser.cfg_epsilon(z, t, rows_c, rows_u, param)
             return (eps_u - eps_c) / sigma
 
         with sdpa_kernel(SDPBackend.MATH):

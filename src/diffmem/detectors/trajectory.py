@@ -19,7 +19,7 @@ from diffmem.detectors.monitor import Monitor
 from diffmem.errors import InputError
 from diffmem.models.attention import AttentionHook, cross_attention
 from diffmem.models.conditioning import Conditioning
-from diffmem.models.loading import resolve_guidance
+from diffmem.models.defaults import ModelDefaults
 
 
 class TrajectoryDetector(Detector):
@@ -29,7 +29,7 @@ class TrajectoryDetector(Detector):
                  num_inference_steps: int = 50, batch_size: int = 32) -> None:
         super().__init__(pipe, generations, seed, num_inference_steps, batch_size)
         self._prompts: list[str] = []
-        self.guidance_scale = resolve_guidance(pipe, guidance_scale)
+        self.guidance_scale = ModelDefaults.of(pipe).resolve_guidance(guidance_scale)
         if not (math.isfinite(self.guidance_scale) and self.guidance_scale > 1):
             raise InputError(f"--guidance must be above 1 for {self.name} (it reads the CFG batch), "
                              f"not {self.guidance_scale}")

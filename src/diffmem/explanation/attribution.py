@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffmem.detectors.base import Steps, initial_noise, parse_steps
+from diffmem.detectors.base import Steps, parse_steps
 from diffmem.detectors.magnitude import MagnitudeDetector
 from diffmem.errors import InputError
-from diffmem.models.conditioning import empty, encode
-from diffmem.models.epsilon import to_epsilon
-from diffmem.models.loading import resolve_guidance
+from diffmem.models.conditioning import encode
+from diffmem.models.defaults import ModelDefaults
+from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
 
 METHODS = ("gradient", "leave-one-out")
 
@@ -111,24 +111,22 @@ def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int 
     trajectory is held fixed (latents detached), so each step contributes its own gradient. For SDXL the
     positions are those of the cross-attention states; the pooled embedding is held at the prompt's own.
     """
-    device = pipe.unet.device
-    guidance_scale = resolve_guidance(pipe, guidance_scale)
+    denoiser = Denoiser(pipe)
+    guidance_scale = ModelDefaults.of(pipe).resolve_guidance(guidance_scale)
     with torch.no_grad():
         cond = encode(pipe, [prompt])
-        uncond = empty(pipe).expand(generations)
+        uncond = denoiser.empty().expand(generations)
     e = cond.prompt_embeds.detach().float().requires_grad_(True)
-    noise = initial_noise(pipe, generations, seed).to(device, pipe.unet.dtype)
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    latents = noise * scheduler.init_noise_sigma
-    total = torch.zeros((), device=device)
+    scheduler = denoiser.schedule(num_inference_steps)
+    param = Parameterization.of(scheduler)
+    latents = initial_noise(pipe, generations, seed).to(denoiser.device, denoiser.dtype) * scheduler.init_noise_sigma
+    total = torch.zeros((), device=denoiser.device)
     for k, t in enumerate(scheduler.timesteps[:n_steps]):
-        model_in = scheduler.scale_model_input(latents, t)
+        model_in = scheduler.scale_model_input(latents, t)  # at k = 0 `Denoiser.first_input`, as detection's
         with torch.no_grad():  # the empty prompt's branch has no gradient: no graph, no backward through it
-            pred_u = pipe.unet(model_in, t, **uncond.unet_kwargs(), return_dict=False)[0]
-        rows = cond.replace(e.to(pipe.unet.dtype)).expand(generations)
-        pred_c = pipe.unet(model_in, t, **rows.unet_kwargs(), return_dict=False)[0]
-        eps_u, eps_c = to_epsilon(pred_u, model_in, t, scheduler), to_epsilon(pred_c, model_in, t, scheduler)
+            pred_u = denoiser.predict(model_in, t, uncond)
+        pred_c = denoiser.predict(model_in, t, cond.replace(e.to(denoiser.dtype)).expand(generations))
+        eps_u, eps_c = param.to_epsilon(pred_u, model_in, t), param.to_epsilon(pred_c, model_in, t)
         total = total + (eps_c - eps_u).flatten(1).norm(dim=1).mean()
         if k + 1 < n_steps:
             with torch.no_grad():
@@ -145,7 +143,7 @@ def explain(pipe, prompt: str, method: str = "leave-one-out", steps: Steps = "fi
     on the testbed its top word lowers the score 3.7x as much as a random word's deletion, the gradient's 1.6x
     (`diffmem testbed explain-eval`), at a cost of one batched scoring of the prompt's word deletions."""
     _check_prompt(prompt)
-    guidance_scale = resolve_guidance(pipe, guidance_scale)
+    guidance_scale = ModelDefaults.of(pipe).resolve_guidance(guidance_scale)
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     n_steps = parse_steps(steps, num_inference_steps)

@@ -105,12 +105,21 @@ def read_wanted(path: str | Path, column: str = "url") -> list[Wanted]:
     prompt_file = read_prompts(path)
     wanted: dict[str, Wanted] = {}
     for number, record in enumerate(prompt_file.records, 1):
-        url = record.get(column)
-        if not isinstance(url, str) or not url.strip():
+        urls = record_urls(record, column)
+        if not urls:
             raise InputError(f"{path}: prompt {number} has no {column!r} field; fetch-references needs the "
                              "training image's URL per prompt (as data/sdv1_500_memorized.jsonl has)")
-        wanted.setdefault(url.strip(), Wanted(url.strip(), record["prompt"]))
+        for url in urls:
+            wanted.setdefault(url, Wanted(url, record["prompt"]))
     return list(wanted.values())
+
+
+def record_urls(record: dict[str, Any], column: str = "url") -> list[str]:
+    """A prompt row's training-image URLs: its `column` string, or its `urls` list (as the files of
+    `diffmem datasets` hold, where one prompt may have several images and one image several prompts)."""
+    url, urls = record.get(column), record.get("urls")
+    found = [url] if isinstance(url, str) else list(urls) if isinstance(urls, list) else []
+    return [u.strip() for u in found if isinstance(u, str) and u.strip()]
 
 
 def file_stem(url: str) -> str:
@@ -198,11 +207,11 @@ def fetch_one(client: Any, wanted: Wanted, out: Path, settings: FetchSettings,
     return outcome
 
 
-def _client(settings: FetchSettings) -> Any:
+def _client(settings: FetchSettings, what: str = "fetch-references") -> Any:
     try:
         import httpx
     except ModuleNotFoundError:
-        raise InputError("fetch-references needs httpx: pip install 'diffmem[paper]'") from None
+        raise InputError(f"{what} needs httpx: pip install 'diffmem[paper]'") from None
 
     return httpx.Client(timeout=httpx.Timeout(settings.timeout), follow_redirects=True,
                         headers={"user-agent": "diffmem-fetch-references/0.1"})
@@ -246,18 +255,31 @@ def fetch_references(prompts: str | Path, out: str | Path, settings: FetchSettin
     return report
 
 
-def reference_files(folder: str | Path) -> dict[str, list[Path]]:
+def reference_files(folder: str | Path, prompts: str | Path | None = None) -> dict[str, list[Path]]:
     """Caption -> the reference image files fetched for it, from OUT/manifest.jsonl (a missing folder or manifest
-    is one InputError line)."""
+    is one InputError line). With `prompts`, each prompt gets the files of the URLs its row names, whichever
+    caption they were fetched for (one image may belong to several prompts)."""
+    if prompts is not None:
+        from diffmem.io.prompts import read_prompts
+
+        by_url = {row["url"]: path for path, row in _fetched(folder)}
+        return {r["prompt"]: [by_url[u] for u in record_urls(r) if u in by_url]
+                for r in read_prompts(prompts).records}
+    files: dict[str, list[Path]] = {}
+    for path, row in _fetched(folder):
+        files.setdefault(row["caption"], []).append(path)
+    return files
+
+
+def _fetched(folder: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(file, manifest row) of every image OUT/manifest.jsonl records that is on disk."""
     from diffmem.io.results import read_results
 
     root = Path(folder)
     if not (root / MANIFEST).is_file():
         raise InputError(f"{root} holds no {MANIFEST}: fetch the reference images first with "
                          "`diffmem fetch-references --prompts FILE --out " + str(root) + "`")
-    files: dict[str, list[Path]] = {}
     for row in read_results(root / MANIFEST, allow_partial=True):
         path = root / row["file"]
         if path.is_file():
-            files.setdefault(row["caption"], []).append(path)
-    return files
+            yield path, row

@@ -1,20 +1,14 @@
 """Inference-time mitigation of memorization (METHOD.md section 3): Wen et al.'s embedding optimisation, the
 baselines of Somepalli et al. 2023, and generation guarded by first-step detection.
 
-The names below load lazily (like `diffmem`'s), so the CLI can read the defaults without importing torch.
+The names below load lazily (like `diffmem`'s), so the CLI can read the method names without importing torch. A
+model's target loss (`target_loss` of `diffmem.models.defaults.ModelDefaults`) is the embedding method's default.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
 from typing import Any
-
-DEFAULT_TARGET_LOSS = 3.0
-"""`l_target` of a model that names none: the value of Wen et al.'s code for Stable Diffusion v1.4 (64x64x4
-latents). `d_t` grows like the square root of the latent size and depends on the model, so a model should carry its
-own, calibrated on its non-memorized prompts (the median first-step score: `target_loss` in its folder's
-diffmem.json, or `negatives_median` of `diffmem evaluate --json`); where every score is already below it, the
-optimisation stops at once and changes nothing."""
 
 METHODS = ("embedding", "rta", "rna", "cwr", "gni", "none")
 """Mitigation methods of `generate`: the embedding optimisation, the four baselines, and plain sampling."""
@@ -43,15 +37,7 @@ _EXPORTS = {
     "localize": "diffmem.mitigate.nemo",
 }
 
-__all__ = sorted([*_EXPORTS, "ALL_METHODS", "DEFAULT_TARGET_LOSS", "METHODS", "PEER_METHODS", "resolve_target_loss"])
-
-
-def resolve_target_loss(pipe: Any, target_loss: float | None) -> float:
-    """`target_loss` when given, else the model's own (`target_loss` in its diffmem.json, derived from its
-    non-memorized prompts' scores), else `DEFAULT_TARGET_LOSS`."""
-    if target_loss is not None:
-        return float(target_loss)
-    return float(getattr(pipe, "diffmem_defaults", {}).get("target_loss", DEFAULT_TARGET_LOSS))
+__all__ = sorted([*_EXPORTS, "ALL_METHODS", "METHODS", "PEER_METHODS"])
 
 
 def __getattr__(name: str) -> Any:

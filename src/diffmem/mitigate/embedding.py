@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffmem.detectors.base import initial_noise
 from diffmem.errors import InputError
-from diffmem.mitigate import DEFAULT_TARGET_LOSS, resolve_target_loss
-from diffmem.models.conditioning import Conditioning, as_conditioning, empty, encode
-from diffmem.models.epsilon import to_epsilon
+from diffmem.models.conditioning import Conditioning, as_conditioning, encode
+from diffmem.models.defaults import ModelDefaults
+from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
 
 
 @dataclass
@@ -29,7 +28,7 @@ class EmbeddingResult:
     losses: list[float] = field(default_factory=list)
     iters: int = 0
     reached: bool = False
-    target_loss: float = DEFAULT_TARGET_LOSS
+    target_loss: float = math.nan  # the target it was optimised towards
     conditioning: Conditioning | None = None
 
     @property
@@ -55,25 +54,24 @@ def check_settings(generations: int, target_loss: float, iters: int, lr: float) 
 
 class FirstStep:
     """The first DDIM step of `generations` initial noises: scores `L(e)` = mean over generations of
-    `|| eps(x_T, e) - eps(x_T, e_0) ||_2` for a conditioning `e`; `eps(x_T, e_0)` is computed once."""
+    `|| eps(x_T, e) - eps(x_T, e_0) ||_2` for a conditioning `e`; `eps(x_T, e_0)` is computed once. The noises
+    and their first-step input are detection's (`Denoiser.first_input`), so `L` of the prompt's own embedding is
+    its first-step detection score."""
 
     def __init__(self, pipe, generations: int = 1, seed: int = 0, num_inference_steps: int = 50) -> None:
         self.pipe = pipe
         self.generations = generations
-        device, dtype = pipe.unet.device, pipe.unet.dtype
-        self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.denoiser = Denoiser(pipe)
+        self.scheduler = self.denoiser.schedule(num_inference_steps)
+        self.param = Parameterization.of(self.scheduler)
         self.t = self.scheduler.timesteps[0]
-        noise = initial_noise(pipe, generations, seed).to(device, dtype)
-        self.model_in = self.scheduler.scale_model_input(noise * self.scheduler.init_noise_sigma, self.t)
-        with torch.no_grad():
-            self.uncond = empty(pipe)
-            self.eps_u = self._eps(self.uncond)
+        self.model_in = self.denoiser.first_input(initial_noise(pipe, generations, seed), self.scheduler)
+        self.uncond = self.denoiser.empty()
+        self.eps_u = self.param.to_epsilon(self.denoiser.shared_uncond(self.model_in, self.t), self.model_in, self.t)
 
     def _eps(self, embedding: Conditioning | torch.Tensor) -> torch.Tensor:
-        e = as_conditioning(self.pipe, embedding).to(self.pipe.unet.dtype).expand(self.generations)
-        pred = self.pipe.unet(self.model_in, self.t, **e.unet_kwargs(), return_dict=False)[0]
-        return to_epsilon(pred, self.model_in, self.t, self.scheduler)
+        e = as_conditioning(self.pipe, embedding).to(self.denoiser.dtype).expand(self.generations)
+        return self.param.to_epsilon(self.denoiser.predict(self.model_in, self.t, e), self.model_in, self.t)
 
     def loss(self, embedding: Conditioning | torch.Tensor) -> torch.Tensor:
         """`L(e)` for a one-row conditioning ((1, 77, D) for SD), differentiable with respect to it when grad is
@@ -103,7 +101,7 @@ def mitigate_embedding(
     denoiser's parameters never accumulate any. For SDXL the pooled text embedding is optimised with the
     cross-attention states: it conditions the UNet on the prompt too.
     """
-    target_loss = resolve_target_loss(pipe, target_loss)
+    target_loss = ModelDefaults.of(pipe).resolve_target_loss(target_loss)
     check_settings(generations, target_loss, iters, lr)
     step = FirstStep(pipe, generations, seed, num_inference_steps)
     with torch.no_grad():

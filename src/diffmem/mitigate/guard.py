@@ -28,11 +28,11 @@ import torch
 from diffmem.detectors.base import initial_noise
 from diffmem.detectors.monitor import Monitor
 from diffmem.errors import InputError
-from diffmem.mitigate import ALL_METHODS, PEER_METHODS, resolve_target_loss
+from diffmem.mitigate import ALL_METHODS, PEER_METHODS
 from diffmem.mitigate.baselines import cwr, gni, rna, rta
 from diffmem.mitigate.embedding import check_settings, mitigate_embedding
 from diffmem.models.conditioning import Conditioning, empty, encode
-from diffmem.models.loading import resolve_guidance
+from diffmem.models.defaults import ModelDefaults
 
 
 @dataclass
@@ -149,14 +149,15 @@ def iter_generate(
 ) -> Iterator[tuple[Any, Decision]]:
     """Yield (images, decision) per prompt, in order; see `generate` for the arguments (`guidance_scale`: the
     model's own when None)."""
-    guidance_scale = resolve_guidance(pipe, guidance_scale)
+    defaults = ModelDefaults.of(pipe)
+    guidance_scale = defaults.resolve_guidance(guidance_scale)
     _check(method, threshold, guidance_scale, num_inference_steps)
     options = dict(method_options or {})
     if options or method in PEER_METHODS:
         from diffmem.mitigate.peers import check_options
 
         check_options(method, options)
-    target_loss = resolve_target_loss(pipe, target_loss)
+    target_loss = defaults.resolve_target_loss(target_loss)
     check_settings(generations, target_loss, iters, lr)
     settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type)
     noise = initial_noise(pipe, generations, seed).to(pipe.unet.device, pipe.unet.dtype)

@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from diffmem.detectors.base import initial_noise
 from diffmem.detectors.nemo import NEMO_THRESHOLD, max_pairwise_ssim, noise_residuals
 from diffmem.errors import InputError
 from diffmem.measures.ssim import ms_ssim
 from diffmem.models.attention import cross_attention_names
 from diffmem.models.conditioning import Conditioning, encode
+from diffmem.models.denoiser import initial_noise
 
 NEMO_GENERATIONS = 10
 """Seeds the authors compare per prompt."""

@@ -22,13 +22,11 @@ from typing import Any
 
 import torch
 
-from diffmem.detectors.base import initial_noise
 from diffmem.errors import InputError
 from diffmem.models.conditioning import Conditioning, empty, encode
-from diffmem.models.epsilon import to_epsilon
+from diffmem.models.defaults import ModelDefaults
+from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
 
-SAIL_THRESHOLD = 8.2
-"""The authors' `l_thres` for Stable Diffusion v1.4 (64x64x4 latents)."""
 SAIL_WEIGHT = 0.05
 """The authors' weight of `||x||` for Stable Diffusion v1.4."""
 
@@ -45,32 +43,25 @@ class SailResult:
     reached: bool = False
 
 
-def resolve_sail_threshold(pipe: Any, threshold: float | None) -> float:
-    """`threshold` when given, else the model's own (`sail_threshold` in its diffmem.json), else `SAIL_THRESHOLD`."""
-    if threshold is not None:
-        return float(threshold)
-    return float(getattr(pipe, "diffmem_defaults", {}).get("sail_threshold", SAIL_THRESHOLD))
-
-
 class SailLoss:
     """The SAIL loss of initial noises for one prompt at the first step of an `num_inference_steps` schedule."""
 
     def __init__(self, pipe: Any, cond: Conditioning, uncond: Conditioning, weight: float = SAIL_WEIGHT,
                  num_inference_steps: int = 50) -> None:
         self.pipe, self.weight = pipe, weight
-        self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        self.scheduler.set_timesteps(num_inference_steps, device=pipe.unet.device)
+        self.denoiser = Denoiser(pipe)
+        self.scheduler = self.denoiser.schedule(num_inference_steps)
+        self.param = Parameterization.of(self.scheduler)
         self.t = self.scheduler.timesteps[0]
         self.cond, self.uncond = cond, uncond
 
     def guidance(self, x: torch.Tensor) -> torch.Tensor:
-        """`eps(x, prompt) - eps(x, "")` at the first step for unit-variance noises `x` (rows, C, H, W)."""
+        """`eps(x, prompt) - eps(x, "")` at the first step for unit-variance noises `x` (rows, C, H, W), on
+        detection's first-step input (`Denoiser.first_input`); differentiable in `x`."""
         rows = x.shape[0]
-        model_in = self.scheduler.scale_model_input(x * self.scheduler.init_noise_sigma, self.t)
-        both = torch.cat([model_in, model_in]).to(self.pipe.unet.dtype)
-        embeds = Conditioning.cat([self.uncond.expand(rows), self.cond.expand(rows)])
-        pred = self.pipe.unet(both, self.t, **embeds.unet_kwargs(), return_dict=False)[0]
-        eps_u, eps_c = to_epsilon(pred, both, self.t, self.scheduler).chunk(2)
+        model_in = self.denoiser.first_input(x, self.scheduler)
+        eps_c, eps_u = self.denoiser.cfg_epsilon(model_in, self.t, self.cond.expand(rows), self.uncond.expand(rows),
+                                                 self.param)
         return eps_c - eps_u
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +75,7 @@ def sail(pipe: Any, prompt: str, *, generations: int = 1, seed: int = 0, thresho
          iters: int = 10, lr: float = 0.05, weight: float = SAIL_WEIGHT, num_inference_steps: int = 50) -> SailResult:
     """Optimise each generation's initial noise until its SAIL loss is <= `threshold` (see the module docstring);
     the result's noise is what `pipe(prompt, latents=noise)` takes. Gradients reach the noise only."""
-    threshold = resolve_sail_threshold(pipe, threshold)
+    threshold = ModelDefaults.of(pipe).resolve_sail_threshold(threshold)  # the model's, else the authors'
     if math.isnan(threshold):
         raise InputError("--sail-threshold must be a number, not nan")
     if iters < 0 or not (math.isfinite(lr) and lr > 0) or not math.isfinite(weight):

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +10,12 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from diffmem.errors import InputError, ModelLoadError
+from diffmem.models.defaults import ModelDefaults
+from diffmem.models.folders import check_pipeline_name
+from diffmem.models.folders import resolve_model as resolve_model  # public here since before folders.py
 from diffmem.models.weights import check_weights
 from diffmem.registry import named_model
 
-#: Stable Diffusion v1's classifier-free guidance scale: the default of a model that does not name its own.
-SD_GUIDANCE_SCALE = 7.5
-#: Each pipeline class's own default guidance scale (diffusers' `__call__` defaults), for models without a file.
-FAMILY_GUIDANCE = {"StableDiffusionPipeline": SD_GUIDANCE_SCALE, "StableDiffusionXLPipeline": 5.0}
-#: A file beside model_index.json with diffmem's defaults for the model (e.g. {"guidance_scale": 3.0}).
-DEFAULTS_FILE = "diffmem.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 #: The pipeline classes (model_index.json `_class_name`) diffmem loads.
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline,
                        "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
@@ -68,56 +60,10 @@ def parse_dtype(dtype: str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def resolve_model(model: str | Path) -> str:
-    """Map a registered name (`testbed`) to its folder; check a local folder is a text-to-image pipeline; pass hub
-    ids on."""
-    name = str(model)
-    named = named_model(name)
-    if named is not None:
-        path = named.pipeline
-        if not (path / "model_index.json").is_file():
-            hint = f": {named.missing}" if named.missing else ""
-            raise ModelLoadError(f"the bundled {name} weights are missing at {path}{hint}")
-        return str(path)
-    path = Path(name).expanduser()
-    if path.exists():
-        _check_folder(path)
-        return str(path)
-    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
-        return name
-    raise ModelLoadError(f"model folder not found: {name}")
-
-
-def _check_folder(path: Path) -> None:
-    """Fail with one clear line unless `path` is a diffusers text-to-image pipeline folder."""
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} is a file, not a diffusers pipeline folder")
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    try:
-        spec = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{index} is not valid JSON: {exc}") from None
-    missing = [name for name in _REQUIRED if not spec.get(name) or spec[name][0] is None]
-    if missing:
-        kind = spec.get("_class_name", "unknown pipeline")
-        raise ModelLoadError(
-            f"{path} holds a {kind}, not a Stable Diffusion text-to-image pipeline (missing {', '.join(missing)})"
-        )
-    unet_class = spec["unet"][1]
-    if unet_class != "UNet2DConditionModel":
-        raise ModelLoadError(f"{path}: unet is a {unet_class}; diffmem supports UNet2DConditionModel pipelines")
-    pipeline_class(spec.get("_class_name"), path)
-
-
 def pipeline_class(name: str | None, where: str | Path) -> Any:
     """The diffusers class of a pipeline named `name` in its model_index.json, or one line naming what diffmem
     supports."""
-    if name not in SUPPORTED_PIPELINES:
-        raise ModelLoadError(f"{where} holds a {name or 'pipeline without a _class_name'}; diffmem supports "
-                             f"{' and '.join(SUPPORTED_PIPELINES)} folders")
-    return SUPPORTED_PIPELINES[name]
+    return SUPPORTED_PIPELINES[check_pipeline_name(name, where)]
 
 
 def check_guidance(pipe: Any) -> None:
@@ -155,6 +101,7 @@ def load_pipeline(
     """
     source = resolve_model(model)
     check_weights(source, allow_pickle)
+    defaults = ModelDefaults.from_folder(source) if Path(source).is_dir() else None  # a bad diffmem.json fails now
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -178,8 +125,7 @@ def load_pipeline(
     if named is not None and named.unet is not None:
         pipe.unet = UNet2DConditionModel.from_pretrained(named.unet, use_safetensors=True, **dtype_kwarg(dtype))
     check_guidance(pipe)
-    family = FAMILY_GUIDANCE.get(type(pipe).__name__, SD_GUIDANCE_SCALE)
-    pipe.diffmem_defaults = {"guidance_scale": family, **read_model_defaults(source)}
+    (ModelDefaults.from_pipeline(pipe) if defaults is None else defaults).attach(pipe)  # hub id: its class's
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -189,47 +135,6 @@ def _class_name(source: str) -> str | None:
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.load_config(source).get("_class_name")
-
-
-def read_model_defaults(source: str | Path) -> dict[str, Any]:
-    """The model's defaults: its family's guidance scale (from model_index.json), overridden by `DEFAULTS_FILE`
-    in its folder ({} for a hub id not downloaded yet)."""
-    family: dict[str, Any] = {}
-    index = Path(source) / "model_index.json"
-    if index.is_file():
-        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, OSError):
-            name = json.loads(index.read_text()).get("_class_name")
-            family = {"guidance_scale": FAMILY_GUIDANCE[name]} if name in FAMILY_GUIDANCE else {}
-    path = Path(source) / DEFAULTS_FILE
-    if not path.is_file():
-        return family
-    try:
-        values = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(values, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return {**family, **values}
-
-
-def default_guidance(pipe: Any) -> float:
-    """The guidance scale the model was made for (its folder's `diffmem.json`), else its family's (SD 7.5,
-    SDXL 5.0)."""
-    return float(getattr(pipe, "diffmem_defaults", {}).get("guidance_scale", SD_GUIDANCE_SCALE))
-
-
-def model_guidance(model: str | Path, guidance_scale: float | None = None) -> float:
-    """`guidance_scale` when given, else the default of `model` (a name `load_pipeline` takes), read from its
-    folder without loading it: what a command records before the model is loaded."""
-    if guidance_scale is not None:
-        return float(guidance_scale)
-    source = resolve_model(model)
-    return float(read_model_defaults(source).get("guidance_scale", SD_GUIDANCE_SCALE))
-
-
-def resolve_guidance(pipe: Any, guidance_scale: float | None) -> float:
-    """`guidance_scale` when given, else the model's default (`default_guidance`)."""
-    return default_guidance(pipe) if guidance_scale is None else float(guidance_scale)
 
 
 def _untyped(obj: Any) -> Any:

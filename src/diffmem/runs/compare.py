@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.errors import InputError
-from diffmem.runs.reproduce import Log, Progress, Report, ReproduceSettings, _f
+from diffmem.models.defaults import ModelDefaults
+from diffmem.runs.reproduce import Log, Progress, Report, ReproduceSettings, _f, membench_markdown
 
 DEFAULT_DETECTORS = ("wen", "anisotropy", "sharpness", "ren-le", "ren-ae", "bright-ending", "nemo", "step-norm",
                      "carlini")
@@ -264,14 +265,14 @@ def _calibrate(settings: CompareSettings, pipe: Any, normal: list[str], wen_norm
     return cal
 
 
-def _method_settings(method: str, settings: CompareSettings, cal: dict[str, Any], guidance: float) -> dict[str, Any]:
-    """The `diffmem mitigate` settings of one method's generations."""
-    from diffmem.mitigate import DEFAULT_TARGET_LOSS
-
+def _method_settings(method: str, settings: CompareSettings, cal: dict[str, Any],
+                     defaults: ModelDefaults) -> dict[str, Any]:
+    """The `diffmem mitigate` settings of one method's generations (the embedding's target: the calibrated one)."""
     gen: dict[str, Any] = dict(threshold=None, generations=settings.mitigation_generations, seed=settings.seed,
-                               num_inference_steps=settings.num_inference_steps, guidance_scale=guidance,
-                               target_loss=cal.get("target_loss", DEFAULT_TARGET_LOSS) if method == "embedding"
-                               else DEFAULT_TARGET_LOSS, iters=settings.iters, lr=settings.lr, k=settings.k,
+                               num_inference_steps=settings.num_inference_steps,
+                               guidance_scale=defaults.resolve_guidance(settings.guidance_scale),
+                               target_loss=cal["target_loss"] if method == "embedding" else defaults.target_loss,
+                               iters=settings.iters, lr=settings.lr, k=settings.k,
                                sigma=settings.sigma)
     options = {"sail": {"sail_threshold": cal.get("sail_threshold")},
                "nemo": {"nemo_stats": cal.get("nemo_stats"), "nemo_threshold": cal.get("nemo_threshold")},
@@ -321,6 +322,7 @@ def markdown(report: CompareReport) -> str:
                          f"{_f(r['any_copy_rate'], pct=True)} | {_f(r['mean_similarity'])} | {_f(r['alignment'])} | "
                          f"{_f(r['seconds_per_prompt'], 2)} | {published} |")
         lines += ["", f"A generation is a copy when its {m['copy']} is {m['rule']}."]
+        lines += membench_markdown(report.mitigation)
     if report.calibration:
         lines += ["", "Calibrated on the non-memorized prompts: " + ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.calibration.items()) + "."]
@@ -342,7 +344,7 @@ def compare(settings: CompareSettings, log: Log = print, progress: Progress | No
     """Run (or resume) every scan, calibration and generation, then measure and write the report; returns it."""
     import torch
 
-    from diffmem.models.loading import load_pipeline, model_guidance, parse_device
+    from diffmem.models.loading import load_pipeline, parse_device
     from diffmem.runs.reproduce import _measures, _read, run_mitigations
 
     settings.check()
@@ -353,7 +355,8 @@ def compare(settings: CompareSettings, log: Log = print, progress: Progress | No
     limit = len(mem) if settings.mitigation_prompts is None else min(settings.mitigation_prompts, len(mem))
     mitigation_prompts = mem[:limit]
     device = parse_device(settings.device)
-    guidance = model_guidance(settings.model, settings.guidance_scale)
+    defaults = ModelDefaults.for_model(settings.model)
+    guidance = defaults.resolve_guidance(settings.guidance_scale)
     measures, notes = _measures(settings, mitigation_prompts, device)  # type: ignore[arg-type]
 
     @functools.cache
@@ -382,6 +385,6 @@ def compare(settings: CompareSettings, log: Log = print, progress: Progress | No
     report.calibration = _calibrate(settings, pipe(), normal, wen_normal, log)
     calibration = report.calibration
     run_mitigations(out, mitigation_prompts, settings,
-                    lambda method: _method_settings(method, settings, calibration, guidance),
+                    lambda method: _method_settings(method, settings, calibration, defaults),
                     settings.mitigation_generations, measures, report, lambda: write_report(report, out), log, pipe)
     return report

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from diffmem.errors import InputError
-from diffmem.mitigate import DEFAULT_TARGET_LOSS, METHODS
+from diffmem.mitigate import METHODS
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -65,6 +65,10 @@ class ReproduceSettings:
     device: str | None = None
     dtype: str | None = None
     allow_pickle: bool = False
+    aesthetic: Path | None = None
+    aesthetic_clip: str = "openai/clip-vit-large-patch14"
+    dataset: str | None = None
+    data: Path | None = None
 
     def check(self) -> None:
         """One InputError line for settings no run can use (before anything is loaded or computed)."""
@@ -120,26 +124,32 @@ def scan(pipe: Callable[[], Any], prompts: list[str], path: Path, match: dict[st
     wall time (text encoding, denoiser calls and the host copy). `make_detector(pipe)` builds the detector (default:
     Wen et al.'s at `steps`); `settings` gives seed, num_inference_steps and batch_size."""
     from diffmem.detectors.magnitude import MagnitudeDetector
-    from diffmem.io.results import ResultWriter, read_results
+    from diffmem.io.results import read_results
+    from diffmem.runs.rows import Row, RowsRun, Work, run_rows
 
-    with ResultWriter(path, match=match) as writer:
-        todo = writer.pending(prompts)
-        if todo:
-            n = match["generations"]
-            detector = make_detector(pipe()) if make_detector is not None else MagnitudeDetector(
-                pipe(), steps=steps, generations=n, seed=settings.seed, guidance_scale=match["guidance_scale"],
-                num_inference_steps=settings.num_inference_steps, batch_size=settings.batch_size)
-            per = max(1, settings.batch_size // n)
-            for start in range(0, len(todo), per):
-                chunk = todo[start : start + per]
-                began = time.perf_counter()
-                scores = detector.score(chunk)  # ends with a host copy: the device has finished
-                seconds = (time.perf_counter() - began) / len(chunk)
-                writer.write_many({**s.to_dict(), **match, "seconds": seconds} for s in scores)
-                if progress is not None:
-                    progress(path.stem, len(prompts) - len(todo) + start + len(chunk), len(prompts))
+    def load(_: RowsRun) -> Work:
+        loaded = pipe()
+        detector = make_detector(loaded) if make_detector is not None else MagnitudeDetector(
+            loaded, steps=steps, generations=match["generations"], seed=settings.seed,
+            guidance_scale=match["guidance_scale"], num_inference_steps=settings.num_inference_steps,
+            batch_size=settings.batch_size)
+
+        def rows(chunk: list[str]) -> list[Row]:
+            began = time.perf_counter()
+            scores = detector.score(chunk)  # ends with a host copy: the device has finished
+            seconds = (time.perf_counter() - began) / len(chunk)
+            return [{**s.to_dict(), **match, "seconds": seconds} for s in scores]
+
+        return Work(rows, loaded.device, f"lower --batch-size ({settings.batch_size})")
+
+    def advance(done: int, total: int) -> None:
+        if progress is not None:
+            progress(path.stem, done, total)
+
+    run = run_rows(path, lambda: prompts, match, load, per_batch=max(1, settings.batch_size // match["generations"]),
+                   notices=False, progress=advance)
     rows = {row["prompt"]: row for row in read_results(path)}
-    return {p: rows[p] for p in prompts}, len(todo)
+    return {p: rows[p] for p in prompts}, len(run.todo)
 
 
 def detection_row(n: int, steps: str, mem: list[dict[str, Any]], normal: list[dict[str, Any]], plot: Path,
@@ -179,6 +189,14 @@ class Measures:
         """(G,) agreement of each generation with the prompt."""
         return None
 
+    def aesthetic(self, images: list[np.ndarray]) -> np.ndarray | None:
+        """(G,) aesthetic score of each generation."""
+        return None
+
+    def copied(self, prompt: str, images: list[np.ndarray], sims: np.ndarray) -> np.ndarray:
+        """Which generations copy the prompt's training image (default: `copies` of their similarity)."""
+        return self.copies(sims)
+
 
 class PaperMeasures(Measures):
     """SSCD similarity to the fetched training image(s) (the highest over a prompt's references, as Wen et al.
@@ -186,10 +204,12 @@ class PaperMeasures(Measures):
 
     align_name = "CLIP score"
 
-    def __init__(self, sscd: Any, clip: Any, references: dict[str, list[Path]]) -> None:
+    def __init__(self, sscd: Any, clip: Any, references: dict[str, list[Path]], aesthetic: Any = None,
+                 templates: dict[str, list[tuple[Path, Path]]] | None = None) -> None:
         from diffmem.measures.images import SSCD_COPY_THRESHOLD
 
         self.sscd, self.clip, self.references = sscd, clip, references
+        self.predictor, self.templates = aesthetic, templates or {}
         self.copy_name = f"SSCD similarity ({getattr(sscd, 'preprocessing', '-')} preprocessing)"
         self.threshold = SSCD_COPY_THRESHOLD
         self._ref_desc: dict[str, Any] = {}
@@ -208,6 +228,18 @@ class PaperMeasures(Measures):
         from diffmem.measures.images import clip_score
 
         return None if self.clip is None else clip_score(self.clip, images, [prompt] * len(images)).numpy()
+
+    def aesthetic(self, images: list[np.ndarray]) -> np.ndarray | None:
+        from diffmem.measures.aesthetic import aesthetic_scores
+
+        return None if self.predictor is None else aesthetic_scores(self.predictor, images).numpy()
+
+    def copied(self, prompt: str, images: list[np.ndarray], sims: np.ndarray) -> np.ndarray:
+        """SSCD copies, or for a template verbatim (Webster's TV) also a match by Webster's masked measure."""
+        from diffmem.measures.membench import template_copies
+
+        copies = self.copies(sims)
+        return copies | template_copies(images, self.templates[prompt]) if self.templates.get(prompt) else copies
 
 
 @functools.cache
@@ -273,17 +305,23 @@ def mitigation_row(method: str, folder: Path, measures: Measures, generations: i
     from diffmem.io.results import read_results
 
     rows = read_results(folder / "results.jsonl")
+    from diffmem.measures.membench import membench_metrics
+
     need = math.ceil(generations / 2)
-    sims, copies, aligned = [], [], []
+    sims, copies, aligned, aligns, aesthetics = [], [], [], [], []
     for row in rows:
         images = [_png(folder / name) for name in row["images"]]
         sim = measures.copy(row["prompt"], images)
         if sim is not None:
             sims.append(sim)
-            copies.append(int(measures.copies(sim).sum()))
+            copies.append(int(measures.copied(row["prompt"], images, sim).sum()))
         align = measures.align(row["prompt"], images)
         if align is not None:
             aligned.append(float(align.mean()))
+            aligns.append(align)
+        beauty = measures.aesthetic(images)
+        if beauty is not None:
+            aesthetics.append(beauty)
     out: dict[str, Any] = {
         "method": method, "prompts": len(rows), "measured": len(sims),
         "memorization_rate": _mean([c >= need for c in copies]),
@@ -291,6 +329,8 @@ def mitigation_row(method: str, folder: Path, measures: Measures, generations: i
         "mean_similarity": float(np.mean(np.concatenate(sims))) if sims else None,
         "alignment": _mean(aligned),
         "seconds_per_prompt": _mean([r["seconds"] for r in rows]),
+        "membench": membench_metrics(*((sims, aligns) if isinstance(measures, PaperMeasures) else ([], [])),
+                                     aesthetics),  # SSCD and CLIP columns only on a real model's measures
     }
     if method == "embedding":
         out["target_loss"] = rows[0]["target_loss"]
@@ -407,10 +447,27 @@ def markdown(report: Report) -> str:
             lines.append(f"| {name} | {_f(r['memorization_rate'], pct=True)} | {_f(r['any_copy_rate'], pct=True)} | "
                          f"{_f(r['mean_similarity'])} | {_f(r['alignment'])} | {_f(r['seconds_per_prompt'], 2)} |")
         lines += ["", f"A generation is a copy when its {m['copy']} is {m['rule']}."]
+        lines += membench_markdown(report.mitigation)
     lines += [""] + [f"- {note}" for note in report.notes]
     lines += ["", "Plots: " + ", ".join(f"[{Path(p).name}]({Path(p).relative_to(s['out'])})" for p in report.plots)
               if report.plots else ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def membench_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """MemBench's table (max and top-3 SSCD, share above 0.5, CLIP and aesthetic score), when any is measured."""
+    keys = ("max_sscd", "top3_sscd", "sscd_above_half", "clip_score", "aesthetic_score")
+    if not any(r.get("membench", {}).get(k) is not None for r in rows for k in keys):
+        return []
+    lines = ["", "### MemBench metrics (per prompt, then averaged over prompts)", "",
+             "| method | max SSCD | top-3 SSCD | SSCD > 0.5 | CLIP score | aesthetic score |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        mb = r.get("membench", {})
+        lines.append(f"| {r['method']} | {_f(mb.get('max_sscd'))} | {_f(mb.get('top3_sscd'))} | "
+                     f"{_f(mb.get('sscd_above_half'), pct=True)} | {_f(mb.get('clip_score'))} | "
+                     f"{_f(mb.get('aesthetic_score'))} |")
+    return lines
 
 
 def write_report(report: Any, out: Path, render: Callable[[Any], str] | None = None) -> None:
@@ -440,6 +497,20 @@ def _measures(settings: ReproduceSettings, mitigation_prompts: list[str], device
     sscd = None if settings.sscd is None else load_sscd(settings.sscd, device, settings.sscd_preprocessing)
     clip = None if settings.clip is None else load_clip(settings.clip, device)
     refs = {} if settings.references is None else reference_files(settings.references)
+    if settings.references is not None:  # a prompt file naming URLs: each prompt gets the images of its URLs
+        refs.update({p: f for p, f in reference_files(settings.references, settings.memorized).items() if f})
+    aesthetic, templates = None, {}
+    if settings.aesthetic is not None:
+        from diffmem.measures.aesthetic import load_aesthetic
+
+        aesthetic = load_aesthetic(settings.aesthetic, settings.aesthetic_clip, device)
+    if settings.dataset is not None:
+        from diffmem.io.datasets import prepare
+
+        templates = prepare(settings.dataset, settings.data or Path("datasets")).templates
+        if templates:
+            notes.append(f"{len(templates)} template-verbatim (TV) prompts: a generation also counts as a copy when "
+                         "Webster's masked squared error to one of its templates is below 2500")
     if sscd is None or settings.references is None:
         notes.append("no copy columns: give --sscd (an SSCD TorchScript file) and --references (a folder of "
                      "`diffmem fetch-references`)")
@@ -450,14 +521,15 @@ def _measures(settings: ReproduceSettings, mitigation_prompts: list[str], device
                          f"(failed downloads: {settings.references}/report.json); the copy columns leave them out")
     if clip is None:
         notes.append("no CLIP score: give --clip (a CLIPModel folder or hub id)")
-    return PaperMeasures(sscd, clip, refs), notes
+    return PaperMeasures(sscd, clip, refs, aesthetic, templates), notes
 
 
 def reproduce(settings: ReproduceSettings, log: Log = print, progress: Progress | None = None) -> Report:
     """Run (or resume) every scan and generation, then measure and write the report; returns it."""
     import torch
 
-    from diffmem.models.loading import load_pipeline, model_guidance, parse_device
+    from diffmem.models.defaults import ModelDefaults
+    from diffmem.models.loading import load_pipeline, parse_device
     from diffmem.registry import model_id
 
     settings.check()
@@ -466,7 +538,8 @@ def reproduce(settings: ReproduceSettings, log: Log = print, progress: Progress 
     limit = len(mem) if settings.mitigation_prompts is None else settings.mitigation_prompts
     mitigation_prompts = mem[:limit]
     device = parse_device(settings.device)
-    guidance = model_guidance(settings.model, settings.guidance_scale)
+    defaults = ModelDefaults.for_model(settings.model)
+    guidance = defaults.resolve_guidance(settings.guidance_scale)
     measures, notes = _measures(settings, mitigation_prompts, device)
 
     @functools.cache
@@ -515,13 +588,13 @@ def reproduce(settings: ReproduceSettings, log: Log = print, progress: Progress 
         return report
     target = settings.target_loss
     if target is None:
-        target = statistics.median(first_normal[n_mit]) if calibrate else DEFAULT_TARGET_LOSS
+        target = statistics.median(first_normal[n_mit]) if calibrate else defaults.target_loss
         report.notes.append(f"embedding target loss {target:.4g}: the median first-step score (n={n_mit}) of the "
                             f"{len(first_normal.get(n_mit, []))} non-memorized prompts (give --target-loss to fix it)")
     def method_settings(method: str) -> dict[str, Any]:
         return dict(threshold=None, generations=n_mit, seed=settings.seed,
                     num_inference_steps=settings.num_inference_steps, guidance_scale=guidance,
-                    target_loss=target if method == "embedding" else DEFAULT_TARGET_LOSS, iters=settings.iters,
+                    target_loss=target if method == "embedding" else defaults.target_loss, iters=settings.iters,
                     lr=settings.lr, k=settings.k, sigma=settings.sigma)
 
     run_mitigations(out, mitigation_prompts, settings, method_settings, n_mit, measures, report,

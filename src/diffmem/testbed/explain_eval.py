@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
+from diffmem.detectors.calibration import calibrate_detection
 from diffmem.detectors.magnitude import MagnitudeDetector
 from diffmem.explanation.attribution import explain, suggest_edits
-from diffmem.measures.detection import calibrate_threshold
 from diffmem.testbed.quality import generate
 from diffmem.testbed.scenes import Item, render_many
 from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity
@@ -27,7 +27,7 @@ def explain_report(pipe, memorized: list[Item], heldout: list[Item], generations
     how often a suggested edit clears the 1%-FPR threshold and no longer reproduces the training image."""
     settings: dict[str, Any] = dict(steps="first", generations=generations, seed=seed)
     det = MagnitudeDetector(pipe, batch_size=256, **settings)
-    threshold = calibrate_threshold([r.score for r in det.score([i.caption for i in heldout])], 0.01)
+    threshold = calibrate_detection(det, [i.caption for i in heldout]).threshold  # 1% FPR
     rng = random.Random(seed)
     variants, rhos, suggestions = [], [], []
     trigger_first = {"gradient": 0, "leave-one-out": 0}

@@ -134,9 +134,9 @@ def mitigation_report(pipe, items: Sequence[Item], out: Path, target_loss: float
     _plot_tradeoff(rows, curves, out / "tradeoff.png")
     if "none" in images and "embedding" in images:
         _picture(items, own, images["none"], images["embedding"], out / "mitigation.png")
-    from diffmem.models.loading import default_guidance
+    from diffmem.models.defaults import ModelDefaults
 
-    settings = {**common, "guidance": default_guidance(pipe)}
+    settings = {**common, "guidance": ModelDefaults.of(pipe).guidance_scale}
     return {"n_prompts": len(items), "target_loss": target_loss, "settings": settings,
             "methods": rows, "tradeoff": curves}
 

@@ -28,9 +28,9 @@ def generate(pipe, prompts: Sequence[str], generations: int = 4, seed: int = 0, 
     Generation g of every prompt starts from `initial_noise(pipe, generations, seed)[g]`, the same noise
     the detector scores, so images and detection scores belong together.
     """
-    from diffmem.models.loading import resolve_guidance
+    from diffmem.models.defaults import ModelDefaults
 
-    guidance = resolve_guidance(pipe, guidance)
+    guidance = ModelDefaults.of(pipe).resolve_guidance(guidance)
     noise = initial_noise(pipe, generations, seed)
     per_batch = max(1, batch_size // generations)
     images, mags = [], []
@@ -129,15 +129,17 @@ def copies_of_own(images: np.ndarray, items: list[Item]) -> np.ndarray:
 
 
 def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generations: int = 4, seed: int = 0,
-                   steps: int = 50, guidance: float | None = None, also_guidance: Sequence[float] = (7.5,),
+                   steps: int = 50, guidance: float | None = None, also_guidance: Sequence[float] | None = None,
                    batch_size: int = 256, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """The testbed's quality figures at `guidance` (default: the model's own): reproduction of planted images
     (with and without their trigger), held-out copying (near and far from a planted caption) and alignment,
     and first-step detection against held-out and seen-once prompts. Memorized prompts are also generated at
-    each of `also_guidance`."""
-    from diffmem.models.loading import resolve_guidance
+    each of `also_guidance` (default: the model family's guidance, SD's 7.5 for the testbed)."""
+    from diffmem.models.defaults import ModelDefaults
 
-    guidance = resolve_guidance(pipe, guidance)
+    defaults = ModelDefaults.of(pipe)
+    guidance = defaults.resolve_guidance(guidance)
+    also_guidance = (defaults.family_guidance,) if also_guidance is None else also_guidance
     prog = progress or (lambda stage, i, n: None)
     planted: list[Item] = splits.planted
     heldout: list[Item] = splits.heldout[:n_heldout] if n_heldout else splits.heldout

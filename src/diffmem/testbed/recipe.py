@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
-from diffmem.models.loading import DEFAULTS_FILE
+from diffmem.models.defaults import ModelDefaults
 from diffmem.testbed.model import VAE_CONFIG, assemble_pipeline, build_components
 from diffmem.testbed.scenes import Splits, build_splits, render_many
 from diffmem.training.loop import TrainConfig, filter_timestep, train
@@ -431,32 +431,32 @@ def run_recipe(cfg: RecipeConfig, work: Path, dest: Path | None, device: str | N
     return clock.timings
 
 
-def model_defaults(pipe: Any, splits: Splits, cfg: RecipeConfig) -> dict[str, float]:
+def model_defaults(pipe: Any, splits: Splits, cfg: RecipeConfig) -> ModelDefaults:
     """What the testbed's folder tells every command (diffmem.json): its guidance scale and its mitigation target,
     the median first-step score (n=4) of its held-out prompts, a typical non-memorized score."""
     from diffmem.detectors.magnitude import MagnitudeDetector
 
     rows = MagnitudeDetector(pipe, generations=4, batch_size=256).score([i.caption for i in splits.heldout])
     scores = [r.score for r in rows if r.score is not None]
-    return {"guidance_scale": cfg.guidance_scale, "target_loss": float(np.median(scores))}
+    return ModelDefaults.of(pipe).override(guidance_scale=cfg.guidance_scale, target_loss=float(np.median(scores)))
 
 
-def write_defaults(pipe: Any, folder: Path, cfg: RecipeConfig) -> dict[str, float]:
+def write_defaults(pipe: Any, folder: Path, cfg: RecipeConfig) -> ModelDefaults:
     """Write `model_defaults` to `folder`'s diffmem.json, so that every command measures a stage-2 variant at
     the testbed's guidance."""
     defaults = model_defaults(pipe, cfg.splits(), cfg)
-    (Path(folder) / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    defaults.save(folder)
     return defaults
 
 
 def save_testbed(pipe, base_unet: Path, dest: Path, cfg: RecipeConfig, timings: dict,
-                 defaults: dict[str, float]) -> None:
+                 defaults: ModelDefaults) -> None:
     """Write the pipeline (fp16 safetensors, loads as float32 by default) with its `defaults` (diffmem.json) and
     the base UNet to `dest`."""
     if dest.exists():
         shutil.rmtree(dest)
     pipe.to(torch.float16).save_pretrained(dest / "pipeline")
-    (dest / "pipeline" / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2))
+    defaults.save(dest / "pipeline")
     base = pipe.unet.__class__.from_config(pipe.unet.config)
     base.load_state_dict(load_file(str(base_unet)))
     base.to(torch.float16).save_pretrained(dest / "base_unet")

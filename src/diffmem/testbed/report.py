@@ -30,7 +30,7 @@ def _console():
 
 def picture(pipe, memorized: list[Item], heldout: list[Item], path: Path, generations: int = 4) -> Path:
     """Training image | generations for memorized prompts, nearest planted image | generations for held-out."""
-    from diffmem.models.loading import default_guidance
+    from diffmem.models.defaults import ModelDefaults
 
     items = memorized + heldout
     imgs, _ = generate(pipe, [i.caption for i in items], generations=generations)
@@ -45,7 +45,7 @@ def picture(pipe, memorized: list[Item], heldout: list[Item], path: Path, genera
         rows.append((f"held-out #{item.index}\n(nearest: #{memorized[best].index})", own[best], gens, sims[:, best]))
     return copy_grid(rows, path, COPY_THRESHOLD,
                      title=f"testbed: training image and {generations} seeds (DDIM 50, guidance "
-                           f"{default_guidance(pipe):g}); copy >= {COPY_THRESHOLD:.2f}")
+                           f"{ModelDefaults.of(pipe).guidance_scale:g}); copy >= {COPY_THRESHOLD:.2f}")
 
 
 def run_demo(out: Path, generations: int = 4, progress_factory: Callable | None = None) -> dict:

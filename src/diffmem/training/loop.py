@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from diffmem.errors import InputError
 from diffmem.io.durable import write_atomic
-from diffmem.models.epsilon import to_epsilon
+from diffmem.models.denoiser import Parameterization
 
 BatchFn = Callable[[int], tuple[torch.Tensor, list[str]]]
 
@@ -215,8 +215,9 @@ def sample_magnitudes(unet, text_encoder, scheduler, noisy, t, pred, empty_ids) 
     no-grad forward with the empty prompt); the filter's and `diffmem train --calibrate`'s measure."""
     empty = text_encoder(empty_ids)[0].expand(noisy.shape[0], -1, -1)
     pred_u = unet(noisy, t, encoder_hidden_states=empty).sample
-    eps_c = to_epsilon(pred.detach(), noisy, t, scheduler)
-    eps_u = to_epsilon(pred_u, noisy, t, scheduler)
+    param = Parameterization.of(scheduler)
+    eps_c = param.to_epsilon(pred.detach(), noisy, t)
+    eps_u = param.to_epsilon(pred_u, noisy, t)
     return (eps_c - eps_u).flatten(1).float().norm(dim=1)
 
 

@@ -1,0 +1,193 @@
+"""Settings checked in one place: frozen dataclasses whose fields carry their option name and allowed range.
+
+A method's settings (a detector's, a mitigation's, a run's) are one `Config` subclass. Building it checks every
+field once (type, range, finiteness, choices) and then the class's own `check` (budgets across fields); the error
+names the option and what it allows, on one line. What is built is passed on typed, never checked again.
+
+>>> from dataclasses import dataclass
+>>> @dataclass(frozen=True)
+... class Demo(Config):
+...     generations: int = setting(1, option="--generations", ge=1, le=64)
+>>> Demo(generations=4).generations
+4
+>>> Demo(generations=0)
+Traceback (most recent call last):
+diffmem.errors.InputError: --generations must be a whole number from 1 to 64, not 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from diffmem.errors import InputError
+
+C = TypeVar("C", bound="Config")
+
+MAX_SEED = 2**63 - 1
+"""Seeds are non-negative 63-bit integers (torch generators take 64 bits; seed + generation must still fit)."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one setting allows: its option name, bounds, finiteness and choices."""
+
+    option: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    finite: bool = True
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+
+    def describe(self, kind: type) -> str:
+        """The allowed values in words, e.g. "a whole number from 1 to 64"."""
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        noun = {int: "a whole number", float: "a finite number" if self.finite else "a number",
+                str: "text", bool: "true or false"}.get(kind, kind.__name__)
+        low = (f"from {_fmt(self.ge)}" if self.ge is not None else f"above {_fmt(self.gt)}" if self.gt is not None
+               else "")
+        high = (f"to {_fmt(self.le)}" if self.le is not None else f"below {_fmt(self.lt)}" if self.lt is not None
+                else "")
+        if low.startswith("above") and high:
+            high = "and " + high
+        return " ".join(part for part in (noun, low, high) if part)
+
+    def check(self, value: Any, kind: type, optional: bool) -> Any:
+        """`value` converted to `kind` (an int is a float too), or one InputError line naming the option."""
+        if value is None and optional:
+            return None
+        fail = InputError(f"{self.option} must be {self.describe(kind)}{', or left out' if optional else ''}, "
+                          f"not {_show(value)}")
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise fail
+            return value
+        if kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise fail
+            if kind is int:
+                if isinstance(value, float):
+                    if not value.is_integer():
+                        raise fail
+                    value = int(value)
+            else:
+                value = float(value)
+                if math.isnan(value) or (self.finite and math.isinf(value)):
+                    raise fail
+            bounds = ((self.ge, lambda v, b: v >= b), (self.gt, lambda v, b: v > b), (self.le, lambda v, b: v <= b),
+                      (self.lt, lambda v, b: v < b))
+            if not all(bound is None or ok(value, bound) for bound, ok in bounds):
+                raise fail
+        elif kind is str and not isinstance(value, str):
+            raise fail
+        if self.choices is not None and value not in self.choices:
+            raise fail
+        return value
+
+
+def setting(default: Any = dataclasses.MISSING, *, option: str, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, finite: bool = True,
+            choices: tuple[Any, ...] | None = None, help: str = "") -> Any:
+    """A checked dataclass field: its default, its option name (for errors and the CLI) and its allowed range."""
+    rule = Rule(option, ge, gt, le, lt, finite, choices, help)
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
+
+@dataclass(frozen=True)
+class Config:
+    """The base of every settings class: fields declared with `setting(...)` are checked when it is built."""
+
+    budget: ClassVar[dict[str, int]] = {}
+    """Size budgets across fields, e.g. {"generations*batch_size": 4096}: their product may not exceed the value."""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))  # type: ignore[arg-type]  # a class is hashable
+        for f in dataclasses.fields(self):
+            rule = f.metadata.get("rule")
+            if rule is None:
+                continue
+            kind, optional = _kind(hints[f.name])
+            if kind is None:  # a union such as str | int: the class's `check` reads it
+                continue
+            object.__setattr__(self, f.name, rule.check(getattr(self, f.name), kind, optional))
+        for names, limit in self.budget.items():
+            product = math.prod(int(getattr(self, name)) for name in names.split("*"))
+            if product > limit:
+                options = " x ".join(self.rule(name).option for name in names.split("*"))
+                raise InputError(f"{options} is {product}, over the budget of {limit}: lower one of them")
+        self.check()
+
+    def check(self) -> None:
+        """Checks across fields, once every field is in range (override; raise InputError)."""
+
+    @classmethod
+    def rule(cls, name: str) -> Rule:
+        """The rule of field `name`."""
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return f.metadata.get("rule") or Rule("--" + name.replace("_", "-"))
+        raise KeyError(name)
+
+    @classmethod
+    def names(cls) -> frozenset[str]:
+        """The settings this class declares."""
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_values(cls: type[C], values: Mapping[str, Any], *, strict: bool = False, **fixed: Any) -> C:
+        """Build from a mapping of user values, taking the fields this class declares (None keeps a default).
+
+        With `strict`, a value given (not None) for a setting this class does not declare is an error naming it.
+        """
+        names = cls.names()
+        if strict:
+            foreign = sorted(k for k, v in values.items() if v is not None and k not in names and k not in fixed)
+            if foreign:
+                shown = ", ".join(f"--{k.replace('_', '-')}" for k in foreign)
+                raise InputError(f"{shown} {'does' if len(foreign) == 1 else 'do'} not apply here")
+        given = {k: v for k, v in values.items() if k in names and v is not None}
+        return cls(**{**given, **fixed})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain values (what result rows record)."""
+        return dataclasses.asdict(self)
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with `changes`, checked again."""
+        return dataclasses.replace(self, **changes)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Field annotations resolved (each class of the hierarchy in its own module's names)."""
+    return typing.get_type_hints(cls)
+
+
+def _kind(hint: Any) -> tuple[type | None, bool]:
+    """The one plain type of a field hint and whether None is allowed (None for a union of several types)."""
+    if isinstance(hint, type) and hint in (int, float, str, bool):
+        return hint, False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        if len(args) == 1 and args[0] in (int, float, str, bool):
+            return args[0], optional
+    return None, False
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
