@@ -8,6 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Fuzzing budgets (tests/test_io_fuzz.py): `make test` runs a fixed few seconds' worth; `make fuzz` selects the
+# long profile (HYPOTHESIS_PROFILE=fuzz), which also reports what it found in its statistics.
+settings.register_profile("default", max_examples=60, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

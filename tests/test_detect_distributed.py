@@ -70,8 +70,8 @@ def test_mitigate_runs_data_parallel_like_one_process(sd1_dir, cli, tmp_path) ->
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:3]) + "\n")
-    common = ("mitigate", "--model", sd1_dir, "--prompts", prompts, "--method", "rta", "--k", "1", "--steps", "2",
-              "--generations", "2")
+    common = ("mitigate", "--model", sd1_dir, "--prompts", prompts, "--method", "rta", "--k", "1",
+              "--num-inference-steps", "2", "--generations", "2")
     two, one = tmp_path / "two", tmp_path / "one"
     proc = launch(*common, "--out", two)
     assert proc.returncode == 0, proc.stderr[-3000:]

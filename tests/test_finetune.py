@@ -61,7 +61,7 @@ def test_caption_files_train_and_list_what_was_skipped(cli, sd1_dir, tmp_path):
     (data / "wide.txt").write_text("a wide picture")
     (data / "orphan.txt").write_text("a caption without its image")
     out = tmp_path / "run"
-    result = cli("train", "--model", sd1_dir, "--data", data, "--out", out, "--steps", 2, "--batch-size", 4,
+    result = cli("train", "--model", sd1_dir, "--data", data, "--out", out, "--train-steps", 2, "--batch-size", 4,
                  "--lr", "1e-3", "--log-every", 1)
     assert result.exit_code == 0, result.output
     assert "skipped 3 files" in result.stderr
@@ -99,7 +99,7 @@ def test_metadata_jsonl_layout(tmp_path):
 
 def test_bad_data_and_model_folders_fail_in_one_line(cli, sd1_dir, tmp_path):
     (tmp_path / "empty").mkdir()
-    args = ("--steps", 2, "--out", tmp_path / "run")
+    args = ("--train-steps", 2, "--out", tmp_path / "run")
     assert "holds no images" in _error(cli("train", "--model", sd1_dir, "--data", tmp_path / "empty", *args))
     nothing = tmp_path / "uncaptioned"
     nothing.mkdir()
@@ -122,10 +122,10 @@ def test_bad_data_and_model_folders_fail_in_one_line(cli, sd1_dir, tmp_path):
 
 def test_existing_run_needs_resume_and_same_options(cli, sd1_dir, tmp_path):
     data, out = _pairs(tmp_path / "data", 4), tmp_path / "run"
-    first = cli("train", "--model", sd1_dir, "--data", data, "--out", out, "--steps", 1, "--batch-size", 2)
+    first = cli("train", "--model", sd1_dir, "--data", data, "--out", out, "--train-steps", 1, "--batch-size", 2)
     assert first.exit_code == 0, first.output
-    assert "--resume" in _error(cli("train", "--model", sd1_dir, "--data", data, "--out", out, "--steps", 2))
-    last = _error(cli("train", "--model", sd1_dir, "--data", data, "--out", out, "--steps", 2, "--resume"))
+    assert "--resume" in _error(cli("train", "--model", sd1_dir, "--data", data, "--out", out, "--train-steps", 2))
+    last = _error(cli("train", "--model", sd1_dir, "--data", data, "--out", out, "--train-steps", 2, "--resume"))
     assert "--batch-size 2 (now 8)" in last
 
 
@@ -191,7 +191,7 @@ def test_ctrl_c_writes_a_checkpoint_then_stops(sd1_dir, tmp_path):
 
 def test_filter_persist_through_the_cli_logs_dropped_captions(cli, sd1_dir, tmp_path):
     data = _pairs(tmp_path / "data", 4)
-    result = cli("train", "--model", sd1_dir, "--data", data, "--out", tmp_path / "run", "--steps", 2,
+    result = cli("train", "--model", sd1_dir, "--data", data, "--out", tmp_path / "run", "--train-steps", 2,
                  "--batch-size", 4, "--log-every", 1, "--filter-threshold", 0, "--filter-persist")
     assert result.exit_code == 0, result.output
     logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -186,8 +186,8 @@ def test_generate_survives_kills(tmp_path: Path, sd1_dir: Path, sd1_pipe) -> Non
     threshold = float(np.median(scores))  # half the prompts take the mitigation path
 
     def args(out: Path) -> list[str]:
-        return ["generate", "--model", str(sd1_dir), "--prompts", str(prompts), "--out", str(out), "--steps", "8",
-                "--guard", "--threshold", repr(threshold), "--iters", "2"]
+        return ["generate", "--model", str(sd1_dir), "--prompts", str(prompts), "--out", str(out),
+                "--num-inference-steps", "8", "--guard", "--threshold", repr(threshold), "--iters", "2"]
 
     ref = tmp_path / "reference"
     expected: list[dict] = []
@@ -230,7 +230,7 @@ def test_train_survives_kills_with_bit_identical_weights(tmp_path: Path, sd1_dir
     steps = 300
 
     def args(out: Path) -> list[str]:
-        return ["train", "--model", str(sd1_dir), "--data", str(data), "--out", str(out), "--steps", str(steps),
+        return ["train", "--model", str(sd1_dir), "--data", str(data), "--out", str(out), "--train-steps", str(steps),
                 "--batch-size", "2", "--lr", "1e-3", "--checkpoint-every", "3", "--log-every", "1", "--resume"]
 
     expected: list[dict] = []

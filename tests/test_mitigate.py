@@ -172,7 +172,7 @@ def test_generate_writes_images_and_rows_and_resumes(tmp_path: Path, sd1_dir: Pa
     prompts = tmp_path / "p.txt"
     prompts.write_text(f"{PROMPT}\n{OTHER}\n")
     out = tmp_path / "run"
-    args = ["generate", "--model", sd1_dir, "--prompts", prompts, "--out", out, "--steps", STEPS,
+    args = ["generate", "--model", sd1_dir, "--prompts", prompts, "--out", out, "--num-inference-steps", STEPS,
             "--generations", 2, "--guard", "--threshold", "-inf", "--iters", 1, "--target-loss", 0]
     result = cli(*args)
     assert result.exit_code == 0, result.output
@@ -193,7 +193,8 @@ def test_generate_writes_images_and_rows_and_resumes(tmp_path: Path, sd1_dir: Pa
     user_error(cli(*args[:-2], "--target-loss", 1), "target_loss")  # other settings: not resumed into
 
     unguarded = tmp_path / "plain"
-    result = cli("generate", "--model", sd1_dir, "--prompts", prompts, "--out", unguarded, "--steps", STEPS)
+    result = cli("generate", "--model", sd1_dir, "--prompts", prompts, "--out", unguarded,
+                 "--num-inference-steps", STEPS)
     assert result.exit_code == 0, result.output
     row = read_results(unguarded / "results.jsonl")[0]
     assert (row["flagged"], row["mitigated"], row["final_loss"]) == (None, False, row["score"])
@@ -204,7 +205,7 @@ def test_mitigate_command_applies_one_method(tmp_path: Path, sd1_dir: Path, sd1_
     prompts.write_text(json.dumps({"caption": PROMPT}) + "\n")
     out = tmp_path / "run"
     result = cli("mitigate", "--model", sd1_dir, "--prompts", prompts, "--out", out, "--method", "rta",
-                 "--k", 2, "--steps", STEPS)
+                 "--k", 2, "--num-inference-steps", STEPS)
     assert result.exit_code == 0, result.output
     (row,) = read_results(out / "results.jsonl")
     assert row["method"] == "rta" and row["mitigated"] and len(row["text"].split()) == len(PROMPT.split()) + 2

@@ -87,9 +87,17 @@ def test_no_guidance_is_a_clear_error(sd1_pipe, reference, prompts: list[str]) -
 def test_scores_reject_a_wrong_images_per_prompt(sd1_pipe, reference) -> None:
     with Monitor(sd1_pipe) as monitor:
         generate(sd1_pipe, reference, PROMPTS, n=2, steps=1)
-    with pytest.raises(InputError, match="multiple"):
+    assert monitor.images_per_prompt == 2 and "encode_prompt" not in vars(sd1_pipe)  # noted, then unwrapped
+    for wrong, words in ((3, "does not match .* made 2 image"), (4, "does not match"), (1, "does not match"),
+                         (0, "positive integer"), (True, "positive integer")):
+        with pytest.raises(InputError, match=words) as info:
+            monitor.scores(num_images_per_prompt=wrong)
+        assert "\n" not in str(info.value)
+    assert monitor.scores().tolist() == monitor.scores(num_images_per_prompt=2).tolist()  # the call's by default
+    assert monitor.scores().shape == (2,)
+    monitor.images_per_prompt = None  # not seen (the UNet called outside a pipeline): the rows must divide
+    with pytest.raises(InputError, match="not a multiple"):
         monitor.scores(num_images_per_prompt=3)
-    assert monitor.scores(num_images_per_prompt=4).shape == (1,)  # legal reshape, caller's responsibility
 
 
 def test_stop_after_detaches_and_on_record_can_stop_the_call(pipe, reference) -> None:

@@ -197,7 +197,7 @@ def test_the_page_and_the_cli_give_the_same_mitigated_image(kind: str, model_dir
     prompts = tmp_path / "p.txt"
     prompts.write_text(prompt + "\n")
     res = cli("mitigate", "--method", "embedding", "--model", model, "--prompts", prompts, "--out", tmp_path / "out",
-              "--seed", seed, "--steps", steps, "--iters", iters, "--device", "cpu")
+              "--seed", seed, "--num-inference-steps", steps, "--iters", iters, "--device", "cpu")
     assert res.exit_code == 0, res.stderr
     row = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[0])
     target = ModelDefaults.for_model(model).target_loss

@@ -90,6 +90,22 @@ def _pickle_unet(folder: Path) -> None:
     weights.unlink()
 
 
+def _edit_json(path: Path, **values: object) -> None:
+    """Set fields of a JSON file (e.g. to values of a wrong type)."""
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+
+def _damage(path: Path) -> None:
+    """Cut a file in the middle, as a torn copy would."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _replace_by_link(path: Path, target: str) -> None:
+    path.unlink()
+    os.symlink(target, path)
+
+
 def _other_pipeline(folder: Path) -> None:
     index = json.loads((folder / "model_index.json").read_text())
     index["_class_name"] = "AudioLDMPipeline"
@@ -143,6 +159,25 @@ def _nothing(inputs: Path, model: Path) -> None:
     """No inputs beyond the earlier results."""
 
 
+def fifo(name: str) -> Setup:
+    """A setup making a FIFO (named pipe) at inputs/NAME: a reader that opened it would wait forever."""
+    return lambda inputs, model: os.mkfifo(inputs / name)
+
+
+def link(name: str, target: str) -> Setup:
+    """A setup making inputs/NAME a symbolic link to `target` (e.g. a device)."""
+    return lambda inputs, model: os.symlink(target, inputs / name)
+
+
+def earlier_file(edit: Callable[[Path], None]) -> Setup:
+    """A setup changing the workspace's earlier results (inputs/..) before the snapshot: the case must keep them."""
+    return lambda inputs, model: edit(inputs.parent)
+
+
+def _png(inputs: Path, model: Path) -> None:
+    Image.new("RGB", (8, 8), "red").save(inputs / "roc.png")
+
+
 # ------------------------------------------------------------------------------------------------ cases
 
 
@@ -162,8 +197,8 @@ DETECT = "detect --model {model} --out {ws}/new.jsonl --prompts"
 SCAN = "detect --model {model} --out {ws}/scores.jsonl --prompts {ws}/more.txt"  # resumes the earlier scan
 MODEL = "detect --prompts {ws}/more.txt --out {ws}/new.jsonl --model"
 EVAL = "evaluate --negatives {ws}/scores.jsonl --positives"
-GEN = "generate --model {model} --prompts {ws}/more.txt --steps 2 --out"
-TRAIN = "train --model {model} --steps 1 --batch-size 2 --checkpoint-every 1"
+GEN = "generate --model {model} --prompts {ws}/more.txt --num-inference-steps 2 --out"
+TRAIN = "train --model {model} --train-steps 1 --batch-size 2 --checkpoint-every 1"
 SERVE = "serve --model {model} --port {port}"
 UNET = "unet/diffusion_pytorch_model.safetensors"
 
@@ -204,6 +239,25 @@ CASES: dict[str, Case] = {
                                    files(**{"p.parquet": b"PAR1" + bytes(64) + b"PAR1"})),
     "detect/unknown file type": Case(f"{DETECT} {{in}}/p.docx", "unknown prompt file type '.docx'",
                                      files(**{"p.docx": "a cat"})),
+    "detect/prompt file is a device": Case(f"{DETECT} {{in}}/p.txt", "is a device, not a prompt file",
+                                           link("p.txt", "/dev/zero")),
+    "detect/prompt file is a FIFO": Case(f"{DETECT} {{in}}/p.txt", "is a FIFO (named pipe), not a prompt file",
+                                         fifo("p.txt")),
+    "detect/lone surrogate": Case(f"{DETECT} {{in}}/p.jsonl", "line 1: holds a lone surrogate",
+                                  files(**{"p.jsonl": '{"prompt": "a \\ud800 cat"}\n'})),
+    "detect/control character": Case(f"{DETECT} {{in}}/p.txt", "line 1: the prompt holds the control character U+001B",
+                                     files(**{"p.txt": "a \x1b[31mcat\n"})),
+    "detect/JSONL repeated key": Case(f"{DETECT} {{in}}/p.jsonl", "line 1: repeats the key 'prompt'",
+                                      files(**{"p.jsonl": '{"prompt": "a", "prompt": "b"}\n'})),
+    "detect/JSONL nested too deep": Case(f"{DETECT} {{in}}/p.jsonl", "line 1: nests deeper than 64 levels",
+                                         files(**{"p.jsonl": '{"prompt": "a", "x": ' + "[" * 100_000 + "]" * 100_000
+                                                  + "}\n"})),
+    "detect/JSONL huge integer": Case(f"{DETECT} {{in}}/p.jsonl", "line 1: holds an integer of 100,000 digits",
+                                      files(**{"p.jsonl": '{"prompt": "a", "n": ' + "9" * 100_000 + "}\n"})),
+    "detect/CSV repeated column": Case(f"{DETECT} {{in}}/p.csv", "names the column 'prompt' twice",
+                                       files(**{"p.csv": "prompt,prompt\na,b\n"})),
+    "detect/only invisible characters": Case(f"{DETECT} {{in}}/p.txt", "holds no prompts (2 empty rows skipped)",
+                                             files(**{"p.txt": "\u200b\u200d\n \u2060\ufeff \n"})),
     "detect/missing prompt file": Case(f"{DETECT} {{in}}/absent.txt", "prompt file not found"),
     "detect/prompt file is a folder": Case(f"{DETECT} {{ws}}/gen", "is a folder, not a prompt file"),
     # -- detect: models
@@ -223,6 +277,17 @@ CASES: dict[str, Case] = {
     "detect/diffmem.json unknown field": Case(f"{MODEL} {{in}}/m", "diffmem.json: unknown field 'target-loss'",
                                               _own_defaults('{"target-loss": 1}')),
     "detect/pickled weights": Case(f"{MODEL} {{in}}/m", "--allow-pickle", model_copy(_pickle_unet)),
+    "detect/model_index.json a list": Case(f"{MODEL} {{in}}/m", "model_index.json must hold a JSON object, not a list",
+                                           model_copy(lambda m: (m / "model_index.json").write_text("[]"))),
+    "detect/model_index.json endless": Case(f"{MODEL} {{in}}/m", "model_index.json is a device",
+                                            model_copy(lambda m: _replace_by_link(m / "model_index.json",
+                                                                                  "/dev/zero"))),
+    "detect/model_index.json wrong type": Case(f"{MODEL} {{in}}/m", "unet must be a [library, class] pair",
+                                               model_copy(lambda m: _edit_json(m / "model_index.json",
+                                                                               unet="UNet2DConditionModel"))),
+    "detect/scheduler config wrong type": Case(f"{MODEL} {{in}}/m", "num_train_timesteps must be a positive whole",
+                                               model_copy(lambda m: _edit_json(
+                                                   m / "scheduler/scheduler_config.json", num_train_timesteps="1000"))),
     # -- detect: options
     "detect/--generations 0": Case(f"{DETECT} {{ws}}/more.txt --generations 0", "Invalid value for '--generations'"),
     "detect/--steps 0": Case(f"{DETECT} {{ws}}/more.txt --steps 0", "--steps 0 must be between 1 and"),
@@ -244,6 +309,13 @@ CASES: dict[str, Case] = {
                                           "line 2 is not a JSON object; the file is damaged",
                                           files(**{"s.jsonl": '{"prompt": "a"}\nnot json\n{"prompt": "b"}\n'})),
     "detect/full disk": Case(SCAN, "cannot write to", fsize=-20),  # -20: 20 bytes more than the earlier file
+    "detect/--out is a device": Case("detect --model {model} --prompts {ws}/more.txt --out /dev/full",
+                                     "--out /dev/full is a device"),
+    "detect/--out is a FIFO": Case("detect --model {model} --prompts {ws}/more.txt --out {in}/s.jsonl",
+                                   "is a FIFO (named pipe)", fifo("s.jsonl")),
+    "detect/--out holds prompts": Case("detect --model {model} --prompts {ws}/more.txt --out {in}/p.jsonl",
+                                       "holds a prompt file, not a result file; pass --force",
+                                       files(**{"p.jsonl": '{"prompt": "a cat"}\n'})),
     # -- evaluate
     "evaluate/missing file": Case(f"{EVAL} {{in}}/absent.jsonl", "result file not found"),
     "evaluate/empty file": Case(f"{EVAL} {{in}}/e.jsonl", "holds no result rows", files(**{"e.jsonl": ""})),
@@ -254,6 +326,15 @@ CASES: dict[str, Case] = {
     "evaluate/--target-fpr nan": Case(f"{EVAL} {{ws}}/scores.jsonl --target-fpr nan", "between 0 and 1, got nan"),
     "evaluate/--plot unknown type": Case(f"{EVAL} {{ws}}/scores.jsonl --plot {{ws}}/roc.xyz",
                                          "cannot write a '.xyz' image"),
+    "evaluate/--plot over a result file": Case(f"{EVAL} {{ws}}/scores.jsonl --plot {{in}}/roc.png",
+                                               "holds a result file, not an image; pass --force",
+                                               earlier_file(lambda ws: shutil.copy(ws / "scores.jsonl",
+                                                                                   ws / "in" / "roc.png"))),
+    "evaluate/--plot is a device": Case(f"{EVAL} {{ws}}/scores.jsonl --plot {{in}}/roc.png", "is a device",
+                                        link("roc.png", "/dev/full")),
+    "evaluate/full disk": Case(f"{EVAL} {{ws}}/scores.jsonl --plot {{in}}/roc.png", "cannot write", _png, fsize=2000),
+    "evaluate/--positives is a FIFO": Case(f"{EVAL} {{in}}/s.jsonl", "is a FIFO (named pipe), not a result file",
+                                           fifo("s.jsonl")),
     "evaluate/--plot under a file": Case(f"{EVAL} {{ws}}/scores.jsonl --plot {{ws}}/more.txt/roc.png",
                                          "is a file, not a folder"),
     # -- explain
@@ -277,9 +358,9 @@ CASES: dict[str, Case] = {
     "generate/full disk": Case(f"{GEN} {{ws}}/gen", "cannot write", fsize=100),
     "mitigate/unknown --method": Case("mitigate --method magic --model {model} --prompts {ws}/more.txt --out "
                                       "{ws}/mit", "--method must be one of"),
-    "mitigate/--sigma nan": Case("mitigate --method gni --sigma nan --steps 2 --model {model} --prompts "
+    "mitigate/--sigma nan": Case("mitigate --method gni --sigma nan --num-inference-steps 2 --model {model} --prompts "
                                  "{ws}/more.txt --out {ws}/mit", "--sigma must be 0 or more, not nan"),
-    "mitigate/--lr nan": Case("mitigate --method embedding --lr nan --steps 2 --model {model} --prompts "
+    "mitigate/--lr nan": Case("mitigate --method embedding --lr nan --num-inference-steps 2 --model {model} --prompts "
                               "{ws}/more.txt --out {ws}/mit", "--lr must be a positive number"),
     # -- train
     "train/missing --data": Case(f"{TRAIN} --data {{in}}/absent --out {{ws}}/run2", "no such folder"),
@@ -302,8 +383,16 @@ CASES: dict[str, Case] = {
                                                 "already holds a training checkpoint"),
     "train/--resume with other settings": Case(f"{TRAIN} --data {{data}} --out {{ws}}/run --resume --lr 0.5",
                                                "--resume continues the run"),
-    "train/pickled weights": Case("train --model {in}/m --data {data} --out {ws}/run2 --steps 1", "--allow-pickle",
-                                  model_copy(_pickle_unet)),
+    "train/pickled weights": Case("train --model {in}/m --data {data} --out {ws}/run2 --train-steps 1",
+                                  "--allow-pickle", model_copy(_pickle_unet)),
+    "train/--resume with a damaged state.json": Case(f"{TRAIN} --data {{data}} --out {{ws}}/run --resume",
+                                                     "state.json is not valid JSON",
+                                                     earlier_file(lambda ws: _damage(ws / "run" / "checkpoint"
+                                                                                     / "state.json"))),
+    "train/--resume with a damaged dataset.json": Case(f"{TRAIN} --data {{data}} --out {{ws}}/run --resume",
+                                                       "dataset.json is damaged",
+                                                       earlier_file(lambda ws: _edit_json(ws / "run/dataset.json",
+                                                                                          key=[]))),
     "train/full disk": Case(f"{TRAIN} --data {{data}} --out {{ws}}/run2", "cannot write a checkpoint",
                             fsize=100_000),
     # -- serve (all refused before the model loads, or as it loads)
@@ -322,6 +411,10 @@ CASES: dict[str, Case] = {
     # -- testbed
     "testbed/unknown --split": Case("testbed prompts --split all --out {ws}/t.jsonl", "Invalid value for '--split'"),
     "testbed/--out under a file": Case("testbed prompts --split memorized --out {ws}/more.txt/t.jsonl", "more.txt"),
+    "testbed/--out is a device": Case("testbed prompts --split memorized --out /dev/full",
+                                      "--out /dev/full is a device"),
+    "testbed/--out holds a result file": Case("testbed prompts --split memorized --out {ws}/scores.jsonl",
+                                              "holds a result file, not a prompt file; pass --force"),
     "testbed/quality on a missing model": Case("testbed quality --model {in}/absent --out {ws}/q",
                                                "model folder not found"),
     "testbed/--device unknown": Case("testbed quality --device toaster --out {ws}/q", "--device 'toaster' is not"),
@@ -348,9 +441,10 @@ def earlier(tmp_path_factory: pytest.TempPathFactory, sd1_dir: Path) -> Path:
     _images(root / "data")
     runs = [
         ("detect", "--model", sd1_dir, "--prompts", root / "earlier.txt", "--out", root / "scores.jsonl"),
-        ("generate", "--model", sd1_dir, "--prompts", root / "earlier.txt", "--steps", 2, "--out", root / "gen"),
-        ("train", "--model", sd1_dir, "--data", root / "data", "--out", root / "run", "--steps", 1, "--batch-size", 2,
-         "--checkpoint-every", 1),
+        ("generate", "--model", sd1_dir, "--prompts", root / "earlier.txt", "--num-inference-steps", 2, "--out",
+         root / "gen"),
+        ("train", "--model", sd1_dir, "--data", root / "data", "--out", root / "run", "--train-steps", 1,
+         "--batch-size", 2, "--checkpoint-every", 1),
     ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -483,7 +577,8 @@ def test_emoji_prompts_explain_and_generate(tmp_path: Path, sd1_dir: Path, cli) 
     assert body["prompt"] == SCRIPTS[11] and len(body["words"]) == len(SCRIPTS[11].split())
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(SCRIPTS[8:12]) + "\n", encoding="utf-8")
-    generated = cli("generate", "--model", sd1_dir, "--prompts", prompts, "--steps", 2, "--out", tmp_path / "g")
+    generated = cli("generate", "--model", sd1_dir, "--prompts", prompts, "--num-inference-steps", 2, "--out",
+                    tmp_path / "g")
     assert generated.exit_code == 0, generated.output
     rows = read_results(tmp_path / "g" / "results.jsonl")
     assert [r["prompt"] for r in rows] == SCRIPTS[8:12]

@@ -91,7 +91,7 @@ def test_guarded_sail_only_touches_flagged_prompts(sd1_pipe) -> None:
 def test_mitigate_cli_sail(tmp_path: Path, sd1_dir: Path, sd1_pipe, cli: Callable) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text(PROMPT + "\n")
-    args = ["mitigate", "--model", sd1_dir, "--prompts", prompts, "--method", "sail", "--steps", 2,
+    args = ["mitigate", "--model", sd1_dir, "--prompts", prompts, "--method", "sail", "--num-inference-steps", 2,
             "--iters", 1, "--sail-threshold", 0]
     result = cli(*args, "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output

@@ -248,7 +248,8 @@ def test_output_paths_come_only_from_out(tmp_path: Path, sd1_dir: Path, cli, mon
     prompts.parent.mkdir()
     prompts.write_text("\n".join(HOSTILE) + "\n")
     out = tmp_path / "deep" / "out"
-    assert cli("generate", "--model", sd1_dir, "--prompts", prompts, "--steps", 2, "--out", out).exit_code == 0
+    generated = cli("generate", "--model", sd1_dir, "--prompts", prompts, "--num-inference-steps", 2, "--out", out)
+    assert generated.exit_code == 0
     assert cli("detect", "--model", sd1_dir, "--prompts", prompts, "--out", out / "s.jsonl").exit_code == 0
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     images = [f"deep/out/images/{i}_0.png" for i in range(len(HOSTILE))]

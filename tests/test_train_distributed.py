@@ -32,8 +32,8 @@ def test_two_processes_train_the_same_weights_and_gather_the_filter(sd1_dir, tmp
     report = tmp_path / "report"
     report.mkdir()
     common = f"train --model {sd1_dir} --data {data} --batch-size 4 --lr 1e-3 --log-every 1"
-    commands = [f"{common} --out {tmp_path / 'run'} --steps 4 --filter-threshold {TAU}",
-                f"{common} --out {tmp_path / 'none'} --steps 2 --filter-threshold 0"]  # every update skipped
+    commands = [f"{common} --out {tmp_path / 'run'} --train-steps 4 --filter-threshold {TAU}",
+                f"{common} --out {tmp_path / 'none'} --train-steps 2 --filter-threshold 0"]  # every update skipped
     launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     # `--multi_gpu` with ACCELERATE_USE_CPU starts two gloo processes (`--cpu --num_processes 2` starts one).
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",

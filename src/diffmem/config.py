@@ -4,15 +4,15 @@ A method's settings (a detector's, a mitigation's, a run's) are one `Config` sub
 field once (type, range, finiteness, choices) and then the class's own `check` (budgets across fields); the error
 names the option and what it allows, on one line. What is built is passed on typed, never checked again.
 
->>> from dataclasses import dataclass
->>> @dataclass(frozen=True)
-... class Demo(Config):
-...     generations: int = setting(1, option="--generations", ge=1, le=64)
->>> Demo(generations=4).generations
-4
->>> Demo(generations=0)
-Traceback (most recent call last):
-diffmem.errors.InputError: --generations must be a whole number from 1 to 64, not 0
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class Demo(Config):
+    ...     generations: int = setting(1, option="--generations", ge=1, le=64)
+    >>> Demo(generations=4).generations
+    4
+    >>> Demo(generations=0)
+    Traceback (most recent call last):
+    diffmem.errors.InputError: --generations must be a whole number from 1 to 64, not 0
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ C = TypeVar("C", bound="Config")
 
 MAX_SEED = 2**63 - 1
 """Seeds are non-negative 63-bit integers (torch generators take 64 bits; seed + generation must still fit)."""
+MAX_GENERATIONS = 10_000
+"""Most generations (initial noises) per prompt: Carlini et al. use 500, detection papers 1 to 32."""
+MAX_STEPS = 1000
+"""Longest sampling schedule: the training schedule of every supported model has 1000 timesteps."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,9 @@ class Rule:
     finite: bool = True
     choices: tuple[Any, ...] | None = None
     help: str = ""
+    says: str = ""
+    """The allowed values in the method's own words (e.g. "above 1 (classifier-free guidance)"), said instead of
+    the generated description; an infinite value of a finite setting is told "finite and ..."."""
 
     def describe(self, kind: type) -> str:
         """The allowed values in words, e.g. "a whole number from 1 to 64"."""
@@ -65,8 +72,10 @@ class Rule:
         """`value` converted to `kind` (an int is a float too), or one InputError line naming the option."""
         if value is None and optional:
             return None
-        fail = InputError(f"{self.option} must be {self.describe(kind)}{', or left out' if optional else ''}, "
-                          f"not {_show(value)}")
+        allowed = self.says or self.describe(kind)
+        if self.says and self.finite and isinstance(value, float) and math.isinf(value):
+            allowed = "finite and " + allowed
+        fail = InputError(f"{self.option} must be {allowed}{', or left out' if optional else ''}, not {_show(value)}")
         if kind is bool:
             if not isinstance(value, bool):
                 raise fail
@@ -96,9 +105,10 @@ class Rule:
 
 def setting(default: Any = dataclasses.MISSING, *, option: str, ge: float | None = None, gt: float | None = None,
             le: float | None = None, lt: float | None = None, finite: bool = True,
-            choices: tuple[Any, ...] | None = None, help: str = "") -> Any:
-    """A checked dataclass field: its default, its option name (for errors and the CLI) and its allowed range."""
-    rule = Rule(option, ge, gt, le, lt, finite, choices, help)
+            choices: tuple[Any, ...] | None = None, help: str = "", says: str = "") -> Any:
+    """A checked dataclass field: its default, its option name (for errors and the CLI) and its allowed range
+    (`says`: the range in the method's own words, for its error line)."""
+    rule = Rule(option, ge, gt, le, lt, finite, choices, help, says)
     return dataclasses.field(default=default, metadata={"rule": rule})
 
 
@@ -138,6 +148,12 @@ class Config:
         raise KeyError(name)
 
     @classmethod
+    def check_value(cls, name: str, value: Any) -> Any:
+        """`value` checked (and converted) by the rule of field `name` alone, as building the class would."""
+        kind, optional = _kind(_hints(cls)[name])  # type: ignore[arg-type]  # a class is hashable
+        return value if kind is None else cls.rule(name).check(value, kind, optional)
+
+    @classmethod
     def names(cls) -> frozenset[str]:
         """The settings this class declares."""
         return frozenset(f.name for f in dataclasses.fields(cls))
@@ -164,6 +180,33 @@ class Config:
     def replace(self: C, **changes: Any) -> C:
         """A copy with `changes`, checked again."""
         return dataclasses.replace(self, **changes)
+
+
+def generations_setting(default: int = 1, least: int = 1, why: str = "") -> Any:
+    """The `--generations` setting of a method that needs at least `least` of them (`why`: the reason, said in
+    its error line)."""
+    reason = f" ({why})" if why else ""
+    return setting(default, option="--generations", ge=least, le=MAX_GENERATIONS,
+                   says=f"at least {least} and at most {MAX_GENERATIONS}{reason}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig(Config):
+    """What fixes the initial noises and schedule of a run: generation g of every prompt starts from seed + g."""
+
+    generations: int = generations_setting()
+    seed: int = setting(0, option="--seed", ge=0, le=MAX_SEED)
+    num_inference_steps: int = setting(50, option="--num-inference-steps", ge=1, le=MAX_STEPS)
+
+    def check(self) -> None:
+        if self.seed + self.generations - 1 > MAX_SEED:
+            raise InputError(f"--seed {self.seed} + --generations {self.generations} passes the largest seed "
+                             f"{MAX_SEED}: lower --seed")
+
+
+def and_join(names: list[str]) -> str:
+    """ "a", "a and b", "a, b and c"."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 @functools.cache

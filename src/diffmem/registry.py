@@ -1,15 +1,25 @@
-"""Models known by name, such as `load_pipeline("testbed")`: a registry `diffmem.models.loading` reads and others fill.
+"""Things known by name: models, such as `load_pipeline("testbed")`, and methods (`MethodRegistry`).
 
-`loading` resolves a name here without knowing who registered it (the package root registers the bundled
+`loading` resolves a model name here without knowing who registered it (the package root registers the bundled
 testbed, `diffmem.testbed.bundled`); a target is a callable or a `"module:function"` string imported on first use.
+Detectors and mitigations register their classes in a `MethodRegistry` when the class is defined (their base
+class's `__init_subclass__`), so a new method is one new module of its package.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from diffmem.errors import InputError
+
+T = TypeVar("T")
+
+NOT_VERIFIED = "no figure verified here (see the paper)"
+"""A method's `published` figure when none was checked against its paper."""
 
 
 @dataclass(frozen=True)
@@ -50,3 +60,46 @@ def model_id(model: str | Path) -> str:
     if not is_named_model(name) and path.exists():
         return str(path.resolve())
     return name
+
+
+class MethodRegistry(Mapping[str, type[T]], Generic[T]):
+    """Method classes by their `name`, in listing order (each class's `rank`, then definition order).
+
+    Filled by the classes themselves as they are defined; `lookup` turns an unknown name into one InputError line
+    that lists the known ones."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._classes: dict[str, type[T]] = {}
+
+    def add(self, cls: type[T]) -> None:
+        """Register `cls` under `cls.name`; another class of the same name is an error (a module imported again,
+        e.g. reloaded, replaces its own class)."""
+        name: str = cls.name  # type: ignore[attr-defined]
+        known = self._classes.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"{self.kind} name {name!r} is taken by {known.__module__}.{known.__qualname__}")
+        self._classes[name] = cls
+
+    def discard(self, name: str) -> None:
+        """Forget `name` (a method defined for a test)."""
+        self._classes.pop(name, None)
+
+    def _order(self) -> list[str]:
+        names = list(self._classes)
+        return sorted(names, key=lambda n: (getattr(self._classes[n], "rank", 0), names.index(n)))
+
+    def __getitem__(self, name: str) -> type[T]:
+        return self._classes[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order())
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+    def lookup(self, name: Any, option: str) -> type[T]:
+        """The class of `name`, or one InputError line naming `option` and the known names."""
+        if isinstance(name, str) and name in self._classes:
+            return self._classes[name]
+        raise InputError(f"{option} must be one of {', '.join(self)}, not {name!r}")

@@ -2,25 +2,27 @@
 
 Requests and responses are pydantic models, so /openapi.json (and /docs) document the schema. Every error is
 JSON `{"error": "<one line>"}` with a 4xx status (400 bad input, 413 over a limit, 422 malformed request) or
-503 when the model's queue is full; never a traceback. Model calls run in worker threads behind a bounded
-queue, so a slow request does not block the server's event loop (the page and other requests keep working).
+503 when the model's queue is full; never a traceback. A bug is a 500 with a generic line, its traceback logged.
+Model calls run in worker threads behind a bounded queue, so a slow request does not block the server's event
+loop (the page and other requests keep working).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from diffmem.app.gate import BodyLimit
 from diffmem.app.service import LimitError, Service, png_base64
 from diffmem.errors import DiffmemError
 
@@ -237,8 +239,36 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error in %s", request.url.path)
-        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details")
+        return internal_error(request, exc)  # outside a route (a middleware); in one, ContainedRoute answers
+
+
+def internal_error(request: Request, exc: BaseException) -> JSONResponse:
+    """A bug, never the client's input: logged with its traceback, answered 500 with a generic line (nothing of
+    the exception, which may hold paths or data, reaches the client)."""
+    log.error("internal error in %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal error (a bug in the server, not your request); the server log has the details")
+
+
+_EXPECTED = (StarletteHTTPException, RequestValidationError, DiffmemError, QueueFull)
+"""Exceptions the app's handlers turn into 4xx/503 answers."""
+
+
+class ContainedRoute(APIRoute):
+    """An API route whose unexpected exceptions become `internal_error` right there, instead of reaching the
+    server, which would log them again and close the client's keep-alive connection after the 500."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def contained(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except _EXPECTED:
+                raise
+            except Exception as exc:
+                return internal_error(request, exc)
+
+        return contained
 
 
 def body_limit(service: Service) -> int:
@@ -248,7 +278,7 @@ def body_limit(service: Service) -> int:
 
 def api_router(service: Service, queue: ModelQueue) -> APIRouter:
     """The /api routes over `service`, each model call through `queue`."""
-    router = APIRouter(prefix="/api", tags=["api"], responses=_ERRORS)
+    router = APIRouter(prefix="/api", tags=["api"], responses=_ERRORS, route_class=ContainedRoute)
 
     @router.get("/info", summary="Model, threshold and its source, settings and limits")
     async def info() -> dict[str, Any]:
@@ -291,34 +321,4 @@ def api_router(service: Service, queue: ModelQueue) -> APIRouter:
 def add_body_limit(app: FastAPI, limit: int) -> None:
     """Refuse /api request bodies larger than `limit` bytes with 413: before reading them when their size is
     declared, as soon as the limit is passed when they are streamed (chunked) without one."""
-    app.add_middleware(BodyLimit, limit=limit)
-
-
-class BodyLimit:
-    """ASGI middleware behind `add_body_limit`: a declared Content-Length over the limit is answered at once; a
-    body without one is counted as it arrives and cut off with HTTP 413 once it passes the limit."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
-            await self.app(scope, receive, send)
-            return
-        size = Request(scope).headers.get("content-length", "")
-        if size.isdigit() and int(size) > self.limit:
-            await _error(413, f"request body of {size} bytes; the limit is {self.limit}")(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> dict[str, Any]:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise StarletteHTTPException(413, f"request body of more than {self.limit} bytes; the limit is "
-                                                  f"{self.limit}")
-            return message
-
-        await self.app(scope, counted, send)
+    app.add_middleware(BodyLimit, limit=limit, applies=lambda path: path.startswith("/api/"))

@@ -10,12 +10,14 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+from diffmem.app.gate import DEFAULT_MAX_UPLOAD  # noqa: E402
 from diffmem.app.service import (  # noqa: E402
     Limits,
     Service,
@@ -27,9 +29,10 @@ from diffmem.errors import InputError  # noqa: E402
 
 DESCRIPTION = """Screen prompts for training-data memorization before generating (Wen et al., ICLR 2024).
 
-Errors are JSON `{"error": "<one line>"}`: 400 bad input, 401 no or a wrong access token (a server started with
-one), 413 over a limit (prompt length, batch size, body size), 422 malformed request, 503 queue full (retry after
-the `Retry-After` seconds)."""
+Errors are JSON `{"error": "<one line>"}`: 400 bad input or a Host name this server does not answer to, 401 no or
+a wrong access token (a server started with one), 403 a request from another origin that would change state, 413
+over a limit (prompt length, batch size, body size), 422 malformed request, 500 an internal error (a bug; the
+server log has the details), 503 queue full (retry after the `Retry-After` seconds)."""
 
 
 def create_api_app(service: Service) -> Any:
@@ -47,18 +50,20 @@ def create_api_app(service: Service) -> Any:
     return app
 
 
-def create_app(service: Service, token: str | None = None) -> Any:
-    """The API app with the Gradio page mounted at / (no share link, no analytics, no server-side rendering);
-    with `token`, every request must present it (`diffmem.app.auth`)."""
+def create_app(service: Service, token: str | None = None, hosts: Iterable[str] | None = None,
+               max_upload: int = DEFAULT_MAX_UPLOAD) -> Any:
+    """The API app with the Gradio page mounted at / (no share link, no analytics, no server-side rendering),
+    behind `diffmem.app.gate`: Host names in `hosts` only (default: loopback names), same-origin state changes,
+    request bodies outside /api of at most `max_upload` bytes and, with `token`, the token on every request."""
     import gradio as gr
 
-    from diffmem.app.auth import TokenAuth
+    from diffmem.app.gate import allowed_hosts, guard
     from diffmem.app.ui import CSS, build_ui, theme
 
     app = gr.mount_gradio_app(create_api_app(service), build_ui(service), path="/", footer_links=[],
                               ssr_mode=False, pwa=False, mcp_server=False, theme=theme(), css=CSS, show_error=True)
-    if token is not None:
-        app.add_middleware(TokenAuth, token=token)  # added last: the outermost layer, before any route or limit
+    guard(app, allowed_hosts() if hosts is None else hosts, token, max_upload,
+          applies=lambda path: not path.startswith("/api/"))  # /api has its own limit (create_api_app)
     return app
 
 
@@ -119,18 +124,23 @@ class BackgroundServer:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 7860, device: Any = None, threshold: float | None = None,
           calibration: Path | None = None, settings: Settings | None = None, limits: Limits | None = None,
-          echo: Any = print, token: str | None = None, allow_pickle: bool = False) -> None:
+          echo: Any = print, token: str | None = None, allow_pickle: bool = False,
+          allowed_host: Sequence[str] = (), max_upload: int = DEFAULT_MAX_UPLOAD) -> None:
     """Load the model, fix the threshold, and serve the page and the API until interrupted. A host other than
-    loopback needs `token` (`diffmem.app.auth`); the token is never printed or logged."""
+    loopback needs `token` (`diffmem.app.auth`); the token is never printed or logged. Requests must name the
+    server as a loopback name, `host` or one of `allowed_host`; bodies outside /api are at most `max_upload`
+    bytes (`diffmem.app.gate`)."""
     import uvicorn
 
     from diffmem.app.auth import check_access
+    from diffmem.app.gate import WILDCARDS, allowed_hosts
 
     check_access(host, token)
+    hosts = allowed_hosts(host, allowed_host)
     check_port(host, port)
     echo(f"loading {model} ...")
     service = build_service(model, device, threshold, calibration, settings, limits, allow_pickle)
-    app = create_app(service, token)
+    app = create_app(service, token, hosts, max_upload)
     shown = f"[{host}]" if ":" in host else host
     echo(f"threshold {service.threshold.value:.6g} from: {service.threshold.source}")
     echo(f"serving http://{shown}:{port}  (page at /, JSON API at /api/detect and /api/explain, schema at "
@@ -138,4 +148,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 7860, device: Any = N
     if token is not None:
         echo("every request needs the access token: open the page once as /?token=<token>, or send the header "
              "'Authorization: Bearer <token>'")
+    if host.strip("[]") in WILDCARDS and not allowed_host:
+        echo("only loopback names reach it: add --allowed-host NAME for each name or address clients use for "
+             "this machine (requests naming any other host get 400)")
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

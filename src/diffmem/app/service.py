@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import threading
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from diffmem.errors import InputError
+from diffmem.io.files import check_prompt_text, read_user_json
 from diffmem.models.defaults import ModelDefaults
 
 
@@ -59,17 +59,18 @@ class Settings:
     target_loss: float | None = None  # the mitigation's first-step target; None: the model's own, as the CLI's
 
     def __post_init__(self) -> None:
-        from diffmem.detectors.base import parse_steps
+        """Checked by the configs of the methods the page runs: Wen et al.'s detector (the score), the shared
+        generation (the Generate button) and the embedding optimisation."""
+        from diffmem.detectors.magnitude import MagnitudeConfig
+        from diffmem.mitigate.base import GenerationConfig
+        from diffmem.mitigate.embedding import EmbeddingConfig
 
-        parse_steps(self.steps, self.num_inference_steps)
-        if self.generations < 1:
-            raise InputError(f"--generations must be at least 1, not {self.generations}")
-        if self.generate_steps < 1:
-            raise InputError(f"--generate-steps must be at least 1, not {self.generate_steps}")
-        if self.mitigate_iters < 0:
-            raise InputError(f"--mitigate-iters must be at least 0, not {self.mitigate_iters}")
-        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale > 1):
-            raise InputError(f"--guidance must be above 1 (classifier-free guidance), not {self.guidance_scale}")
+        MagnitudeConfig(steps=self.steps, generations=self.generations, seed=self.seed,
+                        guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
+                        batch_size=self.batch_size)
+        GenerationConfig(seed=self.seed, generations=self.generations, num_inference_steps=self.generate_steps,
+                         guidance_scale=self.guidance_scale)
+        EmbeddingConfig(target_loss=self.target_loss, iters=self.mitigate_iters)
         if self.target_loss is not None and not math.isfinite(self.target_loss):
             raise InputError(f"--target-loss must be a finite number, not {self.target_loss}")
 
@@ -105,12 +106,7 @@ class Threshold:
 
 def _read_calibration(path: Path) -> Threshold:
     """A threshold from a JSON file with a numeric `threshold` field, as `diffmem evaluate --json` writes."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"calibration file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path} is not a readable JSON file: {exc}") from None
+    data = read_user_json(path, "calibration file")
     value = data.get("threshold") if isinstance(data, dict) else None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise InputError(f"{path} has no numeric 'threshold' field (write one with `diffmem evaluate --json`)")
@@ -249,7 +245,8 @@ class Service:
         """`prompt` if it is a non-blank string within the length limit, else a one-line InputError."""
         if not isinstance(prompt, str):
             raise InputError(f"{where} must be a string, not {type(prompt).__name__}")
-        if not prompt.strip():
+        # the text rule of prompt files and the CLI (lone surrogates, control characters, invisible-only text)
+        if check_prompt_text(prompt, "" if where == "the prompt" else where, max_chars=None) is None:
             raise InputError(f"{where} is empty")
         if len(prompt) > self.limits.max_prompt_chars:
             raise LimitError(f"{where} has {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}")

@@ -1,14 +1,16 @@
 """What every `diffmem` command shares: quiet libraries, the one-line error contract, shared options.
 
 User errors (bad files, bad option values, unloadable models, Ctrl-C) end with one `error: ...` line on stderr
-and exit code 2, never a traceback. torch and diffusers are imported inside the commands, so `--help` and
-argument errors do not wait for them.
+and exit code 2, never a traceback. An unexpected exception (a bug) ends with one `error: internal error ...` line
+and exit code 1; `diffmem --debug ...` or `DIFFMEM_DEBUG=1` shows its traceback instead. torch and diffusers are
+imported inside the commands, so `--help` and argument errors do not wait for them.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import sys
 from enum import Enum
 from typing import Annotated, Any, NoReturn
 
@@ -27,12 +29,18 @@ from typer.core import TyperGroup  # noqa: E402
 
 try:  # typer vendors its own click (typer._click): its usage errors are not click's
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    from typer.exceptions import TyperException as ClickException
 except ImportError:  # older typer: click itself
-    from click.exceptions import NoArgsIsHelpError, UsageError  # type: ignore[assignment]
-from diffmem.errors import DiffmemError  # noqa: E402
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # type: ignore[assignment]
+from diffmem.errors import DiffmemError, InputError  # noqa: E402
 
 USAGE_ERROR = 2
 """Exit code for every user error (the code typer already uses for usage errors)."""
+INTERNAL_ERROR = 1
+"""Exit code for an unexpected exception: a bug in diffmem or a library it calls, not the user's input."""
+DEBUG_ENV = "DIFFMEM_DEBUG"
+"""Set to 1 (like `diffmem --debug`) to see the traceback of an internal error instead of one line."""
+_CONTROL_FLOW = (typer.Exit, typer.Abort, ClickException)  # click's own exits and messages: never a bug
 
 
 def fail(message: str) -> NoReturn:
@@ -41,8 +49,36 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(USAGE_ERROR)
 
 
+def debug_wanted(ctx: Any = None) -> bool:
+    """Whether an internal error should show its traceback: `--debug` on the root command (read from `ctx`, or
+    from the command line when no context exists yet) or `DIFFMEM_DEBUG` set to 1/true/yes/on."""
+    if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if ctx is not None:
+        return bool(ctx.find_root().params.get("debug"))
+    return "--debug" in sys.argv[1:]
+
+
+def internal_error_line(exc: BaseException) -> str:
+    """The one line of an unexpected exception: its type and first line, which process (under `accelerate
+    launch` every process prints its own), and how to see the traceback."""
+    text = (str(exc).strip().splitlines() or [""])[0][:300]
+    world = os.environ.get("WORLD_SIZE", "1")
+    where = f" in process {os.environ.get('RANK', '?')} of {world}" if world.isdigit() and int(world) > 1 else ""
+    what = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return (f"error: internal error{where}: {' '.join(what.split())} (a bug, not your input: rerun with "
+            f"'diffmem --debug ...' or {DEBUG_ENV}=1 to see the traceback, and report it)")
+
+
+def fail_internal(exc: BaseException) -> NoReturn:
+    """Print `internal_error_line(exc)` on stderr and exit with code 1."""
+    typer.echo(internal_error_line(exc), err=True)
+    raise typer.Exit(INTERNAL_ERROR)
+
+
 class ErrorHandlingGroup(TyperGroup):
-    """Runs every command, sub-app commands included, turning user errors into `fail(...)`."""
+    """Runs every command, sub-app commands included, turning user errors into `fail(...)` (exit 2) and any other
+    exception into `fail_internal(...)` (exit 1) unless `--debug` asks for its traceback."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -61,6 +97,12 @@ class ErrorHandlingGroup(TyperGroup):
                 raise
             where = f": {exc.filename}" if exc.filename else ""
             fail(f"{exc.strerror or exc}{where}")
+        except _CONTROL_FLOW:
+            raise
+        except Exception as exc:  # a bug: one line and exit 1, or the traceback with --debug
+            if debug_wanted(ctx):
+                raise
+            fail_internal(exc)
 
 
 class DType(str, Enum):
@@ -86,3 +128,24 @@ TokenOpt = Annotated[
                  "browser); needed to bind any address but loopback. Prefer the environment variable: a command "
                  "line is visible to other users of the machine."),
 ]
+ForceOpt = Annotated[
+    bool,
+    typer.Option("--force", help="Replace an output file that holds another kind of file (e.g. a result file "
+                 "where prompts go); without it such a file is refused and kept."),
+]
+
+
+def deprecated_option(old: str, new: str) -> Any:
+    """A hidden option `old` kept for one release as the deprecated spelling of `new` (read it with `renamed`)."""
+    return typer.Option(old, hidden=True, help=f"Deprecated spelling of {new}.")
+
+
+def renamed(value: Any, old_value: Any, old: str, new: str, default: Any = None) -> Any:
+    """The value of option `new` (its default when neither is given), or of its deprecated spelling `old`, which
+    prints a one-line warning on stderr; giving both is an error."""
+    if old_value is None:
+        return default if value is None else value
+    if value is not None:
+        raise InputError(f"give {new} only ({old} is its deprecated spelling)")
+    typer.echo(f"warning: {old} is deprecated and will be removed in the next release; use {new}", err=True)
+    return old_value

@@ -4,34 +4,20 @@ measure how well the scores separate memorized from other prompts."""
 from __future__ import annotations
 
 import json
-import math
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from diffmem.cli.common import AllowPickleOpt, DType, ModelOpt
+from diffmem.cli.common import AllowPickleOpt, DType, ForceOpt, ModelOpt
 from diffmem.console import say, stderr
 from diffmem.errors import InputError
-from diffmem.io.durable import check_output_path
+from diffmem.io.durable import check_output_path, file_kind, replace_file
 
 SETTING_KEYS = ("model", "detector", "steps", "generations", "seed", "guidance_scale", "num_inference_steps")
 """Fields of a detect row that fix its score: a resume must match them; evaluate warns if they differ."""
-
-
-class DetectorName(str, Enum):
-    """Detectors `diffmem detect` can run (METHOD.md sections 1 and 6)."""
-
-    wen = "wen"
-    anisotropy = "anisotropy"
-    sharpness = "sharpness"
-    ren_le = "ren-le"
-    ren_ae = "ren-ae"
-    bright_ending = "bright-ending"
-    nemo = "nemo"
-    step_norm = "step-norm"
-    carlini = "carlini"
+RECORDED = ("cosine_weight",)
+"""Detector-specific settings of this command that a row records when its detector takes them."""
 
 
 def detect(
@@ -65,14 +51,11 @@ def detect(
         ),
     ] = None,
     num_inference_steps: Annotated[
-        int,
-        typer.Option("--num-inference-steps", min=1, help="Length of the schedule the steps are taken from."),
+        int, typer.Option("--num-inference-steps", help="Length of the schedule the steps are taken from.")
     ] = 50,
     batch_size: Annotated[
         int,
-        typer.Option(
-            "--batch-size", min=1, help="(prompt, generation) rows per denoiser call; scores do not change."
-        ),
+        typer.Option("--batch-size", help="(prompt, generation) rows per denoiser call; scores do not change."),
     ] = 32,
     column: Annotated[
         str | None,
@@ -86,58 +69,47 @@ def detect(
         typer.Option("--dtype", help="Weight dtype (default: float16 on CUDA, float32 elsewhere)."),
     ] = None,
     detector: Annotated[
-        DetectorName,
-        typer.Option(
-            "--detector",
-            help="wen: mean text-conditional noise magnitude (Wen et al. 2024); anisotropy: first-step magnitude "
-            "plus a weighted low-noise alignment term (Asthana & Belagiannis 2026); sharpness: ||H_delta s_delta||^2 "
-            "(Jeon et al. 2025); ren-le / ren-ae: cross-attention entropy, one layer at the first step / the last "
-            "steps plus the summary tokens (Ren et al. 2024); bright-ending: d_t masked by the end token's final "
-            "attention (Chen et al. 2025); nemo: SSIM of noise residuals across seeds (Hintersdorf et al. 2024); "
-            "step-norm: latent update norms against their stable range (Huang et al. 2026); carlini: tightest "
-            "cluster of generated images (Carlini et al. 2023).",
-        ),
-    ] = DetectorName.wen,
+        str,
+        typer.Option("--detector", help="The detector (`diffmem methods` lists them with their papers and costs): "
+                     "wen is Wen et al.'s mean text-conditional noise magnitude."),
+    ] = "wen",
     cosine_weight: Annotated[
-        float,
-        typer.Option("--cosine-weight", help="anisotropy: weight of the alignment term (the authors' SD v1.4 value)."),
-    ] = 2.0,
+        float | None,
+        typer.Option("--cosine-weight", help="anisotropy: weight of the alignment term (default: the authors' SD "
+                     "v1.4 value, 2)."),
+    ] = None,
     stable_range: Annotated[
         Path | None,
         typer.Option("--stable-range", help="step-norm: per-step band of ordinary update norms (a JSON file "
                      "`diffmem compare` writes; without it the score is the largest update norm)."),
     ] = None,
     allow_pickle: AllowPickleOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Score each prompt by its text-conditional noise magnitude (Wen et al. 2024): higher, more memorized.
 
     Under `accelerate launch` with several processes the scan runs data-parallel: each process scores its slice
     of every global batch on its own device, and the main process writes the rows in input order.
     """
-    from diffmem.detectors.base import parse_steps
+    from diffmem.detectors import DETECTORS, StableRange
     from diffmem.models.defaults import ModelDefaults
     from diffmem.registry import model_id
     from diffmem.runs.detection import run
 
-    stepped = (DetectorName.wen, DetectorName.bright_ending)
-    if steps is not None and detector not in stepped:
-        raise InputError(f"--steps applies to the wen and bright-ending detectors; {detector.value} has its own")
-    default_steps = "all" if detector is DetectorName.bright_ending else "first"
-    n_steps = parse_steps(default_steps if steps is None else steps, num_inference_steps)
-    if not math.isfinite(cosine_weight):
-        raise InputError(f"--cosine-weight must be a finite number, not {cosine_weight}")
-    check_output_path(out, "--out")
+    kind = DETECTORS.lookup(detector, "--detector")
+    band = None if stable_range is None else StableRange.load(stable_range)
+    config = kind.configure(dict(steps=steps, generations=generations, seed=seed, guidance_scale=guidance,
+                                 num_inference_steps=num_inference_steps, batch_size=batch_size,
+                                 cosine_weight=cosine_weight, stable_range=band))
+    check_output_path(out, "--out", kind="result file", force=force)
+    if force and file_kind(out) not in (None, "result file"):
+        replace_file(out, b"")  # --force: another kind of file makes way for the results
     guidance_scale = ModelDefaults.for_model(model).resolve_guidance(guidance)  # the model's own unless given
-    values = (model_id(model), detector.value, n_steps, generations, seed, guidance_scale, num_inference_steps)
+    values = (model_id(model), kind.name, config.n_steps, config.generations, config.seed, guidance_scale,
+              config.num_inference_steps)
     settings: dict[str, Any] = dict(zip(SETTING_KEYS, values, strict=True))
-    if detector is DetectorName.anisotropy:
-        settings["cosine_weight"] = cosine_weight
-    if stable_range is not None:
-        if detector is not DetectorName.step_norm:
-            raise InputError("--stable-range applies to the step-norm detector")
-        from diffmem.detectors.step_norm import StableRange
-
-        band = StableRange.load(stable_range)
+    settings.update({key: getattr(config, key) for key in RECORDED if key in config.names()})
+    if band is not None:
         settings["stable_range"] = {"lo": list(band.lo), "hi": list(band.hi)}
     run(prompts, out, model, settings, column, device, dtype.value if dtype else None, batch_size, allow_pickle,
         echo=typer.echo)
@@ -173,6 +145,7 @@ def evaluate(
     target_fpr: Annotated[
         float, typer.Option("--target-fpr", help="FPR the threshold is calibrated for, on the negatives.")
     ] = 0.01,
+    force: ForceOpt = False,
 ) -> None:
     """Print AUC, TPR at 1% and 3% FPR, and a detection threshold calibrated on the negatives."""
     from diffmem.measures.detection import TPR_CONVENTION, evaluate_scores
@@ -180,7 +153,7 @@ def evaluate(
 
     for option, image in (("--plot", plot), ("--hist", hist)):
         if image is not None:
-            check_output_path(image, option, image=True)
+            check_output_path(image, option, image=True, force=force)
     pos, pos_settings = _scores(positives)
     neg, neg_settings = _scores(negatives)
     differ = [k for k in pos_settings if pos_settings[k] != neg_settings[k]]

@@ -9,10 +9,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from diffmem.cli.common import AllowPickleOpt, ModelOpt
+from diffmem.cli.common import AllowPickleOpt, ForceOpt, ModelOpt
 from diffmem.console import say, stderr
 from diffmem.errors import InputError
 from diffmem.io.durable import check_output_path
+from diffmem.io.files import check_prompt_text
 
 
 def explain(
@@ -41,6 +42,7 @@ def explain(
                                   "(a file `diffmem compare` writes; without it, top-k selection alone).")
     ] = None,
     allow_pickle: AllowPickleOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Which words of PROMPT drive its memorization score: per-token and per-word significance (or, with
     --neurons, which value neurons)."""
@@ -56,10 +58,10 @@ def explain(
         raise InputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     if suggest and threshold is None:
         raise InputError("--suggest needs --threshold (calibrate one with `diffmem evaluate`)")
-    if not prompt.strip():
+    if check_prompt_text(prompt) is None:  # the text rule of prompt files and the API
         raise InputError("the prompt is empty: there is nothing to explain")
     if plot is not None:
-        check_output_path(plot, "--plot", image=True)
+        check_output_path(plot, "--plot", image=True, force=force)
     quiet_diffusers()
     with stderr.status(f"loading {model} ..."):
         pipe: Any = load_pipeline(model, device=parse_device(device), allow_pickle=allow_pickle)

@@ -12,7 +12,6 @@ import typer
 from diffmem.cli.common import AllowPickleOpt
 from diffmem.console import progress_bar, say, shorten, stderr
 from diffmem.errors import InputError
-from diffmem.runs.compare import DEFAULT_DETECTORS, DEFAULT_METHODS
 
 
 def fetch_references(
@@ -61,9 +60,9 @@ def _numbers(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
-def _words(text: str) -> tuple[str, ...]:
-    """A comma-separated list of names, e.g. `--methods none,rta`."""
-    return tuple(v.strip() for v in text.split(",") if v.strip())
+def _words(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list of names, e.g. `--methods none,rta` (None: not given)."""
+    return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def reproduce(
@@ -110,8 +109,9 @@ def reproduce(
         str | None, typer.Option("--clip", help="CLIPModel folder or hub id for the CLIP score.")
     ] = None,
     methods: Annotated[
-        str, typer.Option("--methods", help="Mitigation methods: none, embedding, rta, rna, cwr, gni.")
-    ] = ",".join(("none", "embedding", "rta", "rna", "cwr", "gni")),
+        str | None, typer.Option("--methods", help="Mitigation methods, comma-separated (default: those of Wen et "
+                                 "al.'s table: none, embedding, rta, rna, cwr, gni; `diffmem methods` lists all).")
+    ] = None,
     mitigation_prompts: Annotated[
         int | None, typer.Option("--mitigation-prompts", help="Mitigate only the first N memorized prompts.")
     ] = None,
@@ -151,7 +151,7 @@ def reproduce(
     memorized, normal = dataset_prompts(dataset, data, memorized, normal)
     settings = ReproduceSettings(
         model=model, memorized=memorized, normal=normal, out=out, generations=_numbers(generations, "--generations"),
-        steps=_words(steps), seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance,
+        steps=_words(steps) or (), seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance,
         batch_size=batch_size, methods=_words(methods), mitigation_prompts=mitigation_prompts,
         mitigation_generations=mitigation_generations, target_loss=target_loss, iters=iters, k=k, sigma=sigma,
         references=references, sscd=sscd, sscd_preprocessing=sscd_preprocessing, clip=clip, device=device,
@@ -183,11 +183,11 @@ def compare(
     out: Annotated[Path, typer.Option("--out", help="Report folder: report.md, report.json, detection/, "
                                       "mitigation/, calibration.json.")],
     model: Annotated[str, typer.Option("--model", help="Local diffusers folder, hub id, or 'testbed'.")] = "testbed",
-    detectors: Annotated[str, typer.Option("--detectors", help="Detectors, comma-separated.")] = ",".join(
-        DEFAULT_DETECTORS),
+    detectors: Annotated[str | None, typer.Option("--detectors", help="Detectors, comma-separated (default: every "
+                                                  "one `diffmem methods` lists).")] = None,
     generations: Annotated[str, typer.Option("--generations", help="Detection: numbers of generations n.")] = "1,4",
-    methods: Annotated[str, typer.Option("--methods", help="Mitigation methods, comma-separated.")] = ",".join(
-        DEFAULT_METHODS),
+    methods: Annotated[str | None, typer.Option("--methods", help="Mitigation methods, comma-separated (default: "
+                                                "every one `diffmem methods` lists).")] = None,
     mitigation_prompts: Annotated[
         int | None, typer.Option("--mitigation-prompts", help="Mitigate the first N memorized prompts (default 64; "
                                  "-1: all).")
@@ -203,7 +203,7 @@ def compare(
                                                          "(default: calibrated).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Generation g starts from the noise of seed S+g.")] = 0,
     num_inference_steps: Annotated[
-        int, typer.Option("--num-inference-steps", min=2, help="Sampling schedule length.")
+        int, typer.Option("--num-inference-steps", help="Sampling schedule length.")
     ] = 50,
     guidance: Annotated[float | None, typer.Option("--guidance", help="CFG scale (default: the model's own).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Detection: rows per denoiser call.")] = 32,

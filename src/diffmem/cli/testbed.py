@@ -9,6 +9,8 @@ from typing import Any
 
 import typer
 
+from diffmem.cli.common import ForceOpt
+
 app = typer.Typer(help="The bundled testbed model: training, ground truth, quality figures, demo.",
                   no_args_is_help=True)
 
@@ -72,12 +74,13 @@ def prompts(
                                 "seen-once (unique fine-tuning items)."),
     out: Path = typer.Option(..., help="Output .jsonl: prompt, split, label, index, trigger."),
     limit: int = typer.Option(None, min=0, help="Write at most this many prompts."),
+    force: ForceOpt = False,
 ) -> None:
     """Write the testbed's labelled evaluation prompts (ground truth) as JSONL."""
     from diffmem.io.durable import check_output_path, write_atomic
     from diffmem.testbed.recipe import shipped_recipe
 
-    check_output_path(out, "--out")
+    check_output_path(out, "--out", kind="prompt file", force=force)
     cfg = shipped_recipe()
     rows = labelled_prompts(cfg.splits(), split.value, cfg.n_seen_once)[:limit]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +154,9 @@ def explain_eval(
         rep = explain_report(pipe, memorized, splits.heldout, generations=generations,
                              progress=lambda i, n: bar.update(task, completed=i))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "explain.json").write_text(json.dumps(rep, indent=2))
+    from diffmem.io.durable import write_atomic
+
+    write_atomic(out / "explain.json", json.dumps(rep, indent=2))
     typer.echo(json.dumps(rep, indent=2))
     typer.echo(f"wrote {out / 'explain.json'}")
 
@@ -206,7 +211,9 @@ def mitigation(
     if guard:
         rep["guard"] = guard_report(pipe, memorized, heldout, cal.threshold, target, generations=generations,
                                     steps=steps, progress=typer.echo, parts=parts)
-    (out / "mitigation.json").write_text(json.dumps(rep, indent=2))
+    from diffmem.io.durable import write_atomic
+
+    write_atomic(out / "mitigation.json", json.dumps(rep, indent=2))
     typer.echo(json.dumps(rep, indent=2))
     typer.echo(f"wrote {out / 'mitigation.json'}, tradeoff.png, mitigation.png")
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from diffmem.cli.common import AllowPickleOpt
+from diffmem.cli.common import AllowPickleOpt, deprecated_option, renamed
 from diffmem.console import progress_bar, say, stderr
 from diffmem.errors import InputError
 
@@ -52,7 +52,10 @@ def train(
         CaptionAug | None, typer.Option("--caption-aug", help="Augment training captions: rta (random tokens).")
     ] = None,
     rta_tokens: Annotated[int, typer.Option("--rta-tokens", min=1, help="Tokens added per caption by rta.")] = 4,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps (global batches).")] = 1000,
+    train_steps: Annotated[
+        int | None, typer.Option("--train-steps", min=1, help="Optimizer steps (global batches; default 1000).")
+    ] = None,
+    steps: Annotated[int | None, deprecated_option("--steps", "--train-steps")] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Global batch, split over processes by accelerate.")
     ] = 8,
@@ -76,6 +79,7 @@ def train(
     from diffmem.training.finetune import FinetuneSettings, calibration_lines, finetune, interrupted_message
     from diffmem.training.finetune import calibrate as run_calibration
 
+    steps = renamed(train_steps, steps, "--steps", "--train-steps", 1000)
     settings = FinetuneSettings(model=model, data=str(data), steps=steps, batch_size=batch_size, lr=lr,
                                 filter_threshold=filter_threshold, filter_at=filter_at.value,
                                 filter_persist=filter_persist,

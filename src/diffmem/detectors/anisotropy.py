@@ -3,13 +3,28 @@ anisotropy term."""
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
-from diffmem.detectors.base import Detector
+from diffmem.config import setting
+from diffmem.detectors.base import Detector, DetectorConfig
 from diffmem.errors import InputError
 from diffmem.models.conditioning import Conditioning
+
+
+@dataclass(frozen=True)
+class AnisotropyConfig(DetectorConfig):
+    """The weight of the anisotropy term and the schedule step of its cosine (-3: the third from last)."""
+
+    cosine_weight: float = setting(2.0, option="--cosine-weight")
+    cosine_step: int = setting(-3, option="cosine_step")
+
+    def check(self) -> None:
+        super().check()
+        if not -self.num_inference_steps <= self.cosine_step < self.num_inference_steps:
+            raise InputError(f"cosine_step {self.cosine_step} is outside a schedule of {self.num_inference_steps} "
+                             "steps")
 
 
 class AnisotropyDetector(Detector):
@@ -23,39 +38,37 @@ class AnisotropyDetector(Detector):
     mean_g cos`; the authors' weights are 2.0 for SD v1.4 (norm weight 1), 0.1 for SD v2 in their units.
     Cost: 2 conditional evaluations per prompt and generation, plus 2 shared empty-prompt ones per detector.
     `timesteps` names the first step, where `magnitudes` is read; the cosine's timestep follows from `cosine_step`.
+
+        >>> from diffmem import load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> detector = AnisotropyDetector(pipe, generations=2, cosine_weight=2.0)
+        >>> memorized, held_out = detector.score([splits.planted[0].caption, splits.heldout[0].caption])
+        >>> round(memorized.score, 2), round(held_out.score, 2), len(memorized.terms)  # terms: each generation's cosine
+        (0.95, 0.82, 2)
     """
 
     name = "anisotropy"
-
-    def __init__(
-        self,
-        pipe,
-        generations: int = 1,
-        seed: int = 0,
-        cosine_weight: float = 2.0,
-        cosine_step: int = -3,
-        num_inference_steps: int = 50,
-        batch_size: int = 32,
-    ) -> None:
-        super().__init__(pipe, generations, seed, num_inference_steps, batch_size)
-        if not math.isfinite(cosine_weight):
-            raise InputError(f"--cosine-weight must be a finite number, not {cosine_weight}")
-        if not -num_inference_steps <= cosine_step < num_inference_steps:
-            raise InputError(f"cosine_step {cosine_step} is outside a schedule of {num_inference_steps} steps")
-        self.cosine_weight = cosine_weight
-        self.cosine_step = cosine_step
+    Config = AnisotropyConfig
+    config: AnisotropyConfig
+    scores = "the first step and one low-noise step, on pure noise"
+    cost = "2 conditional evaluations per prompt and generation"
+    paper = "Asthana & Belagiannis, ICLR 2026"
+    published = "AUC 0.994 / 0.999, TPR@1% 0.935 / 0.984 (n=1 / 4; Asthana & Belagiannis, ICLR 2026)"
+    rank = 20
 
     @torch.no_grad()
     def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
         scheduler = self._schedule()
         noise = self._first_input(scheduler)
-        t_first, t_low = scheduler.timesteps[0], scheduler.timesteps[self.cosine_step]
+        t_first, t_low = scheduler.timesteps[0], scheduler.timesteps[self.config.cosine_step]
         eps_c, eps_u = self._eps_on_noise(noise, t_first, cond, scheduler)
-        mags = (eps_c - eps_u).flatten(1).norm(dim=1).reshape(-1, self.generations, 1)
+        mags = (eps_c - eps_u).flatten(1).norm(dim=1).reshape(-1, self.config.generations, 1)
         eps_c, eps_u = self._eps_on_noise(noise, t_low, cond, scheduler)
         cos = torch.nn.functional.cosine_similarity(eps_u, eps_c - eps_u, dim=1).mean(dim=(1, 2))
-        return mags, [float(t_first)], cos.reshape(-1, self.generations)
+        return mags, [float(t_first)], cos.reshape(-1, self.config.generations)
 
     def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
         assert terms is not None
-        return mags.mean(dim=(1, 2)) + self.cosine_weight * terms.mean(dim=1)
+        return mags.mean(dim=(1, 2)) + self.config.cosine_weight * terms.mean(dim=1)

@@ -6,19 +6,29 @@ over the whole latent, a prompt's score the mean of `d_t` over the chosen steps 
 peers from METHOD.md section 6. Scoring batches prompts x generations, with a single device-to-host copy per
 batch; on the shared initial noise the empty prompt's prediction is the same for every prompt, so it is computed
 once per detector and timestep.
+
+A detector's settings are one frozen `DetectorConfig` subclass (its `Config`), checked once when built; the class
+carries its metadata (name, paper, published figures, cost, minimum generations) and registers itself in
+`DETECTORS` when defined, so a new detector is one module of `diffmem.detectors` (docs/extending/detector.md).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
+from diffmem.config import SamplingConfig, and_join, setting
 from diffmem.errors import InputError
-from diffmem.models.conditioning import Conditioning, encode
+from diffmem.models.conditioning import Conditioning, encode, text_window
+from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
+from diffmem.models.families import unet_only
+from diffmem.registry import MethodRegistry
 
 Steps = str | int  # "first", "all" or a number k of leading steps
 
@@ -46,6 +56,8 @@ class PromptScore:
 
 def parse_steps(steps: Steps, num_inference_steps: int) -> int:
     """Number of leading sampling steps to score: `first` -> 1, `all` -> T, k -> k (1 <= k <= T)."""
+    if isinstance(steps, bool) or not isinstance(steps, str | int):
+        raise InputError(f"--steps must be 'first', 'all' or a positive whole number, not {steps!r}")
     if isinstance(steps, str):
         key = steps.strip().lower()
         if key == "first":
@@ -60,9 +72,10 @@ def parse_steps(steps: Steps, num_inference_steps: int) -> int:
     return int(steps)
 
 
-def token_info(tokenizer, prompts: Sequence[str]) -> list[tuple[int, bool, str]]:
-    """Per prompt: real token count (without BOS/EOS), whether it exceeds the encoder, and the cut-off text."""
-    limit = tokenizer.model_max_length - 2
+def token_info(tokenizer, prompts: Sequence[str], limit: int | None = None) -> list[tuple[int, bool, str]]:
+    """Per prompt: real token count (without BOS/EOS), whether it exceeds the encoder's `limit` of them (CLIP's
+    77 less BOS and EOS unless given: `diffmem.models.conditioning.text_window`), and the cut-off text."""
+    limit = tokenizer.model_max_length - 2 if limit is None else limit
     ids = tokenizer(list(prompts), add_special_tokens=False, truncation=False, verbose=False).input_ids
     info = []
     for row in ids:
@@ -77,32 +90,144 @@ def encode_text(pipe, prompts: Sequence[str]) -> torch.Tensor:
     return encode(pipe, prompts).prompt_embeds
 
 
+MAX_BATCH = 65_536
+"""Most (prompt, generation) rows per denoiser call."""
+
+
+@dataclass(frozen=True)
+class DetectorConfig(SamplingConfig):
+    """The settings every detector shares: generations, seed, schedule and rows per denoiser call."""
+
+    batch_size: int = setting(32, option="--batch-size", ge=1, le=MAX_BATCH)
+
+    @property
+    def n_steps(self) -> int:
+        """The scored-steps setting result rows record (1: the detector reads one step, or its own)."""
+        return 1
+
+    def resolved(self, defaults: ModelDefaults) -> DetectorConfig:
+        """These settings with what was left to the model (the guidance scale) taken from `defaults`."""
+        return self
+
+
+@dataclass(frozen=True)
+class GuidedConfig(DetectorConfig):
+    """A detector that samples with classifier-free guidance (None: the model's own scale)."""
+
+    guidance_scale: float | None = setting(None, option="--guidance", gt=1, says="above 1 (classifier-free guidance)")
+
+    def resolved(self, defaults: ModelDefaults) -> GuidedConfig:
+        return self.replace(guidance_scale=defaults.resolve_guidance(self.guidance_scale))
+
+
+@dataclass(frozen=True)
+class SteppedConfig(DetectorConfig):
+    """A detector that scores the leading `steps` sampling steps: 'first', 'all' or a number k."""
+
+    steps: str | int = setting("first", option="--steps")
+
+    def check(self) -> None:
+        super().check()
+        parse_steps(self.steps, self.num_inference_steps)
+
+    @property
+    def n_steps(self) -> int:
+        return parse_steps(self.steps, self.num_inference_steps)
+
+
+DETECTORS: MethodRegistry[Detector] = MethodRegistry("detector")
+"""Every detector by its `--detector` name, in listing order; a `Detector` subclass with a `name` joins when it is
+defined (`diffmem.detectors` imports every module of the package)."""
+
+
 class Detector:
     """What every detector shares: the settings that fix a score, batching, and the cached empty-prompt branch.
 
-    Like a scikit-learn estimator it holds its settings; `score(prompts)` returns one `PromptScore` each. A
-    subclass implements `_measure` (its per-generation quantities for a batch of conditioning rows) and
-    `_combine` (those quantities to one score per prompt). `batch_size` counts (prompt, generation) rows.
+    Like a scikit-learn estimator it holds its settings (`config`, one `Config`, given as keywords or built);
+    `score(prompts)` returns one `PromptScore` each. A subclass implements `_measure` (its per-generation
+    quantities for a batch of conditioning rows) and `_combine` (those quantities to one score per prompt), and
+    sets its metadata; `batch_size` counts (prompt, generation) rows.
     """
 
-    name = ""
+    name: ClassVar[str] = ""
+    """The `--detector` name; a subclass that sets one is registered in `DETECTORS`."""
+    Config: ClassVar[type[DetectorConfig]] = DetectorConfig
+    """Its settings."""
+    scores: ClassVar[str] = "the first step"
+    """Which sampling steps the score reads: the first step, leading steps (`--steps`), or a whole trajectory."""
+    cost: ClassVar[str] = ""
+    """Its cost in denoiser evaluations, in words."""
+    paper: ClassVar[str] = ""
+    """Where it is published."""
+    published: ClassVar[str] = ""
+    """Its published SD v1.4 figures (the 500 memorized prompts of Webster 2023), as the paper states them."""
+    rank: ClassVar[int] = 1000
+    """Position in listings and tables (lower first)."""
+    min_generations: ClassVar[int] = 1
+    """Fewest generations it can score with (from its Config's `--generations` range)."""
+    min_references: ClassVar[int] = 2
+    """Fewest non-memorized prompts `diffmem compare` can evaluate it on."""
+    note: ClassVar[str] = ""
+    """What `diffmem compare` notes under its table (how its row was evaluated, when that differs)."""
+    reads_unet_attention: ClassVar[bool] = False
+    """Whether it reads UNet cross-attention maps, which SD3, PixArt and Flux do not have (`unsupported`)."""
+    config: DetectorConfig
 
-    def __init__(
-        self, pipe, generations: int = 1, seed: int = 0, num_inference_steps: int = 50, batch_size: int = 32
-    ) -> None:
-        if generations < 1:
-            raise InputError(f"--generations must be at least 1, not {generations}")
-        if batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, not {batch_size}")
-        if num_inference_steps < 1:
-            raise InputError(f"--num-inference-steps must be at least 1, not {num_inference_steps}")
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.min_generations = int(cls.Config.rule("generations").ge or 1)
+        if cls.__dict__.get("name"):
+            DETECTORS.add(cls)
+
+    def __init__(self, pipe, config: DetectorConfig | None = None, **settings: Any) -> None:
+        if config is None:
+            config = self.Config(**settings)
+        elif settings:
+            config = config.replace(**settings)
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, not {type(config).__name__}")
+        if reason := self.unsupported(pipe):
+            raise InputError(reason)
         self.pipe = pipe
-        self.generations = generations
-        self.seed = seed
-        self.num_inference_steps = num_inference_steps
-        self.batch_size = batch_size
+        self.config = config.resolved(ModelDefaults.of(pipe))
         self.denoiser = Denoiser(pipe)
         self._noise: torch.Tensor | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        """A setting by name (`detector.generations`), read from `config`."""
+        config = self.__dict__.get("config")
+        if config is not None and name in config.names():
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @classmethod
+    def unsupported(cls, pipe: Any) -> str | None:
+        """Why this detector cannot score `pipe`'s model, in one line (e.g. for `diffmem compare`'s n/a), else
+        None."""
+        return unet_only(pipe, f"the {cls.name} detector") if cls.reads_unet_attention else None
+
+    @classmethod
+    def configure(cls, values: Mapping[str, Any]) -> DetectorConfig:
+        """Its `Config` from user values (None: the default); a setting another detector takes is one line naming
+        the detectors it applies to."""
+        names = cls.Config.names()
+        for key, value in values.items():
+            if value is None or key in names:
+                continue
+            takers = [n for n, c in DETECTORS.items() if key in c.Config.names()]
+            option = DETECTORS[takers[0]].Config.rule(key).option if takers else "--" + key.replace("_", "-")
+            if not takers:
+                raise InputError(f"{option} does not apply to the {cls.name} detector")
+            raise InputError(f"{option} applies to the {and_join(takers)} detector{'s' if len(takers) > 1 else ''}; "
+                             f"{cls.name} does not take it")
+        return cls.Config.from_values(values)
+
+    @classmethod
+    def split_scores(cls, memorized: list[dict[str, Any]], normal: list[dict[str, Any]], out: Path
+                     ) -> tuple[list[float | None], list[float | None], list[dict[str, Any]]]:
+        """The scores `diffmem compare` evaluates from its result rows: memorized, non-memorized, and the
+        non-memorized rows they come from (a detector that fits something on part of them overrides this)."""
+        return [r["score"] for r in memorized], [r["score"] for r in normal], normal
 
     def score(self, prompts: Sequence[str]) -> list[PromptScore]:
         """Score every prompt (see `iter_scores` to consume results batch by batch)."""
@@ -110,7 +235,7 @@ class Detector:
 
     def iter_scores(self, prompts: Sequence[str]) -> Iterator[PromptScore]:
         """Yield each prompt's score in input order, one batch of prompts at a time."""
-        per_batch = max(1, self.batch_size // self.generations)
+        per_batch = max(1, self.config.batch_size // self.config.generations)
         for start in range(0, len(prompts), per_batch):
             chunk = list(prompts[start : start + per_batch])
             yield from self._score_batch(chunk)
@@ -125,7 +250,8 @@ class Detector:
         raise NotImplementedError
 
     def _score_batch(self, prompts: list[str]) -> list[PromptScore]:
-        info = token_info(self.pipe.tokenizer, prompts)
+        tokenizer, limit = text_window(self.pipe)
+        info = token_info(tokenizer, prompts, limit)
         with torch.no_grad():
             cond = encode(self.pipe, prompts)
         mags, timesteps, terms = self._measure(cond)
@@ -142,7 +268,7 @@ class Detector:
                     prompt=prompt,
                     score=float(scores[i]) if finite else None,
                     magnitudes=[[_number(v) for v in g] for g in mags_cpu[i].tolist()],
-                    seed=self.seed,
+                    seed=self.config.seed,
                     n_tokens=n_tokens,
                     truncated=truncated,
                     truncated_text=cut,
@@ -155,7 +281,7 @@ class Detector:
 
     def _schedule(self):
         """A fresh copy of the pipeline's scheduler, set to `num_inference_steps`."""
-        return self.denoiser.schedule(self.num_inference_steps)
+        return self.denoiser.schedule(self.config.num_inference_steps)
 
     def _first_input(self, scheduler) -> torch.Tensor:
         """The denoiser input of the first step for generations 0..n-1: the shared pure-noise `x_T`."""
@@ -175,7 +301,7 @@ class Detector:
 
     def _initial_noise(self) -> torch.Tensor:
         if self._noise is None:
-            self._noise = initial_noise(self.pipe, self.generations, self.seed)
+            self._noise = initial_noise(self.pipe, self.config.generations, self.config.seed)
         return self._noise
 
 

@@ -15,15 +15,17 @@ mean makes its scale irrelevant). Default: every step scored, as the authors tra
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from diffmem.detectors.base import Steps, parse_steps
+from diffmem.config import setting
+from diffmem.detectors.base import GuidedConfig, SteppedConfig
 from diffmem.detectors.trajectory import TrajectoryDetector
 from diffmem.models.attention import AttentionHook, cross_attention_names, eos_positions
 from diffmem.models.conditioning import Conditioning
+from diffmem.registry import NOT_VERIFIED
 
 
 class EndTokenAttention(AttentionHook):
@@ -56,33 +58,51 @@ def end_token_mask(maps: dict[int, torch.Tensor], names: list[str], latent: tupl
     return mask
 
 
+@dataclass(frozen=True)
+class BrightEndingConfig(SteppedConfig, GuidedConfig):
+    """Bright Ending's settings: a guided generation, scored over its leading `steps` (default: all)."""
+
+    steps: str | int = setting("all", option="--steps")
+
+
 class BrightEndingDetector(TrajectoryDetector):
     """Chen et al.'s Bright Ending score: `d_t` masked by the end token's final-step attention, over `steps`.
 
     `terms` holds each generation's masked score, `magnitudes` its unmasked `d_t` at the scored steps.
+
+        >>> from diffmem import load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> detector = BrightEndingDetector(pipe, steps="all", num_inference_steps=10)  # one generation
+        >>> memorized, held_out = detector.score([splits.planted[0].caption, splits.heldout[0].caption])
+        >>> memorized.score > held_out.score, len(memorized.timesteps)
+        (True, 10)
     """
 
     name = "bright-ending"
-
-    def __init__(self, pipe: Any, steps: Steps = "all", generations: int = 1, seed: int = 0,
-                 guidance_scale: float | None = None, num_inference_steps: int = 50, batch_size: int = 32) -> None:
-        super().__init__(pipe, generations, seed, guidance_scale, num_inference_steps, batch_size)
-        self.n_steps = parse_steps(steps, num_inference_steps)
-        self.steps = steps
+    reads_unet_attention = True
+    Config = BrightEndingConfig
+    config: BrightEndingConfig
+    scores = "the leading --steps steps of a whole generation (default: all)"
+    paper = "Chen et al., ICLR 2025, arXiv 2410.21665"
+    published = NOT_VERIFIED + ": Chen et al., ICLR 2025, arXiv 2410.21665"
+    rank = 60
 
     @torch.no_grad()
     def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
-        eos = torch.tensor(eos_positions(self.pipe.tokenizer, self._prompts)).repeat_interleave(self.generations)
-        hook = EndTokenAttention(self.num_inference_steps - 1, eos)
+        eos = torch.tensor(eos_positions(self.pipe.tokenizer, self._prompts))
+        eos = eos.repeat_interleave(self.config.generations)
+        hook = EndTokenAttention(self.config.num_inference_steps - 1, eos)
         _, monitor = self._generate(cond, hook=hook, keep_differences=True)
-        diffs = monitor.differences()[: self.n_steps]
+        diffs = monitor.differences()[: self.config.n_steps]
         height, width = diffs[0].shape[-2:]
         mask = end_token_mask(hook.maps, cross_attention_names(self.pipe.unet), (int(height), int(width)))
         mask = mask.to(diffs[0].device)
         area = mask.flatten(1).mean(dim=1)
         masked = torch.stack([(d * mask).flatten(1).norm(dim=1) / area for d in diffs], dim=1)
-        mags = self._per_prompt(monitor.magnitudes()[:, : self.n_steps])
-        return mags, monitor.timesteps()[: self.n_steps], self._per_prompt(masked.mean(dim=1))
+        mags = self._per_prompt(monitor.magnitudes()[:, : self.config.n_steps])
+        return mags, monitor.timesteps()[: self.config.n_steps], self._per_prompt(masked.mean(dim=1))
 
     def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:
         assert terms is not None

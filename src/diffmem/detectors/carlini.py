@@ -12,12 +12,13 @@ radius, `magnitudes` its `d_t` at every step (read off the same CFG batches). Co
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
+from diffmem.config import generations_setting, setting
+from diffmem.detectors.base import GuidedConfig
 from diffmem.detectors.trajectory import TrajectoryDetector
-from diffmem.errors import InputError
 from diffmem.models.conditioning import Conditioning
 
 CARLINI_DELTA = 0.15
@@ -42,28 +43,45 @@ def cluster_radius(distances: torch.Tensor, k: int) -> torch.Tensor:
     return others.sort(dim=1).values[:, k - 2]
 
 
+@dataclass(frozen=True)
+class CarliniConfig(GuidedConfig):
+    """Carlini et al.'s settings: many generations per prompt and the size of the cluster looked for."""
+
+    generations: int = generations_setting(16, 2, "carlini compares a prompt's generations with each other")
+    cluster_size: int = setting(CARLINI_CLUSTER, option="cluster_size", ge=2)
+
+
 class CarliniDetector(TrajectoryDetector):
-    """Carlini et al.'s generate-and-cluster baseline: minus the tightest cluster radius of n generations."""
+    """Carlini et al.'s generate-and-cluster baseline: minus the tightest cluster radius of n generations.
+
+    Two generations (the fewest it allows) of a memorized and a held-out caption of the bundled testbed:
+
+        >>> from diffmem import load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> detector = CarliniDetector(pipe, generations=2, cluster_size=2, num_inference_steps=10)  # the fewest
+        >>> memorized, held_out = detector.score([splits.planted[0].caption, splits.heldout[0].caption])
+        >>> memorized.score > held_out.score, -memorized.score < CARLINI_DELTA  # the two images are "the same"
+        (True, True)
+    """
 
     name = "carlini"
-
-    def __init__(self, pipe: Any, generations: int = 16, seed: int = 0, guidance_scale: float | None = None,
-                 cluster_size: int = CARLINI_CLUSTER, num_inference_steps: int = 50, batch_size: int = 32) -> None:
-        if generations < 2:
-            raise InputError("carlini compares a prompt's generations with each other: --generations must be at "
-                             "least 2")
-        if cluster_size < 2:
-            raise InputError(f"cluster_size must be at least 2, not {cluster_size}")
-        super().__init__(pipe, generations, seed, guidance_scale, num_inference_steps, batch_size)
-        self.cluster_size = cluster_size
+    Config = CarliniConfig
+    config: CarliniConfig
+    scores = "whole generations, decoded and compared"
+    cost = "n whole generations per prompt, decoded"
+    paper = "Carlini et al., USENIX Security 2023"
+    published = "AUC 0.940, TPR@1% 0.232 (n=16; Carlini et al. 2023 re-run by Jeon et al., ICML 2025)"
+    rank = 90
 
     @torch.no_grad()
     def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
         images, monitor = self._generate(cond, output_type="pt")
         images = images.permute(0, 2, 3, 1).float().cpu()
-        k = min(self.cluster_size, self.generations)
+        k = min(self.config.cluster_size, self.config.generations)
         radii = torch.stack([cluster_radius(tiled_distance(group), k)
-                             for group in images.reshape(-1, self.generations, *images.shape[1:])])
+                             for group in images.reshape(-1, self.config.generations, *images.shape[1:])])
         return self._per_prompt(monitor.magnitudes()), monitor.timesteps(), radii
 
     def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:

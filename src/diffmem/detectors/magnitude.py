@@ -1,45 +1,65 @@
 """Wen et al.'s detector (ICLR 2024; METHOD.md section 1): `d_t = || eps(x_t, prompt) - eps(x_t, "") ||_2` over
-the whole latent, a prompt's score the mean of `d_t` over the chosen steps and generations."""
+the whole latent, a prompt's score the mean of `d_t` over the chosen steps and generations. A rectified-flow model
+(SD3, Flux) is scored on its velocity, `|| v(x_t, prompt) - v(x_t, "") ||_2`, which at the first step is the
+difference of the predicted clean latents (METHOD.md section 8)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from diffmem.detectors.base import Detector, PromptScore, Steps, parse_steps
+from diffmem.config import setting
+from diffmem.detectors.base import Detector, GuidedConfig, PromptScore, SteppedConfig
 from diffmem.errors import InputError
 from diffmem.models.conditioning import Conditioning, as_conditioning
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Parameterization
 
 
+@dataclass(frozen=True)
+class MagnitudeConfig(SteppedConfig, GuidedConfig):
+    """Wen et al.'s settings: the scored steps and the guidance that steers the sampler between them (1 only for
+    a guidance-distilled model, Flux: its true-CFG scale, 1 sampling the distilled model alone)."""
+
+    guidance_scale: float | None = setting(None, option="--guidance", ge=1)
+
+    def resolved(self, defaults: ModelDefaults) -> MagnitudeConfig:
+        if self.guidance_scale == 1 and defaults.distilled_guidance is None:
+            raise InputError("--guidance must be above 1 (classifier-free guidance), not 1")
+        return self.replace(guidance_scale=defaults.resolve_guidance(self.guidance_scale))
+
+
 class MagnitudeDetector(Detector):
     """Wen et al.'s detector: scores prompts by the text-conditional noise magnitude of the denoiser.
 
     A batch runs batch_size denoiser evaluations at the first step and 2 x batch_size at each later one.
+
+        >>> from diffmem import load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> memorized, held_out = splits.planted[0].caption, splits.heldout[0].caption
+        >>> scores = MagnitudeDetector(pipe, steps="first", generations=2).score([memorized, held_out])
+        >>> [round(s.score, 2) for s in scores], [len(s.magnitudes) for s in scores]  # magnitudes[generation][step]
+        ([0.78, 0.53], [2, 2])
     """
 
     name = "wen"
+    Config = MagnitudeConfig
+    config: MagnitudeConfig
+    scores = "the leading --steps steps (default: the first)"
+    cost = "1 conditional evaluation per prompt and generation at the first step, a CFG pair per later step"
+    paper = "Wen et al., ICLR 2024"
+    published = ("AUC 0.960, TPR@1% 0.760 (n=1; Wen et al., ICLR 2024); re-run by Jeon et al.: AUC 0.976 / 0.992, "
+                 "TPR@1% 0.896 / 0.944 (n=1 / 4)")
+    rank = 10
 
-    def __init__(
-        self,
-        pipe,
-        steps: Steps = "first",
-        generations: int = 1,
-        seed: int = 0,
-        guidance_scale: float | None = None,
-        num_inference_steps: int = 50,
-        batch_size: int = 32,
-    ) -> None:
-        super().__init__(pipe, generations, seed, num_inference_steps, batch_size)
-        guidance_scale = ModelDefaults.of(pipe).resolve_guidance(guidance_scale)  # the model's own unless given
-        if not math.isfinite(guidance_scale):
-            raise InputError(f"--guidance must be a finite number, not {guidance_scale}")
-        self.n_steps = parse_steps(steps, num_inference_steps)
-        self.steps = steps
-        self.guidance_scale = guidance_scale
+    @property
+    def n_steps(self) -> int:
+        """How many leading sampling steps are scored."""
+        return self.config.n_steps
 
     @torch.no_grad()
     def magnitudes(self, cond: Conditioning | torch.Tensor) -> tuple[torch.Tensor, list[float]]:
@@ -50,27 +70,29 @@ class MagnitudeDetector(Detector):
         same for all of them: it is computed once per detector and the denoiser runs on the conditional rows
         only, half a CFG batch. Later steps, where trajectories differ per prompt, run the full CFG batch.
         """
-        denoiser, n = self.denoiser, self.generations
+        denoiser, n, guidance = self.denoiser, self.config.generations, self.config.guidance_scale
+        assert guidance is not None  # resolved from the model's defaults
         cond = as_conditioning(self.pipe, cond)
         uncond = self._empty_embedding()
         rows = len(cond) * n
         scheduler = self._schedule()
         param = Parameterization.of(scheduler)
         first = self._first_input(scheduler)
-        latents = (self._initial_noise().to(first) * scheduler.init_noise_sigma).repeat(rows // n, 1, 1, 1)
+        start = denoiser.start(self._initial_noise(), scheduler)
+        latents = start.repeat(rows // n, *(1,) * (start.dim() - 1))
         out, timesteps = [], []
         for i, t in enumerate(scheduler.timesteps[: self.n_steps]):
             if i == 0:
                 pred_c, pred_u, model_in = denoiser.cfg_shared(first, t, cond)
             else:
-                model_in = scheduler.scale_model_input(latents, t)
+                model_in = denoiser.scale_input(latents, scheduler, t)
                 pred_c, pred_u = denoiser.cfg(model_in, t, cond.repeat_interleave(n), uncond.expand(rows))
-            eps_u = param.to_epsilon(pred_u, model_in, t)
-            eps_c = param.to_epsilon(pred_c, model_in, t)
-            out.append((eps_c - eps_u).flatten(1).norm(dim=1))
+            # the prediction that carries the prompt: epsilon, or a flow model's velocity (METHOD.md, section 8)
+            diff = param.to_score(pred_c, model_in, t) - param.to_score(pred_u, model_in, t)
+            out.append(diff.flatten(1).norm(dim=1))
             timesteps.append(t)
             if len(out) < self.n_steps:
-                guided = pred_u + self.guidance_scale * (pred_c - pred_u)
+                guided = pred_u + guidance * (pred_c - pred_u)
                 latents = scheduler.step(guided, t, latents, return_dict=False)[0]
         mags = torch.stack(out, dim=1).reshape(-1, n, len(out))
         return mags, [float(t) for t in torch.stack(timesteps).cpu()]
@@ -84,5 +106,16 @@ class MagnitudeDetector(Detector):
 
 
 def detect(pipe, prompts: Sequence[str], **settings) -> list[PromptScore]:
-    """Score `prompts` with `MagnitudeDetector(pipe, **settings)`; the one-call entry point."""
+    """Score `prompts` with `MagnitudeDetector(pipe, **settings)`; the one-call entry point.
+
+    A memorized (planted) and a held-out caption of the bundled testbed, scored over 3 steps:
+
+        >>> from diffmem import detect, load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()
+        >>> memorized, held_out = detect(pipe, [splits.planted[0].caption, splits.heldout[0].caption], steps=3)
+        >>> memorized.score > held_out.score, len(memorized.magnitudes[0]), memorized.n_tokens, memorized.truncated
+        (True, 3, 10, False)
+    """
     return MagnitudeDetector(pipe, **settings).score(prompts)

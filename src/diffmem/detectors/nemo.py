@@ -15,15 +15,18 @@ are converted to epsilon first.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from diffmem.detectors.base import Detector
+from diffmem.config import generations_setting, setting
+from diffmem.detectors.base import Detector, DetectorConfig
 from diffmem.errors import InputError
 from diffmem.measures.ssim import pairwise_ms_ssim
 from diffmem.models.conditioning import Conditioning
 from diffmem.models.denoiser import Denoiser, Parameterization
+from diffmem.registry import NOT_VERIFIED
 
 NEMO_THRESHOLD = 0.428
 """The authors' SSIM threshold for SD v1.4 (mean + 1 std of the pairwise SSIM of non-memorized prompts)."""
@@ -57,35 +60,56 @@ def max_pairwise_ssim(residuals: torch.Tensor) -> torch.Tensor:
     return sims.amax(dim=1)
 
 
+@dataclass(frozen=True)
+class NemoConfig(DetectorConfig):
+    """NeMo's settings: the authors' 10 seeds and the schedule step of the residual."""
+
+    generations: int = generations_setting(10, 2, "nemo compares the noise residuals of a prompt's generations")
+    timestep_index: int = setting(TIMESTEP_INDEX, option="timestep_index", ge=0)
+
+    def check(self) -> None:
+        super().check()
+        if self.timestep_index >= self.num_inference_steps:
+            raise InputError(f"timestep_index {self.timestep_index} is outside a schedule of "
+                             f"{self.num_inference_steps} steps")
+
+
 class NemoDetector(Detector):
     """NeMo's detection score: the highest MS-SSIM between the noise residuals of a prompt's generations.
 
     `terms` holds each generation's highest MS-SSIM, `magnitudes` its `d_t` at the residual's timestep (free).
+
+        >>> from diffmem import load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> detector = NemoDetector(pipe, generations=2)  # the fewest it compares (the authors take 10)
+        >>> memorized, held_out = detector.score([splits.planted[0].caption, splits.heldout[2].caption])
+        >>> round(memorized.score, 2), round(held_out.score, 2), len(memorized.terms)
+        (0.94, 0.51, 2)
     """
 
     name = "nemo"
-
-    def __init__(self, pipe: Any, generations: int = 10, seed: int = 0, num_inference_steps: int = 50,
-                 batch_size: int = 32, timestep_index: int = TIMESTEP_INDEX) -> None:
-        if generations < 2:
-            raise InputError("nemo compares the noise residuals of a prompt's generations: --generations must be "
-                             "at least 2")
-        super().__init__(pipe, generations, seed, num_inference_steps, batch_size)
-        if not 0 <= timestep_index < num_inference_steps:
-            raise InputError(f"timestep_index {timestep_index} is outside a schedule of {num_inference_steps} steps")
-        self.timestep_index = timestep_index
+    reads_unet_attention = True
+    Config = NemoConfig
+    config: NemoConfig
+    scores = "the second step, on pure noise"
+    cost = "a CFG pair per prompt and generation, plus pairwise MS-SSIM"
+    paper = "Hintersdorf et al., NeurIPS 2024, arXiv 2406.02366"
+    published = NOT_VERIFIED + ": Hintersdorf et al., NeurIPS 2024, arXiv 2406.02366 (threshold 0.428 on SD v1.4)"
+    rank = 70
 
     @torch.no_grad()
     def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
         scheduler = self._schedule()
-        t = scheduler.timesteps[self.timestep_index]
+        t = scheduler.timesteps[self.config.timestep_index]
         latents = self._initial_noise().to(self.pipe.unet.device, self.pipe.unet.dtype)
         model_in = self.denoiser.first_input(latents, scheduler, t)
         eps_c, eps_u = self._eps_on_noise(model_in, t, cond, scheduler)
-        mags = (eps_c - eps_u).flatten(1).norm(dim=1).reshape(-1, self.generations, 1)
+        mags = (eps_c - eps_u).flatten(1).norm(dim=1).reshape(-1, self.config.generations, 1)
         residuals = scaled_residuals(eps_c, latents.repeat(len(cond), 1, 1, 1))
         terms = torch.stack([max_pairwise_ssim(group)
-                             for group in residuals.reshape(-1, self.generations, *residuals.shape[1:])])
+                             for group in residuals.reshape(-1, self.config.generations, *residuals.shape[1:])])
         return mags, [float(t)], terms
 
     def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:

@@ -22,8 +22,12 @@ from typing import Any
 
 import torch
 
+from diffmem.config import setting
+from diffmem.detectors.base import GuidedConfig
 from diffmem.detectors.trajectory import TrajectoryDetector
 from diffmem.errors import InputError
+from diffmem.io.durable import replace_file
+from diffmem.io.files import read_json_object
 from diffmem.models.conditioning import Conditioning
 
 
@@ -60,36 +64,82 @@ class StableRange:
         width = (hi - lo).clamp_min(1e-12)
         return torch.maximum(updates - hi, lo - updates).div(width).amax(dim=-1)
 
+    def scores(self, rows: Sequence[dict[str, Any]]) -> list[float | None]:
+        """Step-norm scores of `diffmem detect` result rows against this range, from their stored update norms."""
+        return [None if row["score"] is None else
+                float(self.excursion(torch.tensor(row["magnitudes"], dtype=torch.float64)).mean()) for row in rows]
+
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self)) + "\n")
+        replace_file(path, json.dumps(asdict(self)) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> StableRange:
         try:
-            data = json.loads(Path(path).read_text())
+            data = read_json_object(path, "stable range file")
+        except InputError as exc:  # missing, unreadable, not a file: the reason, after what was expected
+            raise InputError(f"{path} is not a stable range file ({exc})") from None
+        try:
             return cls(tuple(map(float, data["lo"])), tuple(map(float, data["hi"])))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{path} is not a stable range file ({exc})") from None
 
 
+@dataclass(frozen=True)
+class StepNormConfig(GuidedConfig):
+    """The step-norm score's settings: a guided generation of at least 2 steps and an optional stable range."""
+
+    stable_range: StableRange | None = setting(None, option="--stable-range")
+
+    def check(self) -> None:
+        super().check()
+        if self.num_inference_steps < 2:
+            raise InputError("step-norm needs at least 2 sampling steps (it measures the updates between them)")
+        if self.stable_range is not None and not isinstance(self.stable_range, StableRange):
+            raise InputError(f"--stable-range must be a stable range, not {type(self.stable_range).__name__}")
+
+
 class StepNormDetector(TrajectoryDetector):
-    """Huang et al.'s step-norm score, read by the `Monitor` during an ordinary generation."""
+    """Huang et al.'s step-norm score, read by the `Monitor` during an ordinary generation.
+
+    A band fitted on held-out prompts' update norms turns the score into the authors' excursion (above 0: outside):
+
+        >>> from diffmem import load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> reference = StepNormDetector(pipe, num_inference_steps=10).score([i.caption for i in splits.heldout[8:16]])
+        >>> band = StableRange.from_rows([row.to_dict() for row in reference])  # 9 steps: the updates between 10
+        >>> detector = StepNormDetector(pipe, stable_range=band, num_inference_steps=10)
+        >>> [round(row.score, 2) for row in detector.score([splits.planted[0].caption, splits.heldout[0].caption])]
+        [0.5, 0.17]
+    """
 
     name = "step-norm"
+    Config = StepNormConfig
+    config: StepNormConfig
+    paper = "Huang et al., KDD 2026, arXiv 2605.22050"
+    published = "AUC > 0.999 (Huang et al., KDD 2026, arXiv 2605.22050, abstract)"
+    rank = 80
+    min_references = 4
+    note = ("stable range fit on the even-indexed non-memorized prompts (step_norm_range.json), evaluated on the "
+            "odd-indexed ones")
 
-    def __init__(self, pipe: Any, generations: int = 1, seed: int = 0, guidance_scale: float | None = None,
-                 stable_range: StableRange | None = None, num_inference_steps: int = 50,
-                 batch_size: int = 32) -> None:
-        super().__init__(pipe, generations, seed, guidance_scale, num_inference_steps, batch_size)
-        if num_inference_steps < 2:
-            raise InputError("step-norm needs at least 2 sampling steps (it measures the updates between them)")
-        self.stable_range = stable_range
+    @classmethod
+    def split_scores(cls, memorized: list[dict[str, Any]], normal: list[dict[str, Any]], out: Path
+                     ) -> tuple[list[float | None], list[float | None], list[dict[str, Any]]]:
+        """The stable range is fit on the even-indexed non-memorized rows (saved as OUT/step_norm_range.json, for
+        `diffmem detect --stable-range`) and the scores of the others and of the memorized rows are measured
+        against it."""
+        band = StableRange.from_rows(normal[0::2])
+        band.save(out / "step_norm_range.json")
+        held = normal[1::2]
+        return band.scores(memorized), band.scores(held), held
 
     @torch.no_grad()
     def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
         _, monitor = self._generate(cond)
         updates = monitor.update_norms()
-        terms = updates.amax(dim=1) if self.stable_range is None else self.stable_range.excursion(updates)
+        terms = updates.amax(dim=1) if self.config.stable_range is None else self.config.stable_range.excursion(updates)
         return self._per_prompt(updates), monitor.timesteps()[:-1], self._per_prompt(terms)
 
     def _combine(self, mags: torch.Tensor, terms: torch.Tensor | None) -> torch.Tensor:

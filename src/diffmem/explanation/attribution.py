@@ -15,9 +15,10 @@ import torch
 from diffmem.detectors.base import Steps, parse_steps
 from diffmem.detectors.magnitude import MagnitudeDetector
 from diffmem.errors import InputError
-from diffmem.models.conditioning import encode
+from diffmem.models.conditioning import encode, text_window
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
+from diffmem.models.families import NAMES, UNET, family
 
 METHODS = ("gradient", "leave-one-out")
 
@@ -74,9 +75,11 @@ def split_words(tokenizer, prompt: str) -> tuple[list[str], list[list[str]]]:
     return words, pieces
 
 
-def _words(tokenizer, prompt: str, per_token: torch.Tensor) -> tuple[list[Word], list[str], str]:
-    """Group token significances into words; tokens past the encoder's length mark their words truncated."""
-    limit = tokenizer.model_max_length - 2
+def _words(tokenizer, prompt: str, per_token: torch.Tensor,
+           limit: int | None = None) -> tuple[list[Word], list[str], str]:
+    """Group token significances into words; tokens past the encoder's `limit` (CLIP's 77 less BOS and EOS unless
+    given) mark their words truncated."""
+    limit = tokenizer.model_max_length - 2 if limit is None else limit
     words, pieces = split_words(tokenizer, prompt)
     out, tokens, pos, cut = [], [], 0, []
     for text, ps in zip(words, pieces, strict=True):
@@ -109,8 +112,12 @@ def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int 
 
     L = mean over generations and the first `n_steps` steps of `d_t`. Beyond the first step the sampled
     trajectory is held fixed (latents detached), so each step contributes its own gradient. For SDXL the
-    positions are those of the cross-attention states; the pooled embedding is held at the prompt's own.
+    positions are those of the cross-attention states; the pooled embedding is held at the prompt's own. The
+    UNet family only: SD3, PixArt and Flux are explained by leave-one-out.
     """
+    if family(pipe) != UNET:
+        raise InputError(f"the gradient explanation reads CLIP token positions; {NAMES[family(pipe)]} is explained "
+                         "by leave-one-out (--method leave-one-out)")
     denoiser = Denoiser(pipe)
     guidance_scale = ModelDefaults.of(pipe).resolve_guidance(guidance_scale)
     with torch.no_grad():
@@ -141,7 +148,16 @@ def explain(pipe, prompt: str, method: str = "leave-one-out", steps: Steps = "fi
             seed: int = 0, num_inference_steps: int = 50, guidance_scale: float | None = None) -> Attribution:
     """Significance of each token and word of `prompt` for its memorization score. Leave-one-out is the default:
     on the testbed its top word lowers the score 3.7x as much as a random word's deletion, the gradient's 1.6x
-    (`diffmem testbed explain-eval`), at a cost of one batched scoring of the prompt's word deletions."""
+    (`diffmem testbed explain-eval`), at a cost of one batched scoring of the prompt's word deletions.
+
+        >>> from diffmem import explain, load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> attribution = explain(pipe, splits.planted[0].caption)  # its score with each word deleted in turn
+        >>> [attribution.words[i].text for i in attribution.ranking()[:2]], round(attribution.score, 2)
+        (['orange', 'center'], 0.77)
+    """
     _check_prompt(prompt)
     guidance_scale = ModelDefaults.of(pipe).resolve_guidance(guidance_scale)
     if method not in METHODS:
@@ -149,8 +165,8 @@ def explain(pipe, prompt: str, method: str = "leave-one-out", steps: Steps = "fi
     n_steps = parse_steps(steps, num_inference_steps)
     settings = dict(steps=steps, generations=generations, seed=seed, num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale)
-    tok = pipe.tokenizer
-    n_real = min(len(tok.tokenize(prompt)), tok.model_max_length - 2)
+    tok, limit = text_window(pipe)  # SD3, PixArt, Flux: T5's tokens, the longest window the denoiser sees
+    n_real = min(len(tok.tokenize(prompt)), limit)
     if method == "gradient":
         per_pos, score = gradient_significance(pipe, prompt, n_steps, generations, seed, num_inference_steps,
                                                guidance_scale)
@@ -166,7 +182,7 @@ def explain(pipe, prompt: str, method: str = "leave-one-out", steps: Steps = "fi
     scores = [_finite(r) for r in det.score(variants)]
     drops = [scores[0] - s for s in scores[1:]]
     per_token = torch.cat([torch.full((len(p),), d / len(p)) for p, d in zip(pieces, drops, strict=True)])
-    word_objs, tokens, cut = _words(tok, prompt, per_token[:n_real])
+    word_objs, tokens, cut = _words(tok, prompt, per_token[:n_real], limit)
     for w, d in zip(word_objs, drops, strict=True):
         w.significance = 0.0 if w.truncated else d
     return Attribution(prompt, method, tokens, per_token[:n_real], word_objs, scores[0], None, settings, cut)
@@ -209,7 +225,20 @@ def candidate_edits(attr: Attribution, top: int = 3, seed: int = 0) -> list[tupl
 
 
 def suggest_edits(pipe, attr: Attribution, threshold: float, top: int = 3, max_results: int = 5) -> list[Suggestion]:
-    """Edited prompts scoring below `threshold`, scored in one batch; least change first, then lowest score."""
+    """Edited prompts scoring below `threshold`, scored in one batch; least change first, then lowest score.
+
+    Edits of a memorized caption of the bundled testbed:
+
+        >>> from diffmem import explain, suggest_edits, load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> attribution = explain(pipe, splits.planted[0].caption)
+        >>> suggestions = suggest_edits(pipe, attribution, threshold=0.6)  # about the held-out captions' median score
+        >>> [(s.change, s.prompt) for s in suggestions[:2]]  # doctest: +NORMALIZE_WHITESPACE
+        [("drop 'orange'", 'a ring at the center on a gradient background'),
+         ("'orange' -> 'scene'", 'a scene ring at the center on a gradient background')]
+    """
     edits = candidate_edits(attr, top=top, seed=attr.settings.get("seed", 0))
     if not edits:
         return []

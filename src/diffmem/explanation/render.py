@@ -16,7 +16,18 @@ def _shares(attr: Attribution) -> list[float]:
 
 
 def terminal_chart(attr: Attribution, width: int = 30):
-    """A rich Table: one row per word with a proportional bar, most significant first."""
+    """A rich Table: one row per word with a proportional bar, most significant first.
+
+    On the bundled testbed:
+
+        >>> from diffmem import explain, load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> attribution = explain(pipe, shipped_recipe().splits().planted[0].caption)  # a memorized caption
+        >>> table = terminal_chart(attribution)  # show it with rich.console.Console().print(table)
+        >>> table.title, table.row_count, list(table.columns[0].cells)[:2]  # doctest: +ELLIPSIS
+        ('leave-one-out significance (score 0.76...)', 10, ['orange', 'center'])
+    """
     from rich.table import Table
 
     table = Table(title=f"{attr.method} significance (score {attr.score:.4f})", show_edge=False)
@@ -33,7 +44,21 @@ def terminal_chart(attr: Attribution, width: int = 30):
 
 
 def png_chart(attr: Attribution, path: str | Path) -> Path:
-    """Save a horizontal bar chart of word significance, in prompt order."""
+    """Save a horizontal bar chart of word significance, in prompt order.
+
+    On the bundled testbed:
+
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> from diffmem import explain, load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> attribution = explain(pipe, shipped_recipe().splits().planted[0].caption)  # a memorized caption
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = png_chart(attribution, f"{folder}/significance.png")
+        ...     print(path.name, Image.open(path).size)
+        significance.png (660, 462)
+    """
     from matplotlib.figure import Figure
 
     words = attr.words
@@ -45,14 +70,24 @@ def png_chart(attr: Attribution, path: str | Path) -> Path:
     ax.set_xlabel(f"{attr.method} significance")
     ax.set_title(f"score {attr.score:.4f}", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    from diffmem.io.durable import save_figure
+
+    return save_figure(fig, path, dpi=110)
 
 
 def html_highlight(attr: Attribution) -> str:
-    """The prompt as HTML, each word's background red in proportion to its significance."""
+    """The prompt as HTML, each word's background red in proportion to its significance.
+
+    On the bundled testbed:
+
+        >>> from diffmem import explain, load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> attribution = explain(pipe, shipped_recipe().splits().planted[0].caption)  # a memorized caption
+        >>> page = html_highlight(attribution)
+        >>> page.startswith('<p class="diffmem-attribution">'), page.count('class="diffmem-word"')
+        (True, 10)
+    """
     spans = []
     for w, share in zip(attr.words, _shares(attr), strict=True):
         title = f"significance {w.significance:.4g}" + (" (cut off by the text encoder)" if w.truncated else "")

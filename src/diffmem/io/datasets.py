@@ -27,6 +27,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from diffmem.errors import InputError
+from diffmem.io.durable import replace_file
+from diffmem.io.files import read_json_object
 
 MANIFEST = "manifest.json"
 PROMPTS = "prompts"
@@ -230,24 +232,14 @@ def sha256_file(path: Path) -> str:
 def read_manifest(root: Path) -> dict[str, Any]:
     """DIR/NAME/manifest.json (an empty one when missing; a broken one is one InputError line)."""
     path = root / MANIFEST
-    if not path.is_file():
-        return {"files": {}}
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data.get("files"), dict):
-            raise ValueError("no 'files' object")
-    except (ValueError, AttributeError) as exc:
-        raise InputError(f"{path} is not a diffmem data set manifest ({exc}); delete it to fetch again") from None
+    data = read_json_object(path, "data set manifest", missing={"files": {}})
+    if not isinstance(data.get("files"), dict):
+        raise InputError(f"{path} is not a diffmem data set manifest (no 'files' object); delete it to fetch again")
     return data
 
 
 def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    part = root / (MANIFEST + ".part")
-    with part.open("w") as fh:
-        fh.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(part, root / MANIFEST)
+    replace_file(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def _disk_full(path: Path) -> InputError:
@@ -572,9 +564,7 @@ def prepare(name: str, data: str | Path) -> Prepared:
 
 
 def _write_jsonl(path: Path, rows: Iterator[dict[str, Any]] | Any) -> None:
-    part = path.with_name(path.name + ".part")
-    part.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    os.replace(part, path)
+    replace_file(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _flat(value: Any) -> list[int]:

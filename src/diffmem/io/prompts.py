@@ -6,16 +6,21 @@ prompts are skipped, but each skip is recorded in :attr:`PromptFile.skipped` so 
 
 from __future__ import annotations
 
-import codecs
 import csv
-import io
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
 from diffmem.errors import InputError
+from diffmem.io.files import (
+    MAX_PROMPT_CHARS,
+    MAX_PROMPT_FILE_BYTES,
+    check_prompt_text,
+    iter_lines,
+    json_problem,
+    open_user_file,
+)
 
 DEFAULT_COLUMNS = ("prompt", "caption")
 """Columns tried in order when no column is named."""
@@ -28,8 +33,6 @@ _KINDS = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
-MAX_PROMPT_CHARS = 20_000
-"""Longest prompt read: far beyond any text encoder's window; a longer "prompt" is a broken or binary file."""
 _CSV_EXTRA = "\0extra fields"  # DictReader's restkey: marks a row with more fields than the header
 
 Row = tuple[str, dict[str, Any] | None]  # ("line 3", the row's fields, or None for a blank line)
@@ -82,15 +85,24 @@ class PromptFile(Sequence[str]):
 
 
 def read_prompts(path: str | Path, column: str | None = None) -> PromptFile:
-    """Read a prompt file: .txt (one prompt a line), .jsonl, .csv or .parquet (column ``column``, else
-    ``prompt``, else ``caption``). Empty prompts are skipped and listed in ``skipped``; all else raises."""
+    r"""Read a prompt file: .txt (one prompt a line), .jsonl, .csv or .parquet (column ``column``, else
+    ``prompt``, else ``caption``). Empty prompts are skipped and listed in ``skipped``; all else raises.
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = Path(folder) / "prompts.csv"
+        ...     _ = path.write_text("id,caption\n7,a orange ring at the center on a gradient background\n8,\n")
+        ...     prompts = read_prompts(path)  # the caption column: there is no prompt column
+        >>> list(prompts), prompts.records[0]["id"], prompts.skipped  # doctest: +NORMALIZE_WHITESPACE
+        (['a orange ring at the center on a gradient background'], '7', ['line 3: empty prompt'])
+    """
     p = Path(path)
     kind = _kind(p)
     if kind == "txt":
         if column not in (None, "prompt"):
             raise InputError(f"{p}: a .txt file holds one prompt a line, no columns; --column does not apply")
-        text = _decode(_read_bytes(p), p)
-        rows: list[Row] = [(f"line {i}", {"prompt": line}) for i, line in enumerate(_split_lines(text), 1)]
+        with open_user_file(p, "prompt file", MAX_PROMPT_FILE_BYTES) as f:
+            rows: list[Row] = [(f"line {i}", {"prompt": line}) for i, line in iter_lines(f, p)]
         return _collect(p, rows, "prompt")
     if kind == "jsonl":
         rows = _jsonl_rows(p)
@@ -126,36 +138,6 @@ def _kind(path: Path) -> str:
     return kind
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, with OS errors turned into InputError."""
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from exc
-
-
-def _decode(data: bytes, path: Path) -> str:
-    """Decode UTF-8 (an optional BOM is dropped); bad bytes raise InputError with their offset and line."""
-    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return data[start:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        offset = start + exc.start
-        line = data.count(b"\n", 0, offset) + 1
-        raise InputError(
-            f"{path} is not valid UTF-8: byte 0x{data[offset]:02x} at offset {offset} (line {line}); "
-            "save the file as UTF-8"
-        ) from None
-
-
-def _split_lines(text: str) -> list[str]:
-    """Split on newlines only (not on the other separators str.splitlines knows), dropping a final newline."""
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
-
-
 def _one_line(message: object) -> str:
     """Collapse a library's possibly multi-line error text to one line."""
     return " ".join(str(message).split())
@@ -168,7 +150,7 @@ def _keys(rows: Iterable[Row]) -> list[str]:
 
 def _pick_column(path: Path, available: Sequence[str], column: str | None) -> str:
     """The column to read: the named one, else the first of DEFAULT_COLUMNS present."""
-    shown = ", ".join(available) if available else "none"
+    shown = ", ".join(n if n.isprintable() else repr(n) for n in available) if available else "none"
     if column is not None:
         if column not in available:
             raise InputError(f"{path} has no column '{column}'; available columns: {shown}")
@@ -193,16 +175,11 @@ def _collect(path: Path, rows: Iterable[Row], column: str) -> PromptFile:
         if column not in row:
             raise InputError(f"{path} {where}: no '{column}' field")
         value = row[column]
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"{path} {where}: '{column}' is a {type(value).__name__}, expected text")
+        if value is None or check_prompt_text(value, f"{path} {where}", MAX_PROMPT_CHARS) is None:
             skipped.append(f"{where}: empty prompt")
             continue
-        if not isinstance(value, str):
-            raise InputError(f"{path} {where}: '{column}' is a {type(value).__name__}, expected text")
-        if "\x00" in value:
-            raise InputError(f"{path} {where}: the prompt holds a NUL character; is this a text file?")
-        if len(value) > MAX_PROMPT_CHARS:
-            raise InputError(f"{path} {where}: a prompt of {len(value):,} characters, over the {MAX_PROMPT_CHARS:,} "
-                             "read (a text encoder sees only its first few dozen words); is a newline missing?")
         records.append({**row, "prompt": value})
     if not records:
         extra = f" ({len(skipped)} empty rows skipped)" if skipped else ""
@@ -213,27 +190,38 @@ def _collect(path: Path, rows: Iterable[Row], column: str) -> PromptFile:
 def _jsonl_rows(path: Path) -> list[Row]:
     """Parse JSON Lines: one object a line (a blank line gives a None row, skipped later)."""
     rows: list[Row] = []
-    for i, line in enumerate(_split_lines(_decode(_read_bytes(path), path)), 1):
-        if not line.strip():
-            rows.append((f"line {i}", None))
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} line {i}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path} line {i}: expected a JSON object, got {type(row).__name__}")
-        rows.append((f"line {i}", row))
+    with open_user_file(path, "prompt file", MAX_PROMPT_FILE_BYTES) as f:
+        for i, line in iter_lines(f, path):
+            if not line.strip():
+                rows.append((f"line {i}", None))
+                continue
+            row, problem = json_problem(line)
+            if problem is not None:
+                raise InputError(f"{path} line {i}: {problem}")
+            if not isinstance(row, dict):
+                raise InputError(f"{path} line {i}: expected a JSON object, got {type(row).__name__}")
+            rows.append((f"line {i}", row))
     return rows
 
 
 def _csv_rows(path: Path) -> tuple[list[str], list[Row]]:
     """Parse CSV with a header row, strictly: a stray quote or more fields than the header raise."""
-    text = io.StringIO(_decode(_read_bytes(path), path), newline="")
-    reader = csv.DictReader(text, restkey=_CSV_EXTRA, strict=True)
     rows: list[Row] = []
+    with open_user_file(path, "prompt file", MAX_PROMPT_FILE_BYTES) as f:
+        reader = csv.DictReader((line + "\n" for _, line in iter_lines(f, path)), restkey=_CSV_EXTRA, strict=True)
+        names = _csv_read(path, reader, rows)
+    if not names:
+        raise InputError(f"{path} is empty: a CSV prompt file needs a header row and one prompt a row")
+    return names, rows
+
+
+def _csv_read(path: Path, reader: csv.DictReader, rows: list[Row]) -> list[str]:
+    """Fill `rows` from a CSV reader, strictly; returns the header's names (each once)."""
     try:
         names = list(reader.fieldnames or [])
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise InputError(f"{path} line 1: the header names the column {repeated[0]!r} twice")
         for row in reader:
             if _CSV_EXTRA in row:
                 raise InputError(f"{path} line {reader.line_num}: more fields than the header's {len(names)}")
@@ -241,9 +229,7 @@ def _csv_rows(path: Path) -> tuple[list[str], list[Row]]:
     except csv.Error as exc:
         line = reader.reader.line_num  # DictReader's own line_num lags behind on errors
         raise InputError(f"{path} line {line}: malformed CSV ({_one_line(exc)})") from None
-    if not names:
-        raise InputError(f"{path} is empty: a CSV prompt file needs a header row and one prompt a row")
-    return names, rows
+    return names
 
 
 def _parquet_rows(path: Path) -> tuple[list[str], list[Row]]:
@@ -253,8 +239,12 @@ def _parquet_rows(path: Path) -> tuple[list[str], list[Row]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise InputError("reading .parquet files needs pyarrow: pip install 'diffmem[parquet]'") from None
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"{path} is not a readable Parquet file: {_one_line(exc)}") from None
+    with open_user_file(path, "prompt file", MAX_PROMPT_FILE_BYTES) as f:
+        try:
+            table = pq.read_table(f.raw)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{path} is not a readable Parquet file: {_one_line(exc)}") from None
+    repeated = sorted({name for name in table.column_names if table.column_names.count(name) > 1})
+    if repeated:
+        raise InputError(f"{path} names the column {repeated[0]!r} twice")
     return list(table.column_names), [(f"row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]

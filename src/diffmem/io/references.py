@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.errors import InputError
+from diffmem.io.durable import replace_file
 
 MANIFEST = "manifest.jsonl"
 REPORT = "report.json"
@@ -199,9 +199,7 @@ def fetch_one(client: Any, wanted: Wanted, out: Path, settings: FetchSettings,
                 continue
             return outcome
         name = file_stem(wanted.url) + ext
-        part = out / (name + ".part")
-        part.write_bytes(data)
-        os.replace(part, out / name)
+        replace_file(out / name, data)
         outcome.file, outcome.error, outcome.bytes, outcome.content_type = name, None, len(data), ctype
         return outcome
     return outcome
@@ -251,7 +249,7 @@ def fetch_references(prompts: str | Path, out: str | Path, settings: FetchSettin
             if on_outcome is not None:
                 on_outcome(outcome)
     report.failed.sort(key=lambda o: o.url)
-    (folder / REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    replace_file(folder / REPORT, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
 
 

@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import IO, Any, Literal, TypeVar
 
 from diffmem.errors import InputError
+from diffmem.io.files import MAX_PROMPT_FILE_BYTES, json_problem, kind_of_node, read_user_bytes
 
 T = TypeVar("T")
 KeyFn = Callable[[dict[str, Any]], Hashable]
@@ -81,12 +82,14 @@ def _parse(data: bytes, path: Path) -> ParsedRows:
 
 
 def _parse_line(raw: bytes) -> dict[str, Any] | None:
-    """The JSON object on one line, or None if the line is not one (a prefix of a row never parses as one)."""
+    """The JSON object on one line (by the JSON rule of `diffmem.io.files`), or None if the line is not one (a
+    prefix of a row never parses as one)."""
     try:
-        row = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
         return None
-    return row if isinstance(row, dict) else None
+    row, problem = json_problem(text)
+    return row if problem is None and isinstance(row, dict) else None
 
 
 def read_results(path: str | Path, allow_partial: bool = False) -> list[dict[str, Any]]:
@@ -96,15 +99,7 @@ def read_results(path: str | Path, allow_partial: bool = False) -> list[dict[str
     out).
     """
     p = Path(path)
-    if p.is_dir():
-        raise InputError(f"{p} is a folder, not a result file")
-    if not p.is_file():
-        raise InputError(f"result file not found: {p}")
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read {p}: {exc.strerror or exc}") from exc
-    rows, _, tail = _parse(data, p)
+    rows, _, tail = _parse(read_user_bytes(p, "result file", MAX_PROMPT_FILE_BYTES), p)
     if tail == "partial" and not allow_partial:
         raise InputError(
             f"{p} ends with an incomplete row left by an interrupted scan; rerun the scan on it to finish it"
@@ -120,6 +115,20 @@ class ResultWriter:
     ``key`` maps a row to its identity (default: the prompt text). ``match`` names fields (e.g. model, number
     of seeds, steps) whose values every row already in the file must share, so that a scan is never resumed
     with different settings. The file is locked (POSIX ``flock``) while open: a second writer raises.
+
+        >>> import tempfile
+        >>> from diffmem import detect, load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> prompts, folder = [splits.planted[0].caption, splits.heldout[0].caption], tempfile.TemporaryDirectory()
+        >>> with ResultWriter(f"{folder.name}/scores.jsonl", match={"model": "testbed"}) as writer:
+        ...     writer.write_many({**row.to_dict(), "model": "testbed"} for row in detect(pipe, prompts[:1]))
+        1
+        >>> with ResultWriter(f"{folder.name}/scores.jsonl", match={"model": "testbed"}) as writer:  # a rerun resumes
+        ...     len(writer), writer.pending(prompts) == prompts[1:]
+        (1, True)
+        >>> folder.cleanup()
     """
 
     def __init__(
@@ -134,6 +143,8 @@ class ResultWriter:
         """What opening fixed in the file (a partial last row removed, a missing final newline added)."""
         if self.path.is_dir():
             raise InputError(f"{self.path} is a folder; give a file path for the results")
+        if os.path.lexists(self.path) and not self.path.is_file():
+            raise InputError(f"{self.path} is {kind_of_node(os.stat(self.path).st_mode)}, not a result file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         # Unbuffered: a failed write (disk full) is undone at once, with nothing left in a buffer to retry later.

@@ -122,6 +122,15 @@ def calibrate_threshold(reference_scores: Scores, target_fpr: float = 0.01) -> f
     the threshold is just above the maximum (no reference flagged): usable, but the FPR estimate is coarse, so
     use more references. With target_fpr = 1 it is the minimum (everything flagged). Calibrated on the
     negatives of an evaluation, the TPR of this threshold equals ``tpr_at_fpr(pos, neg, target_fpr)``.
+
+        >>> from diffmem import detect, load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> reference = [row.score for row in detect(pipe, [item.caption for item in splits.heldout[:100]])]
+        >>> threshold = calibrate_threshold(reference, target_fpr=0.01)  # then flag prompts with score >= threshold
+        >>> sum(score >= threshold for score in reference), round(threshold, 2)
+        (1, 0.85)
     """
     target = _check_rate(target_fpr, "target_fpr")
     ref = np.sort(_finite(reference_scores, "reference"))[::-1]
@@ -188,7 +197,18 @@ class Evaluation:
 
 def evaluate_scores(pos: Scores, neg: Scores, target_fpr: float = 0.01) -> Evaluation:
     """Evaluate memorized (pos) against non-memorized (neg) scores; non-finite scores are dropped and counted,
-    and the threshold is calibrated on the negatives for ``target_fpr``."""
+    and the threshold is calibrated on the negatives for ``target_fpr``.
+
+        >>> from diffmem import detect, load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> memorized = [row.score for row in detect(pipe, [item.caption for item in splits.planted])]
+        >>> held_out = [row.score for row in detect(pipe, [item.caption for item in splits.heldout[:128]])]
+        >>> result = evaluate_scores(memorized, held_out, target_fpr=0.01)
+        >>> round(result.auc, 2), round(result.tpr_at_1fpr, 2), result.n_pos, result.n_neg, result.notes()
+        (0.96, 0.59, 64, 128, [])
+    """
     target = _check_rate(target_fpr, "target_fpr")
     pos_f, pos_dropped = split_finite(pos, _POS_NAME)
     neg_f, neg_dropped = split_finite(neg, _NEG_NAME)

@@ -33,10 +33,9 @@ def _plot_inputs(pos: Scores, neg: Scores) -> tuple[np.ndarray, np.ndarray, str]
 
 def _save(fig: Figure, path: str | Path) -> Path:
     """Write the figure as an image (format from the suffix), creating the parent folder."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)  # constrained layout already fits everything in the figure
-    return out
+    from diffmem.io.durable import save_figure
+
+    return save_figure(fig, path, dpi=150)  # constrained layout already fits everything in the figure
 
 
 def _draw_roc(ax: Axes, fpr: np.ndarray, tpr: np.ndarray, auc: float, log_x: bool, n_neg: int) -> None:

@@ -5,14 +5,18 @@ first step until its text-conditional noise magnitude falls to a target, then sa
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from diffmem.errors import InputError
+from diffmem.config import SamplingConfig, setting
+from diffmem.mitigate.base import Calibrating, Mitigation, OptimisationConfig, Outcome, Sampler
 from diffmem.models.conditioning import Conditioning, as_conditioning, encode
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
+from diffmem.registry import NOT_VERIFIED
 
 
 @dataclass
@@ -40,16 +44,14 @@ class EmbeddingResult:
         return self.losses[-1]
 
 
-def check_settings(generations: int, target_loss: float, iters: int, lr: float) -> None:
-    """Fail with one line on settings the optimisation cannot use."""
-    if generations < 1:
-        raise InputError(f"--generations must be at least 1, not {generations}")
-    if math.isnan(target_loss):
-        raise InputError("--target-loss must be a number, not nan")
-    if iters < 0:
-        raise InputError(f"--iters must be 0 or more, not {iters}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise InputError(f"--lr must be a positive number, not {lr}")
+@dataclass(frozen=True)
+class EmbeddingConfig(OptimisationConfig):
+    """The embedding optimisation's options: its first-step target (None: the model's own) and AdamW's steps."""
+
+    target_loss: float | None = setting(None, option="--target-loss", finite=False)
+
+    def resolved(self, defaults: ModelDefaults) -> EmbeddingConfig:
+        return self.replace(target_loss=defaults.resolve_target_loss(self.target_loss))
 
 
 class FirstStep:
@@ -100,9 +102,21 @@ def mitigate_embedding(
     `generations` rows for `k` steps, plus one unconditional forward. Gradients go to the embedding only: the
     denoiser's parameters never accumulate any. For SDXL the pooled text embedding is optimised with the
     cross-attention states: it conditions the UNet on the prompt too.
+
+        >>> from diffmem import load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> result = mitigate_embedding(pipe, splits.planted[0].caption)  # towards the model's own target loss
+        >>> round(result.initial_loss, 2), result.iters, result.reached, result.final_loss <= result.target_loss
+        (0.77, 3, True, True)
+        >>> pipe(prompt_embeds=result.embedding, num_inference_steps=10).images[0].size
+        (32, 32)
     """
-    target_loss = ModelDefaults.of(pipe).resolve_target_loss(target_loss)
-    check_settings(generations, target_loss, iters, lr)
+    SamplingConfig(generations=generations, seed=seed, num_inference_steps=num_inference_steps)  # checked
+    config = EmbeddingConfig(target_loss=target_loss, iters=iters, lr=lr).resolved(ModelDefaults.of(pipe))
+    target_loss, iters, lr = config.target_loss, config.iters, config.lr
+    assert target_loss is not None  # resolved
     step = FirstStep(pipe, generations, seed, num_inference_steps)
     with torch.no_grad():
         cond = encode(pipe, [prompt]).to(torch.float32)
@@ -130,3 +144,39 @@ def mitigate_embedding(
     final = current().map(lambda t: t.detach()).to(pipe.unet.dtype)
     return EmbeddingResult(final.prompt_embeds, losses, len(losses) - 1, losses[-1] <= target_loss, target_loss,
                            final)
+
+
+class EmbeddingMitigation(Mitigation):
+    """Wen et al.'s mitigation: the prompt's conditioning optimised at the first step (`mitigate_embedding`), then
+    sampled from the same noise with the empty prompt as the negative one."""
+
+    name = "embedding"
+    Config = EmbeddingConfig
+    config: EmbeddingConfig
+    paper = "Wen et al., ICLR 2024"
+    published = NOT_VERIFIED + ": Wen et al., ICLR 2024"
+    cost = "at most --iters forward + backward passes over the generations, then a generation"
+    rank = 10
+    in_paper_table = True
+
+    def apply(self, prompt: str, sampler: Sampler) -> Outcome:
+        g = sampler.generation
+        res = mitigate_embedding(self.pipe, prompt, generations=g.generations, seed=g.seed,
+                                 target_loss=self.config.target_loss, iters=self.config.iters, lr=self.config.lr,
+                                 num_inference_steps=g.num_inference_steps)
+        assert res.conditioning is not None
+        images, _ = sampler(**res.conditioning.pipe_kwargs(sampler.uncond))
+        return Outcome(images, res.final_loss, prompt, res.iters, res.reached)
+
+    calibrated = ("target_loss",)
+
+    @classmethod
+    def calibrate(cls, context: Calibrating) -> dict[str, Any]:
+        """The target loss: the median first-step score of the non-memorized prompts."""
+        from diffmem.detectors.magnitude import MagnitudeDetector
+
+        g = context.generation
+        scores = context.wen_scores.get(g.generations) or [r.score for r in MagnitudeDetector(
+            context.pipe, generations=g.generations, seed=g.seed, num_inference_steps=g.num_inference_steps,
+            batch_size=context.batch_size).score(context.normal) if r.score is not None]
+        return {"target_loss": statistics.median(scores)}

@@ -21,6 +21,8 @@ Following the authors' code (github.com/ml-research/localizing_memorization_in_d
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,13 +31,20 @@ from typing import Any
 
 import torch
 
+from diffmem.config import MAX_GENERATIONS, MAX_SEED, setting
 from diffmem.detectors.nemo import NEMO_THRESHOLD, max_pairwise_ssim, noise_residuals
 from diffmem.errors import InputError
+from diffmem.io.durable import replace_file
+from diffmem.io.files import MB, open_user_file
 from diffmem.measures.ssim import ms_ssim
+from diffmem.mitigate.base import Calibrating, Mitigation, NoOptions, Outcome, Sampler
 from diffmem.models.attention import cross_attention_names
 from diffmem.models.conditioning import Conditioning, encode
 from diffmem.models.denoiser import initial_noise
+from diffmem.registry import NOT_VERIFIED
 
+MAX_STATS_BYTES = 256 * MB
+"""Largest neuron statistics file read (SD's are a few MB)."""
 NEMO_GENERATIONS = 10
 """Seeds the authors compare per prompt."""
 NEMO_SEED = 1
@@ -87,14 +96,16 @@ class NeuronStatistics:
         return cls([a.mean(dim=0) for a in per_layer], [a.std(dim=0) for a in per_layer])
 
     def save(self, path: Path) -> None:
-        torch.save({"mean": self.mean, "std": self.std}, path)
+        replace_file(path, lambda tmp: torch.save({"mean": self.mean, "std": self.std}, tmp))
 
     @classmethod
     def load(cls, path: Path | str) -> NeuronStatistics:
         try:
-            data = torch.load(path, weights_only=True)
+            with open_user_file(path, "neuron statistics file", MAX_STATS_BYTES) as f:
+                raw = io.BytesIO(f.read())
+            data = torch.load(raw, weights_only=True)
             return cls(list(data["mean"]), list(data["std"]))
-        except (OSError, RuntimeError, KeyError, TypeError) as exc:
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
             raise InputError(f"{path} is not a neuron statistics file ({exc})") from None
 
 
@@ -180,7 +191,19 @@ def localize(pipe: Any, prompt: str, stats: NeuronStatistics | None = None, *, g
              seed: int = NEMO_SEED, threshold: float = NEMO_THRESHOLD, num_inference_steps: int = 50,
              initial_theta: float = 5.0, theta_step: float = 0.25, min_theta: float = 1.0) -> Localization:
     """NeMo's neuron localisation for `prompt` (see the module docstring). Cost: one conditional denoiser call over
-    the looked-at seeds per candidate set, a few dozen in all."""
+    the looked-at seeds per candidate set, a few dozen in all.
+
+        >>> from diffmem import load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> stats = NeuronStatistics.fit(pipe, [item.caption for item in splits.heldout[:64]])  # non-memorized
+        >>> found = localize(pipe, splits.planted[0].caption, stats, generations=2, threshold=0.9, min_theta=1.5)
+        >>> found.memorized, found.count, [len(layer) for layer in found.neurons]  # switch them off: `deactivated`
+        (True, 11, [6, 5, 0])
+        >>> localize(pipe, splits.heldout[2].caption, stats, generations=2, threshold=0.9).memorized
+        False
+    """
     if generations < 2:
         raise InputError("NeMo needs at least 2 seeds to compare")
     residuals = NoiseResiduals(pipe, prompt, generations, seed, num_inference_steps)
@@ -223,3 +246,63 @@ def localize(pipe: Any, prompt: str, stats: NeuronStatistics | None = None, *, g
             if similarity(trial) < refine_at:
                 neurons = trial
     return Localization(prompt, neurons, initial, True, initial_ssim, similarity(neurons), seeds.tolist())
+
+
+@dataclass(frozen=True)
+class NemoOptions(NoOptions):
+    """NeMo's options: neuron statistics (a `NeuronStatistics` or the path of a saved one; None: top-k alone), the
+    residuals' MS-SSIM threshold, and the seeds compared."""
+
+    nemo_stats: Any = setting(None, option="--nemo-stats")
+    nemo_threshold: float = setting(NEMO_THRESHOLD, option="--nemo-threshold")
+    nemo_generations: int = setting(NEMO_GENERATIONS, option="--nemo-generations", ge=2, le=MAX_GENERATIONS)
+    nemo_seed: int = setting(NEMO_SEED, option="--nemo-seed", ge=0, le=MAX_SEED)
+
+    def statistics(self) -> NeuronStatistics | None:
+        """`nemo_stats` as statistics (a path is loaded)."""
+        stats = self.nemo_stats
+        return stats if stats is None or isinstance(stats, NeuronStatistics) else NeuronStatistics.load(stats)
+
+
+class NemoMitigation(Mitigation):
+    """NeMo: the prompt's memorization neurons found (`localize`) and switched off for an ordinary generation."""
+
+    name = "nemo"
+    Config = NemoOptions
+    config: NemoOptions
+    paper = "Hintersdorf et al., NeurIPS 2024"
+    published = NOT_VERIFIED + ": Hintersdorf et al., NeurIPS 2024"
+    cost = "a few dozen conditional evaluations over the seeds to localise, then a generation"
+    rank = 90
+
+    def apply(self, prompt: str, sampler: Sampler) -> Outcome:
+        c = self.config
+        found = localize(self.pipe, prompt, c.statistics(), generations=c.nemo_generations, seed=c.nemo_seed,
+                         threshold=c.nemo_threshold, num_inference_steps=sampler.generation.num_inference_steps)
+        with deactivated(self.pipe.unet, found.neurons):
+            images, final = sampler(prompt=prompt)
+        return Outcome(images, final, prompt, details=found.to_dict())
+
+    calibrated = ("nemo_stats", "nemo_threshold")
+
+    @classmethod
+    def calibrate(cls, context: Calibrating) -> dict[str, Any]:
+        """Neuron statistics of the non-memorized prompts (OUT/nemo_stats.pt) and the threshold: mean + 1 std of
+        their pairwise residual MS-SSIM (the authors' recipe)."""
+        from diffmem.measures.ssim import pairwise_ms_ssim
+
+        stats_path = context.out / "nemo_stats.pt"
+        if not stats_path.is_file():
+            NeuronStatistics.fit(context.pipe, context.normal).save(stats_path)
+        found: dict[str, Any] = {"nemo_stats": str(stats_path.resolve())}
+        if "nemo_threshold" in context.known:
+            return found
+        context.log(f"calibration: pairwise residual MS-SSIM of {len(context.normal)} non-memorized prompts")
+        sims = []
+        for prompt in context.normal:
+            pair = pairwise_ms_ssim(NoiseResiduals(context.pipe, prompt, NEMO_GENERATIONS, NEMO_SEED,
+                                                   context.generation.num_inference_steps)())
+            i, j = torch.triu_indices(pair.shape[0], pair.shape[0], 1)
+            sims.append(pair[i, j].cpu())
+        values = torch.cat(sims)
+        return {**found, "nemo_threshold": float(values.mean() + values.std())}

@@ -17,15 +17,18 @@ epsilon space (the authors' SD2 branch uses another parametrisation and weight 0
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from diffmem.errors import InputError
+from diffmem.config import SamplingConfig, setting
+from diffmem.mitigate.base import Calibrating, Mitigation, OptimisationConfig, Outcome, Sampler
 from diffmem.models.conditioning import Conditioning, empty, encode
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
+from diffmem.registry import NOT_VERIFIED
 
 SAIL_WEIGHT = 0.05
 """The authors' weight of `||x||` for Stable Diffusion v1.4."""
@@ -71,15 +74,34 @@ class SailLoss:
         return self.guidance(x + unit).flatten(1).norm(dim=1) + self.weight * x.flatten(1).norm(dim=1)
 
 
+
+@dataclass(frozen=True)
+class SailConfig(OptimisationConfig):
+    """SAIL's options: the loss a noise is accepted at (None: the model's own, else the authors' SD v1.4 value) and
+    the weight of `||x_T||`."""
+
+    sail_threshold: float | None = setting(None, option="--sail-threshold", finite=False)
+    sail_weight: float = setting(SAIL_WEIGHT, option="--sail-weight", ge=0)
+
 def sail(pipe: Any, prompt: str, *, generations: int = 1, seed: int = 0, threshold: float | None = None,
          iters: int = 10, lr: float = 0.05, weight: float = SAIL_WEIGHT, num_inference_steps: int = 50) -> SailResult:
     """Optimise each generation's initial noise until its SAIL loss is <= `threshold` (see the module docstring);
-    the result's noise is what `pipe(prompt, latents=noise)` takes. Gradients reach the noise only."""
-    threshold = ModelDefaults.of(pipe).resolve_sail_threshold(threshold)  # the model's, else the authors'
-    if math.isnan(threshold):
-        raise InputError("--sail-threshold must be a number, not nan")
-    if iters < 0 or not (math.isfinite(lr) and lr > 0) or not math.isfinite(weight):
-        raise InputError(f"SAIL needs iters >= 0, a positive lr and a finite weight (got {iters}, {lr}, {weight})")
+    the result's noise is what `pipe(prompt, latents=noise)` takes. Gradients reach the noise only.
+
+        >>> from diffmem import load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> splits = shipped_recipe().splits()  # the testbed's captions: planted (memorized) and held-out
+        >>> prompt = splits.planted[0].caption
+        >>> result = sail(pipe, prompt, generations=2, threshold=1.4)  # the authors' 8.2 is SD v1.4's: calibrate it
+        >>> result.reached, [round(loss, 1) for loss in result.initial_losses], tuple(result.noise.shape)
+        (True, [1.5, 1.6], (2, 4, 8, 8))
+        >>> len(pipe(prompt, num_images_per_prompt=2, latents=result.noise, num_inference_steps=10).images)
+        2
+    """
+    SamplingConfig(generations=generations, seed=seed, num_inference_steps=num_inference_steps)  # checked
+    config = SailConfig(sail_threshold=threshold, sail_weight=weight, iters=iters, lr=lr)
+    threshold = ModelDefaults.of(pipe).resolve_sail_threshold(config.sail_threshold)  # the model's, else the authors'
     with torch.no_grad():
         loss_fn = SailLoss(pipe, encode(pipe, [prompt]), empty(pipe), weight, num_inference_steps)
     start = initial_noise(pipe, generations, seed).to(pipe.unet.device, torch.float32)
@@ -109,3 +131,39 @@ def sail(pipe: Any, prompt: str, *, generations: int = 1, seed: int = 0, thresho
     chosen[~done] = x.detach()[~done]  # never accepted: the last iterate
     final[~done] = values[~done]
     return SailResult(chosen.to(start.dtype), final.tolist(), initial, step, bool(done.all()))
+
+
+class SailMitigation(Mitigation):
+    """SAIL: each generation's initial noise optimised (`sail`), then sampled with the unchanged prompt."""
+
+    name = "sail"
+    Config = SailConfig
+    config: SailConfig
+    paper = "Jeon et al., ICML 2025"
+    published = NOT_VERIFIED + ": Jeon et al., ICML 2025"
+    cost = "at most --iters steps of 2 CFG pairs with gradients over the generations, then a generation"
+    rank = 80
+
+    def apply(self, prompt: str, sampler: Sampler) -> Outcome:
+        g, c = sampler.generation, self.config
+        res = sail(self.pipe, prompt, generations=g.generations, seed=g.seed, threshold=c.sail_threshold,
+                   iters=c.iters, lr=c.lr, weight=c.sail_weight, num_inference_steps=g.num_inference_steps)
+        images, _ = sampler(noise=res.noise.to(sampler.noise.dtype), prompt=prompt)
+        return Outcome(images, sum(res.losses) / len(res.losses), prompt, res.iters, res.reached,
+                       {"sail_losses": res.losses, "sail_initial_losses": res.initial_losses})
+
+    calibrated = ("sail_threshold",)
+
+    @classmethod
+    def calibrate(cls, context: Calibrating) -> dict[str, Any]:
+        """The threshold: the median SAIL loss of the non-memorized prompts' own initial noises."""
+        context.log(f"calibration: SAIL loss of {len(context.normal)} non-memorized prompts")
+        pipe, g = context.pipe, context.generation
+        noise = initial_noise(pipe, g.generations, g.seed).to(pipe.unet.device, torch.float32)
+        losses: list[float] = []
+        with torch.no_grad():
+            uncond = empty(pipe)
+            for prompt in context.normal:
+                loss = SailLoss(pipe, encode(pipe, [prompt]), uncond, num_inference_steps=g.num_inference_steps)
+                losses += loss(noise).tolist()
+        return {"sail_threshold": statistics.median(losses)}

@@ -1,10 +1,14 @@
-"""What the denoiser is conditioned on, for Stable Diffusion 1.x/2.x and SDXL alike.
+"""What the denoiser is conditioned on, for Stable Diffusion 1.x/2.x, SDXL, SD3, PixArt and Flux alike.
 
 Every scorer, explanation and mitigation in diffmem calls the UNet through one `Conditioning`: the cross-attention
 states (`prompt_embeds`) and, for SDXL, the pooled text embedding and the micro-conditioning time ids that the
 UNet takes as `added_cond_kwargs`. For SD `added_cond_kwargs` is None and the UNet call is exactly what it was
 before SDXL existed. The empty prompt follows the pipeline's own convention: SDXL with
 `force_zeros_for_empty_prompt` (the default) guides against all-zero embeddings, not against the encoded "".
+The transformer families are encoded by their pipeline's own `encode_prompt` at its `__call__` defaults (sequence
+length, caption cleaning): SD3's three encoders (CLIP pair side by side padded to T5's width, then T5's tokens)
+and pooled CLIP projections; PixArt's T5 states and attention mask; Flux's T5 states and pooled CLIP. Their
+empty prompt is the encoded "", the negative prompt their pipelines guide against by default.
 """
 
 from __future__ import annotations
@@ -16,21 +20,24 @@ from typing import Any
 import torch
 
 from diffmem.errors import InputError
+from diffmem.models.families import FLUX, PIXART, SD3, UNET, call_default, family, network
 
 
 def is_sdxl(pipe: Any) -> bool:
-    """Whether `pipe` has SDXL's second text encoder (and so pooled embeddings and time ids)."""
-    return getattr(pipe, "text_encoder_2", None) is not None
+    """Whether `pipe` is a UNet with SDXL's second text encoder (and so pooled embeddings and time ids)."""
+    return getattr(pipe, "text_encoder_2", None) is not None and family(pipe) == UNET
 
 
 @dataclass(frozen=True)
 class Conditioning:
     """The text conditioning of B rows: `prompt_embeds` (B, L, D) and, for SDXL, `pooled_embeds` (B, P) and
-    `time_ids` (B, 6). Row operations apply to every tensor alike, so code written for SD serves SDXL."""
+    `time_ids` (B, 6); SD3 and Flux have `pooled_embeds`, PixArt the T5 `attention_mask` (B, L). Row operations
+    apply to every tensor alike, so code written for SD serves every family."""
 
     prompt_embeds: torch.Tensor
     pooled_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.prompt_embeds.shape[0])
@@ -52,7 +59,8 @@ class Conditioning:
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Conditioning:
         """The same conditioning with `fn` applied to each of its tensors (all have rows first)."""
         return Conditioning(fn(self.prompt_embeds), *(None if t is None else fn(t)
-                                                     for t in (self.pooled_embeds, self.time_ids)))
+                                                     for t in (self.pooled_embeds, self.time_ids,
+                                                               self.attention_mask)))
 
     def repeat_interleave(self, n: int) -> Conditioning:
         """Each row n times in a row (prompt-major rows for n generations)."""
@@ -63,14 +71,15 @@ class Conditioning:
         return self.map(lambda t: t.expand(rows, *t.shape[1:]))
 
     def to(self, *args: Any, **kwargs: Any) -> Conditioning:
-        """`Tensor.to` on every tensor; time ids keep their values (they are pixel sizes)."""
+        """`Tensor.to` on every tensor; time ids and the attention mask keep their values (pixel sizes, 0/1)."""
         return self.map(lambda t: t.to(*args, **kwargs))
 
     def replace(self, prompt_embeds: torch.Tensor | None = None,
                 pooled_embeds: torch.Tensor | None = None) -> Conditioning:
         """The same rows with other embeddings (e.g. optimised ones); None keeps the current one."""
         return Conditioning(self.prompt_embeds if prompt_embeds is None else prompt_embeds,
-                            self.pooled_embeds if pooled_embeds is None else pooled_embeds, self.time_ids)
+                            self.pooled_embeds if pooled_embeds is None else pooled_embeds, self.time_ids,
+                            self.attention_mask)
 
     @staticmethod
     def cat(parts: Sequence[Conditioning]) -> Conditioning:
@@ -78,7 +87,8 @@ class Conditioning:
         first = parts[0]
         pooled = None if first.pooled_embeds is None else torch.cat([p.pooled_embeds for p in parts])  # type: ignore
         time_ids = None if first.time_ids is None else torch.cat([p.time_ids for p in parts])  # type: ignore
-        return Conditioning(torch.cat([p.prompt_embeds for p in parts]), pooled, time_ids)
+        mask = None if first.attention_mask is None else torch.cat([p.attention_mask for p in parts])  # type: ignore
+        return Conditioning(torch.cat([p.prompt_embeds for p in parts]), pooled, time_ids, mask)
 
     def pipe_kwargs(self, negative: Conditioning) -> dict[str, Any]:
         """The embedding arguments of a `pipe(...)` call that samples these rows against `negative`."""
@@ -86,6 +96,9 @@ class Conditioning:
         if self.pooled_embeds is not None:
             kwargs["pooled_prompt_embeds"] = self.pooled_embeds
             kwargs["negative_pooled_prompt_embeds"] = negative.pooled_embeds
+        if self.attention_mask is not None:
+            kwargs["prompt_attention_mask"] = self.attention_mask
+            kwargs["negative_prompt_attention_mask"] = negative.attention_mask
         return kwargs
 
 
@@ -106,7 +119,10 @@ def encode(pipe: Any, prompts: Sequence[str]) -> Conditioning:
 
     SD: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden states side by side, the
     pooled projection of the second, and the default time ids, as `StableDiffusionXLPipeline.encode_prompt`.
+    SD3, PixArt, Flux: their pipeline's `encode_prompt` (see the module docstring).
     """
+    if family(pipe) != UNET:
+        return _encode_transformer(pipe, prompts)
     dtype = pipe.unet.dtype
     if not is_sdxl(pipe):
         tok = _tokens(pipe.tokenizer, prompts)
@@ -126,6 +142,42 @@ def encode(pipe: Any, prompts: Sequence[str]) -> Conditioning:
     return Conditioning(embeds, pooled.to(pipe.unet.device, dtype), time_ids(pipe, len(prompts)))
 
 
+def _encode_transformer(pipe: Any, prompts: Sequence[str]) -> Conditioning:
+    """`encode` for SD3, PixArt and Flux: the pipeline's own `encode_prompt` at its `__call__` defaults."""
+    kind, net = family(pipe), network(pipe)
+    texts, length = list(prompts), call_default(pipe, "max_sequence_length")
+    if kind == SD3:
+        embeds, _, pooled, _ = pipe.encode_prompt(texts, None, None, device=net.device, clip_skip=None,
+                                                  do_classifier_free_guidance=False, max_sequence_length=length)
+        return Conditioning(embeds.to(net.dtype), pooled.to(net.dtype))
+    if kind == PIXART:
+        embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=net.device,
+                                                clean_caption=_clean_caption(pipe), max_sequence_length=length)
+        return Conditioning(embeds.to(net.dtype), attention_mask=mask)
+    assert kind == FLUX
+    embeds, pooled, _ = pipe.encode_prompt(texts, None, device=net.device, max_sequence_length=length)
+    return Conditioning(embeds.to(net.dtype), pooled.to(net.dtype))
+
+
+def _clean_caption(pipe: Any) -> bool:
+    """PixArt's caption cleaning as a plain call does it: its default, off when bs4 or ftfy is missing."""
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    return bool(call_default(pipe, "clean_caption")) and is_bs4_available() and is_ftfy_available()
+
+
+def text_window(pipe: Any) -> tuple[Any, int]:
+    """The tokenizer whose window bounds what a prompt can say (the longest one the pipeline feeds its denoiser)
+    and how many of a prompt's own tokens it keeps: CLIP's 77 less BOS and EOS for the UNet family, the T5
+    sequence length of the pipeline's `__call__` less EOS for SD3 (when it has T5), PixArt and Flux."""
+    kind = family(pipe)
+    t5 = {SD3: "tokenizer_3", PIXART: "tokenizer", FLUX: "tokenizer_2"}.get(kind)
+    tokenizer = getattr(pipe, t5, None) if t5 is not None else None
+    if tokenizer is None or (kind == SD3 and pipe.text_encoder_3 is None):
+        return pipe.tokenizer, pipe.tokenizer.model_max_length - 2
+    return tokenizer, int(call_default(pipe, "max_sequence_length")) - 1
+
+
 def empty(pipe: Any) -> Conditioning:
     """The unconditional (empty-prompt) row the pipeline guides against: encoded "" for SD, and for SDXL with
     `force_zeros_for_empty_prompt` zeros in place of the embeddings (time ids unchanged)."""
@@ -138,10 +190,10 @@ def empty(pipe: Any) -> Conditioning:
 
 def as_conditioning(pipe: Any, value: Conditioning | torch.Tensor) -> Conditioning:
     """`value` as a Conditioning: a bare cross-attention tensor is one only for SD (SDXL also needs pooled
-    embeddings and time ids)."""
+    embeddings and time ids; SD3 and Flux pooled embeddings; PixArt its attention mask)."""
     if isinstance(value, Conditioning):
         return value
-    if is_sdxl(pipe):
-        raise InputError("an SDXL pipeline needs a Conditioning (diffmem.models.conditioning.encode), not a bare "
-                         "tensor")
+    if is_sdxl(pipe) or family(pipe) != UNET:
+        raise InputError(f"a {type(pipe).__name__} needs a Conditioning (diffmem.models.conditioning.encode), not "
+                         "a bare tensor")
     return Conditioning(value)

@@ -18,14 +18,21 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from diffmem.errors import ModelLoadError
-from diffmem.models.folders import resolve_model
+from diffmem.io.durable import replace_file
+from diffmem.models.folders import read_metadata, resolve_model
 
 DEFAULTS_FILE = "diffmem.json"
 """The file beside model_index.json with the model's own defaults (e.g. {"guidance_scale": 3.0})."""
 SD_GUIDANCE_SCALE = 7.5
 """Stable Diffusion's guidance scale (diffusers' default): that of a model that names neither its own nor a family."""
-FAMILY_GUIDANCE = {"StableDiffusionPipeline": SD_GUIDANCE_SCALE, "StableDiffusionXLPipeline": 5.0}
-"""Each pipeline class's default guidance scale (diffusers' `__call__` defaults)."""
+FAMILY_GUIDANCE = {"StableDiffusionPipeline": SD_GUIDANCE_SCALE, "StableDiffusionXLPipeline": 5.0,
+                   "StableDiffusion3Pipeline": 7.0, "PixArtSigmaPipeline": 4.5, "PixArtAlphaPipeline": 4.5,
+                   "FluxPipeline": 1.0}
+"""Each pipeline class's default guidance scale (diffusers' `__call__` defaults). Flux's is its `true_cfg_scale`
+(1: true CFG off, the distilled model samples its conditional branch alone); see DISTILLED_GUIDANCE."""
+DISTILLED_GUIDANCE = {"FluxPipeline": 3.5}
+"""The guidance value a guidance-distilled family embeds in its denoiser input (diffusers' `guidance_scale`
+default of its `__call__`); both CFG branches are computed at it (METHOD.md, flow models)."""
 WEN_TARGET_LOSS = 3.0
 """`l_target` of Wen et al.'s code for SD v1.4 (64x64x4 latents). `d_t` grows like the square root of the latent
 size and depends on the model, so a model should carry its own, calibrated on its non-memorized prompts (their
@@ -35,7 +42,10 @@ SAIL_THRESHOLD = 8.2
 OWN_FIELDS = ("guidance_scale", "target_loss", "sail_threshold", "detection_threshold")
 """What a model's diffmem.json may set."""
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-"""The denoiser parameterizations diffmem converts to epsilon (`diffmem.models.denoiser.Parameterization`)."""
+"""The diffusion schedulers' prediction types diffmem converts to epsilon (`models.denoiser.Parameterization`)."""
+PARAMETERIZATIONS = (*PREDICTION_TYPES, "flow")
+"""Every parameterization diffmem reads: the prediction types and `flow`, rectified flow's velocity `v = eps - x0`
+(what a FlowMatch scheduler's denoiser predicts)."""
 _ATTRIBUTE = "diffmem_defaults"
 _FILES = {"pipeline": "model_index.json", "scheduler": "scheduler/scheduler_config.json",
           "prediction_type": "scheduler/scheduler_config.json",
@@ -49,8 +59,17 @@ class ModelDefaults:
 
     `own` names the fields the model's diffmem.json sets; the others are its family's or the published defaults.
     `detection_threshold` (flag `score >= threshold`, calibrated at 1% FPR) is None unless the model names one.
-    `resolution` is the image side in pixels (UNet sample size x VAE scale factor), None when the configs do not
+    `resolution` is the image side in pixels (denoiser sample size x VAE scale factor), None when the configs do not
     say. `folder` is where it was read (None: a pipeline's in-memory configs, or a hub id not downloaded).
+
+        >>> from diffmem.models.defaults import ModelDefaults
+        >>> defaults = ModelDefaults.for_model("testbed")  # read before loading; `ModelDefaults.of(pipe)` after
+        >>> defaults.guidance_scale, defaults.prediction_type, defaults.resolution, sorted(defaults.own)
+        (2.5, 'v_prediction', 32, ['guidance_scale', 'target_loss'])
+        >>> defaults.resolve_guidance(None), defaults.resolve_guidance(4.0)  # an option left at None: the model's
+        (2.5, 4.0)
+        >>> defaults.override(detection_threshold=0.6).own_values()["detection_threshold"]  # what `save` would write
+        0.6
     """
 
     guidance_scale: float = SD_GUIDANCE_SCALE
@@ -73,13 +92,16 @@ class ModelDefaults:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 self._fail(name, "a finite number")
             object.__setattr__(self, name, float(value))
-        if self.guidance_scale <= 1:
-            self._fail("guidance_scale", "above 1 (classifier-free guidance)")
+        if self.guidance_scale < 1 or (self.guidance_scale == 1 and self.distilled_guidance is None):
+            self._fail("guidance_scale", "above 1 (classifier-free guidance)" if self.distilled_guidance is None
+                       else "1 or more (true classifier-free guidance; 1 samples the distilled model alone)")
         for name in ("target_loss", "sail_threshold"):
             if getattr(self, name) < 0:
                 self._fail(name, "0 or more (it bounds a norm)")
-        if self.prediction_type not in PREDICTION_TYPES:
-            self._fail("prediction_type", f"one of {', '.join(PREDICTION_TYPES)}")
+        allowed = PARAMETERIZATIONS if not isinstance(self.scheduler, str) else (
+            ("flow",) if prediction_type_of(self.scheduler, None) == "flow" else PREDICTION_TYPES)
+        if self.prediction_type not in allowed:  # a diffusion scheduler cannot sample a flow model, nor the reverse
+            self._fail("prediction_type", f"one of {', '.join(allowed)}")
         for name in ("resolution", "num_train_timesteps"):
             value = getattr(self, name)
             if (value is not None or name == "num_train_timesteps") and (
@@ -112,7 +134,7 @@ class ModelDefaults:
             raise ModelLoadError(f"{folder} is not a model folder")
         index = _read(folder / "model_index.json")
         sched = _read(folder / "scheduler" / "scheduler_config.json")
-        unet = _read(folder / "unet" / "config.json")
+        unet = _read(folder / "unet" / "config.json") or _read(folder / "transformer" / "config.json")
         vae = _read(folder / "vae" / "config.json")
         own = _read(folder / DEFAULTS_FILE)
         configs = _from_configs(index.get("_class_name"), sched, unet, vae.get("block_out_channels"))
@@ -131,7 +153,7 @@ class ModelDefaults:
         """The family defaults of a pipeline built in memory, from its components' configs."""
         vae = getattr(pipe, "vae", None)
         channels = None if vae is None else vae.config.get("block_out_channels")
-        unet = getattr(pipe, "unet", None)
+        unet = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         scheduler = getattr(pipe, "scheduler", None)
         sched = {} if scheduler is None else {"_class_name": type(scheduler).__name__, **scheduler.config}
         return cls(**_from_configs(type(pipe).__name__, sched, {} if unet is None else dict(unet.config), channels))
@@ -163,7 +185,7 @@ class ModelDefaults:
     def save(self, folder: str | Path) -> Path:
         """Write the model's own values to `folder`'s diffmem.json (read back by `from_folder`); returns it."""
         path = Path(folder) / DEFAULTS_FILE
-        path.write_text(json.dumps(self.own_values(), indent=2) + "\n")
+        replace_file(path, json.dumps(self.own_values(), indent=2) + "\n")
         return path
 
     # ----------------------------------------------------------------------------------------- resolving
@@ -172,6 +194,11 @@ class ModelDefaults:
     def family_guidance(self) -> float:
         """The guidance scale of the model's family (diffusers' default for its pipeline class)."""
         return FAMILY_GUIDANCE.get(self.pipeline or "", SD_GUIDANCE_SCALE)
+
+    @property
+    def distilled_guidance(self) -> float | None:
+        """The guidance value a guidance-distilled family (Flux) embeds in the denoiser input, else None."""
+        return DISTILLED_GUIDANCE.get(self.pipeline or "")
 
     @property
     def own_target_loss(self) -> bool:
@@ -201,16 +228,8 @@ class ModelDefaults:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    """A JSON object file ({} when it is missing), or one line naming the file."""
-    if not path.is_file():
-        return {}
-    try:
-        values = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(values, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
-    return values
+    """A JSON object file ({} when it is missing) checked against its schema, or one line naming the file."""
+    return read_metadata(path)
 
 
 def _from_configs(pipeline: Any, sched: dict[str, Any], unet: dict[str, Any], channels: Any) -> dict[str, Any]:
@@ -221,6 +240,14 @@ def _from_configs(pipeline: Any, sched: dict[str, Any], unet: dict[str, Any], ch
     factor = 2 ** (len(channels) - 1) if isinstance(channels, list | tuple) and channels else 8
     return {"pipeline": pipeline, "guidance_scale": FAMILY_GUIDANCE.get(pipeline, SD_GUIDANCE_SCALE),
             "scheduler": sched.get("_class_name"),
-            "prediction_type": sched.get("prediction_type") or "epsilon",
+            "prediction_type": prediction_type_of(sched.get("_class_name"), sched.get("prediction_type")),
             "num_train_timesteps": sched.get("num_train_timesteps", 1000),
             "resolution": size * factor if isinstance(size, int) and not isinstance(size, bool) else None}
+
+
+def prediction_type_of(scheduler_class: str | None, configured: str | None) -> str:
+    """What a scheduler's denoiser predicts: `flow` for a FlowMatch scheduler (its config names none), else its
+    configured `prediction_type` (epsilon when unset)."""
+    if isinstance(scheduler_class, str) and scheduler_class.startswith("FlowMatch"):
+        return "flow"
+    return configured or "epsilon"

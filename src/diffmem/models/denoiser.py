@@ -1,13 +1,12 @@
 """One path to a pipeline's denoiser: its conditional and unconditional predictions at a step, the first-step
-input they start from, and conversions between what it predicts and the noise (METHOD.md: every score is in
-epsilon space).
+input they start from, and conversions between what it predicts and the noise or the clean sample (METHOD.md).
 
-`Denoiser(pipe)` is the single place where diffmem calls the denoiser network (today `pipe.unet` with a
-`Conditioning`, SD 1.x/2.x and SDXL alike), so detection, explanation and mitigation start from the same `x_T` and
-see the same predictions. `Parameterization` reads the prediction type (epsilon, v_prediction, sample) and the
-noise tables off a scheduler. A new family plugs in at these two seams: a transformer denoiser (SD3, Flux, PixArt)
-in `Denoiser.predict`, flow matching (`x_t = (1 - s) x0 + s eps`, prediction `v = eps - x0`) as one more
-`Parameterization` kind.
+`Denoiser(pipe)` is the single place where diffmem calls the denoiser network with a `Conditioning`: `pipe.unet`
+for SD 1.x/2.x and SDXL, `pipe.transformer` for SD3, PixArt (its epsilon half: the learned variance is dropped)
+and Flux (packed latents, image and text position ids, the distilled guidance input), so detection, explanation
+and mitigation start from the same `x_T` and see the same predictions. `Parameterization` reads the prediction
+type (epsilon, v_prediction, sample, or rectified flow's velocity `v = eps - x0` for a FlowMatch scheduler, with
+`x_t = (1 - s) x0 + s eps` and `s = t / num_train_timesteps`) and the noise tables off a scheduler.
 """
 
 from __future__ import annotations
@@ -15,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffmem.models.conditioning import Conditioning, empty
-from diffmem.models.defaults import PREDICTION_TYPES
+from diffmem.models.defaults import PARAMETERIZATIONS, PREDICTION_TYPES, ModelDefaults, prediction_type_of  # noqa: F401 (re-exported)
+from diffmem.models.families import FLOW, FLUX, PIXART, SD3, UNET, family, network
 
 
 def initial_noise(pipe: Any, generations: int, seed: int, height: int | None = None,
@@ -26,13 +27,31 @@ def initial_noise(pipe: Any, generations: int, seed: int, height: int | None = N
     """Initial latents `x_T` for generations 0..n-1: generation g uses `torch.Generator().manual_seed(seed + g)`.
 
     The same noise serves every prompt, so a score depends on neither batch size nor batch composition, and a
-    plain `pipe(..., latents=noise[g:g+1])` call reproduces exactly the trajectory that was scored.
+    plain `pipe(..., latents=noise[g:g+1])` call reproduces exactly the trajectory that was scored. The size is
+    the pipeline's default (`default_size`) unless given; Flux's latents are packed into 2x2 patches as its
+    pipeline packs them, (n, h/2 * w/2, 4C).
     """
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(seed + g)) for g in range(generations)]
-    return torch.cat(noise)
+    height, width = height or default_size(pipe), width or default_size(pipe)
+    channels, h, w = latent_shape(pipe, height, width)
+    noise = torch.cat([torch.randn((1, channels, h, w), generator=torch.Generator().manual_seed(seed + g))
+                       for g in range(generations)])
+    return pipe._pack_latents(noise, generations, channels, h, w) if family(pipe) == FLUX else noise
+
+
+def default_size(pipe: Any) -> int:
+    """The image side in pixels a plain `pipe(prompt)` call generates: the denoiser's sample size times the VAE
+    factor (Flux: the pipeline's `default_sample_size`, its transformer has no sample size)."""
+    if family(pipe) == FLUX:
+        return int(pipe.default_sample_size * pipe.vae_scale_factor)
+    return int(network(pipe).config.sample_size * pipe.vae_scale_factor)
+
+
+def latent_shape(pipe: Any, height: int, width: int) -> tuple[int, int, int]:
+    """Channels, height and width of the (unpacked) latent of an image of `height` x `width` pixels."""
+    factor = pipe.vae_scale_factor
+    if family(pipe) == FLUX:  # 2x2 patches: the latent side is even
+        return network(pipe).config.in_channels // 4, 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
+    return network(pipe).config.in_channels, height // factor, width // factor
 
 
 def alpha_sigma(
@@ -55,23 +74,48 @@ def alpha_sigma(
 @dataclass(frozen=True)
 class Parameterization:
     """What a denoiser predicts (`kind`) and, from its scheduler's noise tables, how that output converts to the
-    noise `eps` and the clean sample `x0` of its input `x_t = alpha_t x0 + sigma_t eps`.
+    noise `eps` and the clean sample `x0` of its input `x_t = alpha_t x0 + sigma_t eps` (`flow`:
+    `x_t = (1 - s) x0 + s eps`, output `v = eps - x0`, `s = t / num_train_timesteps` as FlowMatch schedulers set
+    their timesteps).
 
     `sample` is always the denoiser's (scaled) input, `t` its timestep (a scalar or one per row). Results are
-    float32. Build one with `Parameterization.of(scheduler)`.
+    float32. Build one with `Parameterization.of(scheduler)`. `to_score` gives the prediction a memorization
+    score compares (METHOD.md): the noise for the diffusion kinds, the velocity for flow.
     """
 
     kind: str
     scheduler: Any
 
     def __post_init__(self) -> None:
-        if self.kind not in PREDICTION_TYPES:
+        if self.kind not in PARAMETERIZATIONS:
             raise ValueError(f"unsupported prediction_type {self.kind!r}")
+        flow_scheduler = prediction_type_of(type(self.scheduler).__name__, None) == "flow"
+        if (self.kind == "flow") != flow_scheduler:
+            raise ValueError(f"a {self.kind!r} parameterization does not match a {type(self.scheduler).__name__}: "
+                             "flow needs a FlowMatch scheduler, and a FlowMatch scheduler means flow")
 
     @classmethod
     def of(cls, scheduler: Any) -> Parameterization:
-        """The parameterization a scheduler is configured for (`prediction_type`, epsilon when unset)."""
-        return cls(scheduler.config.get("prediction_type", "epsilon"), scheduler)
+        """The parameterization a scheduler is configured for (`prediction_type`, epsilon when unset; `flow` for a
+        FlowMatch scheduler)."""
+        return cls(prediction_type_of(type(scheduler).__name__, scheduler.config.get("prediction_type")), scheduler)
+
+    @property
+    def score_space(self) -> str:
+        """What `to_score` returns: `velocity` (flow) or `epsilon`."""
+        return "velocity" if self.kind == "flow" else "epsilon"
+
+    def sigma(self, t: torch.Tensor | float | int, sample: torch.Tensor) -> torch.Tensor:
+        """Flow's noise level `s = t / num_train_timesteps` (float64), shaped to broadcast over `sample`'s rows."""
+        s = torch.as_tensor(t, device=sample.device, dtype=torch.float64).reshape(-1)
+        s = s / self.scheduler.config.num_train_timesteps
+        return s[0] if s.numel() == 1 else s.reshape(-1, *(1,) * (sample.dim() - 1))
+
+    def to_score(self, output: torch.Tensor, sample: torch.Tensor, t: torch.Tensor | float | int) -> torch.Tensor:
+        """The prediction whose text-conditional difference is the memorization score: `to_epsilon` for the
+        diffusion kinds, the velocity itself for flow (at `s = 1` the noise prediction is `x_t` for every
+        prompt and `v_c - v_u = -(x0_c - x0_u)`; at `s < 1`, `v_c - v_u = -(x0_c - x0_u) / s`)."""
+        return output.float() if self.kind == "flow" else self.to_epsilon(output, sample, t)
 
     def alpha_sigma(self, t: torch.Tensor | float | int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """`alpha_t` and `sigma_t` of the input at `t` (see the module function `alpha_sigma`)."""
@@ -82,6 +126,8 @@ class Parameterization:
         out = output.float()
         if self.kind == "epsilon":
             return out
+        if self.kind == "flow":  # eps = x_t + (1 - s) v
+            return (sample.double() + (1 - self.sigma(t, sample)) * out.double()).float()
         alpha, sigma = self.alpha_sigma(t, out.device)
         x = sample.float()
         if self.kind == "v_prediction":
@@ -93,6 +139,8 @@ class Parameterization:
         out = output.float()
         if self.kind == "sample":
             return out
+        if self.kind == "flow":  # x0 = x_t - s v
+            return (sample.double() - self.sigma(t, sample) * out.double()).float()
         alpha, sigma = self.alpha_sigma(t, out.device)
         x = sample.float()
         if self.kind == "v_prediction":
@@ -101,10 +149,16 @@ class Parameterization:
 
     def from_epsilon(self, eps: torch.Tensor, sample: torch.Tensor, t: torch.Tensor | float | int) -> torch.Tensor:
         """The output this parameterization gives for the noise prediction `eps` at the input `sample` (the inverse
-        of `to_epsilon`)."""
+        of `to_epsilon`). For flow it is defined below `s = 1` only: at `s = 1` the noise is the input itself and
+        says nothing of the velocity (ValueError)."""
         eps = eps.float()
         if self.kind == "epsilon":
             return eps
+        if self.kind == "flow":  # v = (eps - x_t) / (1 - s)
+            s = self.sigma(t, sample)
+            if bool((s >= 1).any()):
+                raise ValueError("at s = 1 a flow model's noise prediction is its input: it determines no velocity")
+            return ((eps.double() - sample.double()) / (1 - s)).float()
         alpha, sigma = self.alpha_sigma(t, eps.device)
         x = sample.float()
         if self.kind == "v_prediction":
@@ -119,17 +173,41 @@ class Denoiser:
     It holds no schedule: `schedule(n)` gives a fresh scheduler (stepping one mutates it), and conversions read
     the scheduler they are given (`Parameterization.of(scheduler)`). It caches the empty prompt's conditioning and,
     for `cfg_shared`, the empty prompt's predictions on one shared input per timestep.
+
+    Wen et al.'s first-step score by hand, `|| eps(x_T, prompt) - eps(x_T, "") ||`, as `detect` computes it:
+
+        >>> import torch
+        >>> from diffmem import detect, load_pipeline
+        >>> from diffmem.models.conditioning import encode
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> denoiser, prompt = Denoiser(pipe), "a orange ring at the center on a gradient background"
+        >>> scheduler = denoiser.schedule(50)  # a fresh scheduler: stepping one mutates it
+        >>> x, t = denoiser.first_input(initial_noise(pipe, 1, seed=0), scheduler), scheduler.timesteps[0]
+        >>> with torch.no_grad():  # the testbed predicts v: `cfg_epsilon` converts both halves to epsilon
+        ...     eps_c, eps_u = denoiser.cfg_epsilon(x, t, encode(pipe, [prompt]), denoiser.empty(),
+        ...                                         Parameterization.of(scheduler))
+        >>> abs(float((eps_c - eps_u).norm()) - detect(pipe, [prompt])[0].score) < 1e-4
+        True
     """
 
-    def __init__(self, pipe: Any) -> None:
+    def __init__(self, pipe: Any, height: int | None = None, width: int | None = None) -> None:
         self.pipe = pipe
+        self.family = family(pipe)
+        self.height = height or default_size(pipe)
+        self.width = width or default_size(pipe)
+        """The image size its inputs are latents of (the pipeline's default): Flux's position ids depend on it."""
         self._empty: Conditioning | None = None
         self._shared_uncond: dict[float, torch.Tensor] = {}
 
     @property
     def model(self) -> Any:
-        """The denoiser network, read from the pipeline at each use (`pipe.unet`)."""
-        return self.pipe.unet
+        """The denoiser network, read from the pipeline at each use (`pipe.unet` or `pipe.transformer`)."""
+        return network(self.pipe)
+
+    @property
+    def flow(self) -> bool:
+        """Whether the model is trained by rectified flow (SD3, Flux)."""
+        return self.family in FLOW
 
     @property
     def device(self) -> torch.device:
@@ -147,22 +225,99 @@ class Denoiser:
         return self._empty
 
     def schedule(self, num_inference_steps: int) -> Any:
-        """A fresh copy of the pipeline's scheduler, set to `num_inference_steps` on the denoiser's device."""
+        """A fresh copy of the pipeline's scheduler, set to `num_inference_steps` on the denoiser's device as a
+        plain pipeline call sets it (Flux: its sigmas `linspace(1, 1/n, n)` and the resolution shift `mu`; SD3
+        with dynamic shifting: its `mu`)."""
         scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        config, kwargs = scheduler.config, {}
+        if self.family == FLUX:
+            kwargs["sigmas"] = None if config.get("use_flow_sigmas") else np.linspace(
+                1.0, 1 / num_inference_steps, num_inference_steps)
+        if self.family == FLUX or (self.family == SD3 and config.get("use_dynamic_shifting")):
+            _, h, w = latent_shape(self.pipe, self.height, self.width)
+            patch = 2 if self.family == FLUX else self.model.config.patch_size
+            tokens = (h // patch) * (w // patch)
+            base, most = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+            low, high = config.get("base_shift", 0.5), config.get("max_shift", 1.15 if self.family == FLUX else 1.16)
+            kwargs["mu"] = low + (high - low) * (tokens - base) / (most - base)  # diffusers' calculate_shift
+        scheduler.set_timesteps(num_inference_steps, device=self.device, **kwargs)
         return scheduler
 
+    def start(self, noise: torch.Tensor, scheduler: Any) -> torch.Tensor:
+        """The latents a pipeline starts from for unit-variance noises `noise`: on the denoiser's device and dtype,
+        scaled by the scheduler's `init_noise_sigma` (1 for flow schedulers, which have none)."""
+        return noise.to(self.device, self.dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
+
+    def scale_input(self, latents: torch.Tensor, scheduler: Any, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser input of `latents` at `t`: the scheduler's `scale_model_input` (flow: the latents)."""
+        scale = getattr(scheduler, "scale_model_input", None)
+        return latents if scale is None else scale(latents, t)
+
     def first_input(self, noise: torch.Tensor, scheduler: Any, t: torch.Tensor | None = None) -> torch.Tensor:
-        """The denoiser input for unit-variance noises `noise` (rows, C, H, W) at `t` (the schedule's first timestep
-        unless given): cast to the denoiser's device and dtype, scaled by `init_noise_sigma` and
-        `scale_model_input`, as the pipeline starts from `latents=noise`."""
+        """The denoiser input for unit-variance noises `noise` (rows, C, H, W; Flux packed) at `t` (the schedule's
+        first timestep unless given): `start` then `scale_input`, as the pipeline starts from `latents=noise`."""
         t = scheduler.timesteps[0] if t is None else t
-        latents = noise.to(self.device, self.dtype) * scheduler.init_noise_sigma
-        return scheduler.scale_model_input(latents, t)
+        return self.scale_input(self.start(noise, scheduler), scheduler, t)
 
     def predict(self, sample: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The raw output for input rows `sample` and conditioning rows `cond` (one each) at `t`."""
-        return self.model(sample, t, **cond.unet_kwargs(), return_dict=False)[0]
+        """The raw output for input rows `sample` and conditioning rows `cond` (one each) at `t` (the scheduler's
+        timestep), called as the family's pipeline calls it; PixArt's is its epsilon half (`prediction`)."""
+        if self.family == UNET:
+            return self.model(sample, t, **cond.unet_kwargs(), return_dict=False)[0]
+        rows = sample.shape[0]
+        steps = torch.as_tensor(t, device=sample.device).reshape(-1)
+        steps = steps.expand(rows) if steps.numel() == 1 else steps
+        if self.family == SD3:
+            return self.model(hidden_states=sample, timestep=steps, encoder_hidden_states=cond.prompt_embeds,
+                              pooled_projections=cond.pooled_embeds, return_dict=False)[0]
+        if self.family == PIXART:
+            out = self.model(sample, encoder_hidden_states=cond.prompt_embeds,
+                             encoder_attention_mask=cond.attention_mask, timestep=steps,
+                             added_cond_kwargs=self._micro_conditions(rows), return_dict=False)[0]
+            return self.prediction(out)
+        return self.model(hidden_states=sample, timestep=steps.to(sample.dtype) / 1000,
+                          guidance=self._distilled_guidance(rows), pooled_projections=cond.pooled_embeds,
+                          encoder_hidden_states=cond.prompt_embeds,
+                          txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3, device=sample.device,
+                                              dtype=cond.prompt_embeds.dtype),
+                          img_ids=self._image_ids(sample, cond.prompt_embeds.dtype), return_dict=False)[0]
+
+    def prediction(self, output: torch.Tensor) -> torch.Tensor:
+        """The prediction in a raw network output: PixArt's first `in_channels` channels when it also predicts
+        its variance (learned sigma), else the output itself."""
+        channels = self.model.config.in_channels
+        if self.family == PIXART and output.dim() == 4 and output.shape[1] == 2 * channels:
+            return output[:, :channels]
+        return output
+
+    def scheduler_timestep(self, timestep: torch.Tensor | float) -> torch.Tensor:
+        """The scheduler's timestep of a timestep the network was called with (Flux's is divided by 1000)."""
+        value = torch.as_tensor(timestep)
+        return value * 1000 if self.family == FLUX else value
+
+    def _micro_conditions(self, rows: int) -> dict[str, torch.Tensor | None]:
+        """PixArt-alpha's resolution and aspect-ratio inputs, as its pipeline gives them (1024-pixel models
+        only); PixArt-sigma's pipeline gives none."""
+        if type(self.pipe).__name__ != "PixArtAlphaPipeline" or self.model.config.sample_size != 128:
+            return {"resolution": None, "aspect_ratio": None}
+        size = torch.tensor([[self.height, self.width]], device=self.device, dtype=self.dtype).repeat(rows, 1)
+        ratio = torch.tensor([[self.height / self.width]], device=self.device, dtype=self.dtype).repeat(rows, 1)
+        return {"resolution": size, "aspect_ratio": ratio}
+
+    def _distilled_guidance(self, rows: int) -> torch.Tensor | None:
+        """Flux's guidance input: the distilled guidance value for each row (None for a model without one)."""
+        value = ModelDefaults.of(self.pipe).distilled_guidance
+        if not self.model.config.guidance_embeds or value is None:
+            return None
+        return torch.full([1], value, device=self.device, dtype=torch.float32).expand(rows)
+
+    def _image_ids(self, sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Flux's latent position ids for packed latents of this denoiser's image size."""
+        _, h, w = latent_shape(self.pipe, self.height, self.width)
+        if sample.shape[1] != (h // 2) * (w // 2):
+            raise ValueError(f"{sample.shape[1]} latent patches are not a {self.height}x{self.width} image's "
+                             f"{(h // 2) * (w // 2)}: give the Denoiser the image size")
+        return self.pipe._prepare_latent_image_ids(sample.shape[0], h // 2, w // 2, sample.device, dtype)
 
     def _cfg_batch(self, sample: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                    uncond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:

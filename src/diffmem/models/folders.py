@@ -5,17 +5,81 @@
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from diffmem.errors import ModelLoadError
+from diffmem.io.files import read_json_object
 from diffmem.registry import named_model
 
-PIPELINE_NAMES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+DENOISERS = {"StableDiffusionPipeline": ("unet", "UNet2DConditionModel"),
+             "StableDiffusionXLPipeline": ("unet", "UNet2DConditionModel"),
+             "StableDiffusion3Pipeline": ("transformer", "SD3Transformer2DModel"),
+             "PixArtSigmaPipeline": ("transformer", "PixArtTransformer2DModel"),
+             "PixArtAlphaPipeline": ("transformer", "PixArtTransformer2DModel"),
+             "FluxPipeline": ("transformer", "FluxTransformer2DModel")}
+"""Each pipeline class diffmem loads: its denoiser component and that component's class."""
+PIPELINE_NAMES = tuple(DENOISERS)
 """The pipeline classes (model_index.json `_class_name`) diffmem loads."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_REQUIRED = ("vae", "text_encoder", "tokenizer", "scheduler")
+_COMPONENTS = tuple(dict.fromkeys((*(part for part, _ in DENOISERS.values()), *_REQUIRED, "text_encoder_2",
+                                   "tokenizer_2", "text_encoder_3", "tokenizer_3")))
+
+Check = tuple[Callable[[Any], bool], str]
+"""A field's test and, for the message, what it must be."""
+
+
+def _name(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _component(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
+
+
+def _size(value: Any) -> bool:
+    return _count(value) or (isinstance(value, list) and 0 < len(value) <= 3 and all(_count(v) for v in value))
+
+
+def _counts(value: Any) -> bool:
+    return isinstance(value, list) and 0 < len(value) <= 16 and all(_count(v) for v in value)
+
+
+SCHEMAS: dict[str, dict[str, Check]] = {
+    "model_index.json": {"_class_name": (_name, "a class name"),
+                         **{part: (_component, "a [library, class] pair of names or nulls") for part in _COMPONENTS}},
+    "scheduler/scheduler_config.json": {"_class_name": (_name, "a class name"),
+                                        "prediction_type": (_name, "a name, e.g. epsilon"),
+                                        "num_train_timesteps": (_count, "a positive whole number")},
+    **{f"{part}/config.json": {"_class_name": (_name, "a class name"),
+                               "sample_size": (_size, "a positive whole number (or a list of up to 3)")}
+       for part in ("unet", "transformer")},
+    "vae/config.json": {"_class_name": (_name, "a class name"),
+                        "block_out_channels": (_counts, "a list of 1 to 16 positive whole numbers")},
+}
+"""Per metadata file of a pipeline folder, the types of the fields diffmem reads (others are diffusers' own)."""
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """A pipeline folder's JSON metadata file (model_index.json, a component's config, diffmem.json), read by the
+    JSON rule and checked against its schema in SCHEMAS: {} when it is missing, else a JSON object whose fields
+    diffmem reads have their types; anything else is one ModelLoadError line naming the file (and the field)."""
+    path = Path(path)
+    values = read_json_object(path, "model metadata file", ModelLoadError, missing={})
+    schema = next((s for name, s in SCHEMAS.items() if path.as_posix().endswith("/" + name)), {})
+    for field, (test, what) in schema.items():
+        if field in values and values[field] is not None and not test(values[field]):
+            shown = repr(values[field])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ModelLoadError(f"{path}: {field} must be {what}, not {shown}")
+    return values
 
 
 def resolve_model(model: str | Path) -> str:
@@ -43,21 +107,21 @@ def _check_folder(path: Path) -> None:
     if not path.is_dir():
         raise ModelLoadError(f"{path} is a file, not a diffusers pipeline folder")
     index = path / "model_index.json"
-    if not index.is_file():
+    if not index.exists():  # something else than a file there is refused by read_metadata, in its own words
         raise ModelLoadError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    try:
-        spec = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{index} is not valid JSON: {exc}") from None
-    missing = [name for name in _REQUIRED if not spec.get(name) or spec[name][0] is None]
+    spec = read_metadata(index)
+    kind = spec.get("_class_name", "unknown pipeline")
+    if kind not in DENOISERS and spec.get("transformer"):  # another task's transformer pipeline (img2img, ...)
+        check_pipeline_name(kind, path)
+    part, part_class = DENOISERS.get(kind, ("unet", "UNet2DConditionModel"))
+    missing = [name for name in (part, *_REQUIRED) if not spec.get(name) or spec[name][0] is None]
     if missing:
-        kind = spec.get("_class_name", "unknown pipeline")
         raise ModelLoadError(
-            f"{path} holds a {kind}, not a Stable Diffusion text-to-image pipeline (missing {', '.join(missing)})"
+            f"{path} holds a {kind}, not a text-to-image pipeline diffmem loads (missing {', '.join(missing)})"
         )
-    unet_class = spec["unet"][1]
-    if unet_class != "UNet2DConditionModel":
-        raise ModelLoadError(f"{path}: unet is a {unet_class}; diffmem supports UNet2DConditionModel pipelines")
+    found = spec[part][1]
+    if found != part_class:
+        raise ModelLoadError(f"{path}: {part} is a {found}; a {kind} folder diffmem loads has a {part_class}")
     check_pipeline_name(spec.get("_class_name"), path)
 
 
@@ -65,5 +129,5 @@ def check_pipeline_name(name: str | None, where: str | Path) -> str:
     """`name` if diffmem loads pipelines of that class, else one line naming those it supports."""
     if name not in PIPELINE_NAMES:
         raise ModelLoadError(f"{where} holds a {name or 'pipeline without a _class_name'}; diffmem supports "
-                             f"{' and '.join(PIPELINE_NAMES)} folders")
+                             f"{', '.join(PIPELINE_NAMES[:-1])} and {PIPELINE_NAMES[-1]} folders")
     return name

@@ -1,24 +1,28 @@
-"""Load a Stable-Diffusion-family text-to-image pipeline from a local diffusers folder, a hub id or `"testbed"`."""
+"""Load a text-to-image pipeline (SD 1.x/2.x, SDXL, SD3, PixArt, Flux) from a local diffusers folder, a hub id or
+`"testbed"`."""
 
 from __future__ import annotations
 
+import inspect
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from diffmem.errors import InputError, ModelLoadError
-from diffmem.models.defaults import ModelDefaults
-from diffmem.models.folders import check_pipeline_name
+from diffmem.errors import DiffmemError, InputError, ModelLoadError
+from diffmem.models.defaults import ModelDefaults, prediction_type_of
+from diffmem.models.families import FLOW, FLUX, NAMES, SD3, UNET, family, network
+from diffmem.models.folders import PIPELINE_NAMES, check_pipeline_name
 from diffmem.models.folders import resolve_model as resolve_model  # public here since before folders.py
 from diffmem.models.weights import check_weights
 from diffmem.registry import named_model
 
 #: The pipeline classes (model_index.json `_class_name`) diffmem loads.
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline,
-                       "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
+SUPPORTED_PIPELINES = {name: getattr(diffusers, name) for name in PIPELINE_NAMES}
 
 
 def default_device() -> torch.device:
@@ -32,18 +36,29 @@ def default_device() -> torch.device:
 
 def parse_device(device: str | None) -> torch.device | None:
     """`--device` as a torch.device (None: the library's default), checked to exist on this machine."""
-    if device is None:
-        return None
+    return None if device is None else checked_device(device, "--device", InputError)
+
+
+def checked_device(device: str | torch.device, name: str = "device",
+                   error: type[DiffmemError] = ModelLoadError) -> torch.device:
+    """`device` as a torch.device that exists on this machine and can hold weights, or `error` with one line
+    (`name` is how the message calls it: `--device` on the command line)."""
     try:
         dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise InputError(f"--device {device!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+    except (RuntimeError, ValueError, TypeError):
+        raise error(f"{name} {device!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "meta":
+        raise error(f"{name} {device}: the meta device holds no weights (shapes only); choose cpu, cuda or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine")
+        raise error(f"{name} {device}: CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise error(f"{name} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {device}: Apple MPS is not available on this machine")
+        raise error(f"{name} {device}: Apple MPS is not available on this machine")
+    backend = getattr(torch, dev.type, None)  # xpu, hpu, ...: torch.<type>.is_available() where torch has one
+    if dev.type not in ("cpu", "cuda", "mps") and not (backend is not None and hasattr(backend, "is_available")
+                                                        and backend.is_available()):
+        raise error(f"{name} {device}: {dev.type} is not available on this machine (e.g. cpu, cuda, cuda:1, mps)")
     return dev
 
 
@@ -60,6 +75,28 @@ def parse_dtype(dtype: str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def checked_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`dtype` (a torch dtype or its name in DTYPES) as one of the DTYPES, or ModelLoadError with one line."""
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    shown = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else repr(dtype)
+    raise ModelLoadError(f"dtype {shown} is not one diffmem loads weights in: use one of {', '.join(DTYPES)} "
+                         "(a name or the torch dtype)")
+
+
+def warn_unhonoured_dtype(pipe: Any, dtype: torch.dtype) -> None:
+    """One `warnings.warn` line naming the components whose weights are not in `dtype` after loading (a library
+    may keep some in float32), so a requested precision is never changed silently."""
+    components = [(n, c) for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
+    other = [f"{name} ({str(c.dtype).removeprefix('torch.')})" for name, c in components
+             if getattr(c, "dtype", dtype) != dtype]
+    if other:
+        warnings.warn(f"dtype {str(dtype).removeprefix('torch.')} is not honoured for: {', '.join(other)}",
+                      stacklevel=3)
+
+
 def pipeline_class(name: str | None, where: str | Path) -> Any:
     """The diffusers class of a pipeline named `name` in its model_index.json, or one line naming what diffmem
     supports."""
@@ -67,7 +104,12 @@ def pipeline_class(name: str | None, where: str | Path) -> Any:
 
 
 def check_guidance(pipe: Any) -> None:
-    """Fail unless the pipeline's denoiser takes text conditioning that an empty prompt can replace (CFG)."""
+    """Fail unless the pipeline's denoiser takes text conditioning that an empty prompt can replace (CFG), and its
+    scheduler samples what the denoiser predicts."""
+    check_scheduler(pipe)
+    if family(pipe) != UNET:
+        _check_transformer_guidance(pipe)
+        return
     cfg = pipe.unet.config
     if cfg.get("time_cond_proj_dim") is not None:
         raise ModelLoadError(
@@ -85,26 +127,73 @@ def check_guidance(pipe: Any) -> None:
         )
 
 
+def check_scheduler(pipe: Any) -> None:
+    """Fail unless the scheduler matches the model's prediction: a FlowMatch scheduler for a rectified-flow model
+    (SD3, Flux), a diffusion one for the others."""
+    kind, name = family(pipe), type(pipe.scheduler).__name__
+    flow = prediction_type_of(name, None) == "flow"
+    if (kind in FLOW) != flow:
+        wants = ("a FlowMatch scheduler (it predicts a rectified-flow velocity)" if kind in FLOW
+                 else "a diffusion scheduler such as DDIM, Euler or DPM-Solver (it predicts noise)")
+        raise ModelLoadError(f"the scheduler ({name}) does not match the model: {NAMES[kind]} needs {wants}")
+
+
+def _check_transformer_guidance(pipe: Any) -> None:
+    """`check_guidance` for SD3, PixArt and Flux: the text encoders CFG needs, their widths, and for Flux a
+    pipeline that runs true CFG against a negative prompt."""
+    kind, name = family(pipe), type(pipe).__name__
+    needed = {SD3: ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+              FLUX: ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}.get(kind, ("text_encoder",
+                                                                                              "tokenizer"))
+    missing = [part for part in needed if getattr(pipe, part, None) is None]
+    if missing:
+        raise ModelLoadError(f"the {name} has no {', '.join(missing)}: it cannot do classifier-free guidance")
+    if kind == FLUX:
+        params = inspect.signature(type(pipe).__call__).parameters
+        if "negative_prompt" not in params or "true_cfg_scale" not in params:
+            raise ModelLoadError(f"this diffusers' {name} cannot run a negative prompt (its __call__ takes no "
+                                 "negative_prompt and true_cfg_scale), so v(x, prompt) - v(x, '') is not defined for "
+                                 "it: upgrade diffusers")
+    t5 = {SD3: "text_encoder_3", FLUX: "text_encoder_2"}.get(kind, "text_encoder")
+    encoder, cfg = getattr(pipe, t5, None), network(pipe).config
+    width = None if encoder is None else getattr(encoder.config, "d_model", None)
+    wanted = cfg.get("caption_channels") or cfg.get("joint_attention_dim")
+    if width is not None and isinstance(wanted, int) and width != wanted:
+        raise ModelLoadError(f"the T5 text encoder's width {width} does not match the transformer's {wanted}")
+
+
 def load_pipeline(
     model: str | Path = "testbed",
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     allow_pickle: bool = False,
 ) -> Any:
-    """Load a Stable Diffusion 1.x/2.x (epsilon or v-prediction) or SDXL pipeline ready for scoring.
+    """Load a Stable Diffusion 1.x/2.x (epsilon or v-prediction), SDXL, SD3, PixArt-alpha/sigma or Flux pipeline
+    ready for scoring.
 
     `model` is a local diffusers folder, a hub id (downloaded only when online) or a registered name such as
     `"testbed"` (`diffmem.register_model`).
-    `dtype` defaults to float16 on CUDA and float32 elsewhere. Errors are `ModelLoadError` with one line.
+    `dtype` (a torch dtype or its name: float32, float16, bfloat16) defaults to float16 on CUDA and float32
+    elsewhere; it is honoured on every device, the CPU included (a component left in another dtype is named in
+    a warning). A device that does not exist here (`"cuda:99"`, `"nonsense"`) or holds no weights (`"meta"`),
+    and any other dtype, fail before anything is read. Errors are `ModelLoadError` with one line.
     Weights are read from safetensors files only; `allow_pickle=True` also loads pickled ones (`.bin`, `.ckpt`),
     which can run code: only for a folder you trust.
+
+        >>> from diffmem import load_pipeline
+        >>> pipe = load_pipeline("testbed", device="cpu")  # the bundled tiny SD model; or a folder, or a hub id
+        >>> type(pipe).__name__, pipe.device.type, pipe.unet.dtype
+        ('StableDiffusionPipeline', 'cpu', torch.float32)
+        >>> pipe("a red diamond at the center on a striped background", num_inference_steps=10).images[0].size
+        (32, 32)
     """
+    device = checked_device(device) if device is not None else default_device()  # fail fast, before reading
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = checked_dtype(dtype)
     source = resolve_model(model)
     check_weights(source, allow_pickle)
     defaults = ModelDefaults.from_folder(source) if Path(source).is_dir() else None  # a bad diffmem.json fails now
-    device = torch.device(device) if device is not None else default_device()
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
     try:
         cls = pipeline_class(_class_name(source), model)
         sd_only = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -119,7 +208,7 @@ def load_pipeline(
     except Exception as exc:  # diffusers raises many types; the user needs one line naming the cause
         raise ModelLoadError(f"could not load {model}: {_first_line(exc)}") from None
     if not isinstance(pipe, tuple(SUPPORTED_PIPELINES.values())):
-        raise ModelLoadError(f"{model} is not a Stable Diffusion text-to-image pipeline")
+        raise ModelLoadError(f"{model} is not a text-to-image pipeline diffmem loads ({', '.join(PIPELINE_NAMES)})")
     pipe = _untyped(pipe)  # diffusers registers components dynamically; the stubs do not know them
     named = named_model(str(model))
     if named is not None and named.unet is not None:
@@ -127,7 +216,12 @@ def load_pipeline(
     check_guidance(pipe)
     (ModelDefaults.from_pipeline(pipe) if defaults is None else defaults).attach(pipe)  # hub id: its class's
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    try:
+        pipe = pipe.to(device)
+    except (RuntimeError, AssertionError) as exc:  # out of memory, a driver error: one line naming the cause
+        raise ModelLoadError(f"could not move {model} to {device}: {_first_line(exc)}") from None
+    warn_unhonoured_dtype(pipe, dtype)
+    return pipe
 
 
 def _class_name(source: str) -> str | None:

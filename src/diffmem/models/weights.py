@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any
 
 from diffmem.errors import ModelLoadError
+from diffmem.io.files import read_json_object
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-WEIGHTED_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+WEIGHTED_PARTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 """Pipeline components that carry weights (tokenizers and schedulers are JSON and text)."""
 ALLOW_HINT = "pass --allow-pickle (allow_pickle=True in load_pipeline) only if you trust"
 _MAX_HEADER = 100 * 2**20  # a safetensors header above 100 MB is damage, not a model
@@ -30,10 +30,9 @@ def check_weights(source: str | Path, allow_pickle: bool = False) -> None:
     folder = Path(source)
     if not (folder / "model_index.json").is_file():
         return
-    try:
-        spec: dict[str, Any] = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # resolve_model reports an unreadable model_index.json
+    from diffmem.models.folders import read_metadata
+
+    spec = read_metadata(folder / "model_index.json")
     for part in WEIGHTED_PARTS:
         entry = spec.get(part)
         if not isinstance(entry, list) or not entry or entry[0] is None:
@@ -97,8 +96,8 @@ def check_safetensors(path: Path) -> None:
 def _check_shards(index: Path) -> None:
     """Every shard a sharded checkpoint's index names must be present (each was checked as a file already)."""
     try:
-        names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        names = set(read_json_object(index, "weight index", ModelLoadError)["weight_map"].values())
+    except (ModelLoadError, KeyError, TypeError, AttributeError):
         raise ModelLoadError(f"{index} is damaged: not a JSON weight index") from None
     missing = sorted(n for n in names if not (index.parent / n).is_file())
     if missing:

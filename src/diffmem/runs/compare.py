@@ -20,7 +20,6 @@ each stage. Published SD v1.4 figures stand beside each row, with their sources 
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import math
 import statistics
@@ -30,37 +29,25 @@ from pathlib import Path
 from typing import Any
 
 from diffmem.errors import InputError
+from diffmem.io.durable import write_atomic
 from diffmem.models.defaults import ModelDefaults
 from diffmem.runs.reproduce import Log, Progress, Report, ReproduceSettings, _f, membench_markdown
 
-DEFAULT_DETECTORS = ("wen", "anisotropy", "sharpness", "ren-le", "ren-ae", "bright-ending", "nemo", "step-norm",
-                     "carlini")
-DEFAULT_METHODS = ("none", "embedding", "rta", "rna", "cwr", "gni", "attention", "sail", "nemo")
 
-_NOT_FOUND = "no figure verified here (see the paper)"
-PUBLISHED: dict[str, str] = {
-    "wen": "AUC 0.960, TPR@1% 0.760 (n=1; Wen et al., ICLR 2024); re-run by Jeon et al.: AUC 0.976 / 0.992, "
-           "TPR@1% 0.896 / 0.944 (n=1 / 4)",
-    "anisotropy": "AUC 0.994 / 0.999, TPR@1% 0.935 / 0.984 (n=1 / 4; Asthana & Belagiannis, ICLR 2026)",
-    "sharpness": "AUC 0.987 / 0.998, TPR@1% 0.908 / 0.982 (n=1 / 4; Jeon et al., ICML 2025)",
-    "ren-le": _NOT_FOUND + ": Ren et al., ECCV 2024, arXiv 2403.11052",
-    "ren-ae": _NOT_FOUND + ": Ren et al., ECCV 2024, arXiv 2403.11052",
-    "bright-ending": _NOT_FOUND + ": Chen et al., ICLR 2025, arXiv 2410.21665",
-    "nemo": _NOT_FOUND + ": Hintersdorf et al., NeurIPS 2024, arXiv 2406.02366 (threshold 0.428 on SD v1.4)",
-    "step-norm": "AUC > 0.999 (Huang et al., KDD 2026, arXiv 2605.22050, abstract)",
-    "carlini": "AUC 0.940, TPR@1% 0.232 (n=16; Carlini et al. 2023 re-run by Jeon et al., ICML 2025)",
-    "none": "",
-    "embedding": _NOT_FOUND + ": Wen et al., ICLR 2024",
-    "rta": _NOT_FOUND + ": Somepalli et al. 2023",
-    "rna": _NOT_FOUND + ": Somepalli et al. 2023",
-    "cwr": _NOT_FOUND + ": Somepalli et al. 2023",
-    "gni": _NOT_FOUND + ": Somepalli et al. 2023",
-    "attention": _NOT_FOUND + ": Ren et al., ECCV 2024",
-    "sail": _NOT_FOUND + ": Jeon et al., ICML 2025",
-    "nemo-method": _NOT_FOUND + ": Hintersdorf et al., NeurIPS 2024",
-}
-"""Published Stable Diffusion v1.4 figures (the 500 memorized prompts of Webster 2023; METHOD.md section 7), as the
-papers state them; TPR conventions differ between papers."""
+def __getattr__(name: str) -> Any:
+    """Views of the registries, for callers of the former constants: `DEFAULT_DETECTORS` (every registered
+    detector), `DEFAULT_METHODS` (every mitigation, plain sampling first) and `PUBLISHED` (each detector's published
+    SD v1.4 figures, `Detector.published`)."""
+    from diffmem.detectors import DETECTORS
+    from diffmem.mitigate.base import table_methods
+
+    if name == "DEFAULT_DETECTORS":
+        return tuple(DETECTORS)
+    if name == "DEFAULT_METHODS":
+        return table_methods()
+    if name == "PUBLISHED":
+        return {key: cls.published for key, cls in DETECTORS.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -68,27 +55,41 @@ class CompareSettings(ReproduceSettings):
     """Everything that fixes the two tables: `diffmem reproduce`'s settings (its `steps` unused: each detector
     scores its own steps), the detectors, and the peer mitigations' thresholds (None: calibrated)."""
 
-    methods: tuple[str, ...] = DEFAULT_METHODS
     mitigation_prompts: int | None = 64
-    detectors: tuple[str, ...] = DEFAULT_DETECTORS
+    detectors: tuple[str, ...] | None = None
+    """Detectors (None: every registered one)."""
     sail_threshold: float | None = None
     nemo_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        from diffmem.detectors import DETECTORS
+        from diffmem.mitigate.base import table_methods
+
+        if self.methods is None:
+            self.methods = table_methods()
+        if self.detectors is None:
+            self.detectors = tuple(DETECTORS)
 
     def check(self) -> None:
         """One InputError line for settings no run can use."""
         from diffmem.detectors import DETECTORS
         from diffmem.measures.images import PREPROCESSING
-        from diffmem.mitigate import ALL_METHODS
+        from diffmem.mitigate import MITIGATIONS
+        from diffmem.mitigate.base import GenerationConfig
 
         for what, given, known in (("--detectors", self.detectors, DETECTORS), ("--methods", self.methods,
-                                                                                ALL_METHODS)):
-            unknown = [name for name in given if name not in known]
+                                                                                MITIGATIONS)):
+            unknown = [name for name in given or () if name not in known]
             if unknown:
                 raise InputError(f"{what}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
         if not self.generations or min(self.generations) < 1 or self.mitigation_generations < 1:
             raise InputError("--generations and --mitigation-generations take whole numbers of at least 1")
-        if self.num_inference_steps < 2:
-            raise InputError("--num-inference-steps must be at least 2 (step-norm measures updates between steps)")
+        for name in self.detectors or ():  # each detector's settings, checked by its own config
+            for n in self.generations:
+                if n >= DETECTORS[name].min_generations:
+                    detector_config(name, n, self, self.guidance_scale)
+        GenerationConfig(generations=self.mitigation_generations, seed=self.seed,
+                         num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale)
         if self.mitigation_prompts is not None and self.mitigation_prompts < 0:
             raise InputError("--mitigation-prompts must be 0 or more")
         if self.sscd_preprocessing not in PREPROCESSING:
@@ -107,34 +108,14 @@ class CompareReport(Report):
 # ----------------------------------------------------------------------------------------------- detection
 
 
-def _detector_factory(name: str, n: int, settings: CompareSettings, guidance: float) -> Callable[[Any], Any]:
-    """`pipe -> detector` for `name` at n generations with the run's settings (the authors' defaults otherwise)."""
+def detector_config(name: str, n: int, settings: CompareSettings, guidance: float | None) -> Any:
+    """The config of detector `name` at n generations with the run's settings (its own defaults otherwise; each
+    detector takes the settings it declares)."""
     from diffmem.detectors import DETECTORS
 
-    cls = DETECTORS[name]
-    options: dict[str, Any] = {"generations": n, "seed": settings.seed,
-                               "num_inference_steps": settings.num_inference_steps, "batch_size": settings.batch_size}
-    if "guidance_scale" in inspect.signature(cls).parameters:
-        options["guidance_scale"] = guidance
-    return lambda pipe: cls(pipe, **options)
-
-
-def _steps(name: str, num_inference_steps: int) -> int:
-    """The `steps` setting a detector's rows record (bright-ending scores every step, the others one)."""
-    return num_inference_steps if name == "bright-ending" else 1
-
-
-def _step_norm_scores(rows: list[dict[str, Any]], band: Any) -> list[float | None]:
-    """Step-norm scores of `rows` against a stable range, recomputed from their stored update norms."""
-    import torch
-
-    out: list[float | None] = []
-    for row in rows:
-        if row["score"] is None:
-            out.append(None)
-            continue
-        out.append(float(band.excursion(torch.tensor(row["magnitudes"], dtype=torch.float64)).mean()))
-    return out
+    return DETECTORS[name].Config.from_values({"generations": n, "seed": settings.seed,
+                                                "batch_size": settings.batch_size, "guidance_scale": guidance,
+                                                "num_inference_steps": settings.num_inference_steps})
 
 
 def _detection_row(name: str, n: int, mem: list[dict[str, Any]], normal: list[dict[str, Any]],
@@ -152,44 +133,41 @@ def run_detection(settings: CompareSettings, pipe: Callable[[], Any], mem: list[
                   progress: Progress | None) -> dict[int, list[float]]:
     """Every detector at every n (Wen's first step at n = 1 always, the cost unit); fills `report.detection` and
     returns the first-step Wen scores of the non-memorized prompts per n (for the embedding target)."""
-    from diffmem.detectors import MIN_GENERATIONS, StableRange
+    from diffmem.detectors import DETECTORS, MagnitudeDetector
     from diffmem.registry import model_id
     from diffmem.runs.reproduce import scan
 
     out = settings.out
     base = {"model": model_id(settings.model), "seed": settings.seed, "guidance_scale": guidance,
             "num_inference_steps": settings.num_inference_steps}
-    runs = [("wen", 1)] + [(d, n) for d in settings.detectors for n in settings.generations if (d, n) != ("wen", 1)]
+    wen = MagnitudeDetector.name  # its first step at n = 1 is the cost unit
+    detectors = settings.detectors or ()
+    runs = [(wen, 1)] + [(d, n) for d in detectors for n in settings.generations if (d, n) != (wen, 1)]
     wen_normal: dict[int, list[float]] = {}
     unit = None
     for name, n in runs:
-        if n < MIN_GENERATIONS.get(name, 1):
+        cls = DETECTORS[name]
+        if n < cls.min_generations:
             report.detection.append({"detector": name, "generations": n, "auc": None, "tpr_at_1fpr": None,
                                      "tpr_at_3fpr": None, "seconds_per_prompt": None, "cost": None,
-                                     "note": f"needs at least {MIN_GENERATIONS[name]} generations"})
+                                     "note": f"needs at least {cls.min_generations} generations"})
             continue
-        match = {**base, "detector": name, "steps": _steps(name, settings.num_inference_steps), "generations": n}
-        make = _detector_factory(name, n, settings, guidance)
+        config = detector_config(name, n, settings, guidance)
+        match = {**base, "detector": name, "steps": config.n_steps, "generations": n}
         rows, scored = {}, 0
         for kind, prompts in (("memorized", mem), ("normal", normal)):
             found, new = scan(pipe, prompts, out / "detection" / f"{name}_n{n}_{kind}.jsonl", match, "first",
-                              settings, progress, make)
+                              settings, progress, functools.partial(cls, config=config))
             rows[kind], scored = list(found.values()), scored + new
         log(f"detection, {name}, n={n}: scored {scored} prompts, {len(mem) + len(normal) - scored} were already "
             "scored")
-        if name == "wen":
+        if name == wen:
             wen_normal[n] = [r["score"] for r in rows["normal"] if r["score"] is not None]
-        neg_rows = rows["normal"]
-        pos, neg = [r["score"] for r in rows["memorized"]], [r["score"] for r in neg_rows]
-        if name == "step-norm":
-            band = StableRange.from_rows(rows["normal"][0::2])
-            band.save(out / "step_norm_range.json")
-            neg_rows = rows["normal"][1::2]
-            pos, neg = _step_norm_scores(rows["memorized"], band), _step_norm_scores(neg_rows, band)
+        pos, neg, neg_rows = cls.split_scores(rows["memorized"], rows["normal"], out)
         row = _detection_row(name, n, rows["memorized"], neg_rows, pos, neg)
-        if (name, n) == ("wen", 1):
+        if (name, n) == (wen, 1):
             unit = row["seconds_per_prompt"]
-            if "wen" not in settings.detectors or 1 not in settings.generations:
+            if wen not in detectors or 1 not in settings.generations:
                 continue
         row["cost"] = None if not unit else row["seconds_per_prompt"] / unit
         report.detection.append(row)
@@ -202,83 +180,45 @@ def run_detection(settings: CompareSettings, pipe: Callable[[], Any], mem: list[
 
 def _calibrate(settings: CompareSettings, pipe: Any, normal: list[str], wen_normal: dict[int, list[float]],
                log: Log) -> dict[str, Any]:
-    """The model-dependent thresholds of the mitigations, from the non-memorized prompts (cached in
-    OUT/calibration.json; a value given in the settings wins)."""
-    import torch
-
-    from diffmem.detectors.base import initial_noise
-    from diffmem.detectors.magnitude import MagnitudeDetector
-    from diffmem.measures.ssim import pairwise_ms_ssim
-    from diffmem.mitigate.nemo import NEMO_GENERATIONS, NEMO_SEED, NeuronStatistics, NoiseResiduals
-    from diffmem.mitigate.sail import SailLoss
-    from diffmem.models.conditioning import empty, encode
+    """The model-dependent options of the mitigations, each calibrated by its method on the non-memorized prompts
+    (`Mitigation.calibrate`; cached in OUT/calibration.json, and a value given in the settings wins)."""
+    from diffmem.config import SamplingConfig
+    from diffmem.mitigate import MITIGATIONS
+    from diffmem.mitigate.base import Calibrating
 
     path = settings.out / "calibration.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
-    n = settings.mitigation_generations
+    generation = SamplingConfig(generations=settings.mitigation_generations, seed=settings.seed,
+                                num_inference_steps=settings.num_inference_steps)
     cal: dict[str, Any] = {}
-    methods = set(settings.methods)
-
-    def resolve(key: str, given: float | None, compute: Callable[[], float]) -> None:
-        cal[key] = given if given is not None else cached[key] if key in cached else compute()
-
-    def median_first_step() -> float:
-        scores = wen_normal.get(n) or [r.score for r in MagnitudeDetector(
-            pipe, generations=n, seed=settings.seed, num_inference_steps=settings.num_inference_steps,
-            batch_size=settings.batch_size).score(normal) if r.score is not None]
-        return statistics.median(scores)
-
-    def median_sail_loss() -> float:
-        log(f"calibration: SAIL loss of {len(normal)} non-memorized prompts")
-        noise = initial_noise(pipe, n, settings.seed).to(pipe.unet.device, torch.float32)
-        losses: list[float] = []
-        with torch.no_grad():
-            uncond = empty(pipe)
-            for prompt in normal:
-                loss = SailLoss(pipe, encode(pipe, [prompt]), uncond, num_inference_steps=settings.num_inference_steps)
-                losses += loss(noise).tolist()
-        return statistics.median(losses)
-
-    def residual_ssim_mean_plus_std() -> float:
-        log(f"calibration: pairwise residual MS-SSIM of {len(normal)} non-memorized prompts")
-        sims = []
-        for prompt in normal:
-            pair = pairwise_ms_ssim(NoiseResiduals(pipe, prompt, NEMO_GENERATIONS, NEMO_SEED,
-                                                   settings.num_inference_steps)())
-            i, j = torch.triu_indices(pair.shape[0], pair.shape[0], 1)
-            sims.append(pair[i, j].cpu())
-        values = torch.cat(sims)
-        return float(values.mean() + values.std())
-
-    if "embedding" in methods:
-        resolve("target_loss", settings.target_loss, median_first_step)
-    if "sail" in methods:
-        resolve("sail_threshold", settings.sail_threshold, median_sail_loss)
-    if "nemo" in methods:
-        stats_path = settings.out / "nemo_stats.pt"
-        if not stats_path.is_file():
-            NeuronStatistics.fit(pipe, normal).save(stats_path)
-        cal["nemo_stats"] = str(stats_path.resolve())
-        resolve("nemo_threshold", settings.nemo_threshold, residual_ssim_mean_plus_std)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**cached, **cal}, indent=2) + "\n")
+    for method in settings.methods or ():
+        cls = MITIGATIONS[method]
+        given = {key: getattr(settings, key, None) for key in cls.calibrated}
+        known = {key: value if value is not None else cached.get(key) for key, value in given.items()}
+        known = {key: value for key, value in known.items() if value is not None}
+        found = {} if set(known) == set(cls.calibrated) else cls.calibrate(Calibrating(
+            pipe, normal, generation, settings.batch_size, wen_normal, settings.out, known, log))
+        cal.update({**found, **known})
+    write_atomic(path, json.dumps({**cached, **cal}, indent=2) + "\n")
     return cal
 
 
 def _method_settings(method: str, settings: CompareSettings, cal: dict[str, Any],
                      defaults: ModelDefaults) -> dict[str, Any]:
-    """The `diffmem mitigate` settings of one method's generations (the embedding's target: the calibrated one)."""
+    """The `diffmem mitigate` settings of one method's generations, with the options calibrated for it."""
+    from diffmem.mitigate import MITIGATIONS
+    from diffmem.mitigate.base import KEYWORDS
+
+    cls = MITIGATIONS[method]
+    calibrated = {key: cal[key] for key in cls.calibrated if cal.get(key) is not None}
     gen: dict[str, Any] = dict(threshold=None, generations=settings.mitigation_generations, seed=settings.seed,
                                num_inference_steps=settings.num_inference_steps,
                                guidance_scale=defaults.resolve_guidance(settings.guidance_scale),
-                               target_loss=cal["target_loss"] if method == "embedding" else defaults.target_loss,
-                               iters=settings.iters, lr=settings.lr, k=settings.k,
+                               target_loss=defaults.target_loss, iters=settings.iters, lr=settings.lr, k=settings.k,
                                sigma=settings.sigma)
-    options = {"sail": {"sail_threshold": cal.get("sail_threshold")},
-               "nemo": {"nemo_stats": cal.get("nemo_stats"), "nemo_threshold": cal.get("nemo_threshold")},
-               "attention": {}}.get(method)
-    if options is not None:
-        gen["method_options"] = {k: v for k, v in options.items() if v is not None}
+    gen.update({key: value for key, value in calibrated.items() if key in KEYWORDS})
+    if cls.Config.names() - set(KEYWORDS):
+        gen["method_options"] = {key: value for key, value in calibrated.items() if key not in KEYWORDS}
     return gen
 
 
@@ -287,7 +227,9 @@ def _method_settings(method: str, settings: CompareSettings, cal: dict[str, Any]
 
 def markdown(report: CompareReport) -> str:
     """The report as Markdown: settings, one detection table, one mitigation table, calibration and notes."""
+    from diffmem.detectors import DETECTORS
     from diffmem.measures.detection import TPR_CONVENTION
+    from diffmem.mitigate import MITIGATIONS
 
     s = report.settings
     ns = [int(n) for n in s["generations"]]
@@ -303,7 +245,8 @@ def markdown(report: CompareReport) -> str:
         cells = [f"{_f(by_key.get((name, n), {}).get('auc'))} | {_f(by_key.get((name, n), {}).get('tpr_at_1fpr'))}"
                  for n in ns]
         costs = [(f"{c:.2f}x" if (c := by_key.get((name, n), {}).get("cost")) is not None else "n/a") for n in ns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(costs) + f" | {PUBLISHED[name]} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(costs) + f" | "
+                     f"{DETECTORS[name].published} |")
     lines += ["", f"TPR@x%FPR: {TPR_CONVENTION}. Cost: seconds per prompt (text encoding, denoiser calls, decoding "
               f"where a detector generates images; batch {s['batch_size']} rows) over Wen et al.'s first step at "
               "n = 1 on the same run. n/a: the detector needs more generations (nemo and carlini compare a prompt's "
@@ -317,7 +260,7 @@ def markdown(report: CompareReport) -> str:
                   f"mean {m['copy']} | {m['align']} | s / prompt | published, SD v1.4 |",
                   "|---|---|---|---|---|---|---|"]
         for r in report.mitigation:
-            published = PUBLISHED["nemo-method" if r["method"] == "nemo" else r["method"]]
+            published = MITIGATIONS[r["method"]].published
             lines.append(f"| {r['method']} | {_f(r['memorization_rate'], pct=True)} | "
                          f"{_f(r['any_copy_rate'], pct=True)} | {_f(r['mean_similarity'])} | {_f(r['alignment'])} | "
                          f"{_f(r['seconds_per_prompt'], 2)} | {published} |")
@@ -350,8 +293,12 @@ def compare(settings: CompareSettings, log: Log = print, progress: Progress | No
     settings.check()
     out = settings.out
     mem, normal = _read(settings.memorized, "memorized"), _read(settings.normal, "non-memorized")
-    if len(normal) < 4 and "step-norm" in settings.detectors:
-        raise InputError("step-norm needs at least 4 non-memorized prompts (half fit its range, half test it)")
+    from diffmem.detectors import DETECTORS
+
+    chosen = [DETECTORS[name] for name in settings.detectors or ()]
+    for cls in chosen:
+        if len(normal) < cls.min_references:
+            raise InputError(f"{cls.name} needs at least {cls.min_references} non-memorized prompts ({cls.note})")
     limit = len(mem) if settings.mitigation_prompts is None else min(settings.mitigation_prompts, len(mem))
     mitigation_prompts = mem[:limit]
     device = parse_device(settings.device)
@@ -375,9 +322,7 @@ def compare(settings: CompareSettings, log: Log = print, progress: Progress | No
                            measures={"copy": measures.copy_name, "align": measures.align_name,
                                      "rule": f"{'at or ' if settings.testbed else ''}above {measures.threshold:g}"},
                            notes=notes)
-    if "step-norm" in settings.detectors:
-        report.notes.append("step-norm: stable range fit on the even-indexed non-memorized prompts "
-                            "(step_norm_range.json), evaluated on the odd-indexed ones")
+    report.notes += [f"{cls.name}: {cls.note}" for cls in chosen if cls.note]
     wen_normal = run_detection(settings, pipe, mem, normal, guidance, report, log, progress)
     write_report(report, out)
     if limit == 0 or not settings.methods:

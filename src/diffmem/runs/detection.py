@@ -4,7 +4,6 @@ the main process writes the rows in input order)."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,13 @@ def run(prompts: Path, out: Path, model: str, settings: dict[str, Any], column: 
     limit: list[int] = []
 
     def load(_: RowsRun) -> Work:
+        from diffmem.models.conditioning import text_window
         from diffmem.models.loading import load_pipeline, parse_dtype, quiet_diffusers
 
         quiet_diffusers()
         pipe: Any = load_pipeline(model, device=torch_device, dtype=parse_dtype(dtype), allow_pickle=allow_pickle)
         pipe.set_progress_bar_config(disable=True)  # load_pipeline does it too; the CLI must never show tqdm
-        limit.append(pipe.tokenizer.model_max_length - 2)
+        limit.append(text_window(pipe)[1])  # the prompt tokens the longest text encoder keeps
         detector = make_detector(pipe, settings, batch_size)
 
         def rows(chunk: list[str]) -> list[Row]:
@@ -71,15 +71,12 @@ def run(prompts: Path, out: Path, model: str, settings: dict[str, Any], column: 
 
 
 def make_detector(pipe: Any, settings: dict[str, Any], batch_size: int) -> Any:
-    """The detector a `diffmem detect` run's settings name."""
+    """The detector a `diffmem detect` run's settings name (each detector takes the settings its `Config`
+    declares)."""
     from diffmem.detectors import DETECTORS, StableRange
 
-    common = {"generations": settings["generations"], "seed": settings["seed"],
-              "num_inference_steps": settings["num_inference_steps"], "batch_size": batch_size}
-    detector = DETECTORS[settings["detector"]]
-    accepted = inspect.signature(detector).parameters
-    common.update({key: settings[key] for key in ("steps", "guidance_scale", "cosine_weight")
-                   if key in accepted and key in settings})
+    values = {**settings, "batch_size": batch_size}
     if "stable_range" in settings:
-        common["stable_range"] = StableRange(**{k: tuple(v) for k, v in settings["stable_range"].items()})
-    return detector(pipe, **common)
+        values["stable_range"] = StableRange(**{k: tuple(v) for k, v in settings["stable_range"].items()})
+    detector = DETECTORS.lookup(settings["detector"], "--detector")
+    return detector(pipe, detector.Config.from_values(values))

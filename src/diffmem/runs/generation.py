@@ -6,14 +6,13 @@ OUT/results.jsonl row per prompt, and resumes where it stopped when rerun on the
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from diffmem.console import say, shorten, stderr
 from diffmem.errors import InputError
-from diffmem.mitigate import ALL_METHODS
+from diffmem.io.durable import replace_file
 from diffmem.registry import model_id
 from diffmem.runs.rows import OutputError, Row, RowsRun, Say, Work, process_state, run_rows
 
@@ -28,10 +27,10 @@ def run(prompts: Path, out: Path, model: str, method: str, settings: dict[str, A
     (`diffmem.runs.rows`): each process saves the PNGs of the prompts it generated, the main process writes the
     rows in input order. With `pipe` (or in one process) it is one process's run."""
     from diffmem.io.prompts import read_prompts
+    from diffmem.mitigate import MITIGATIONS
     from diffmem.models.loading import parse_device, parse_dtype
 
-    if method not in ALL_METHODS:
-        raise InputError(f"--method must be one of {', '.join(ALL_METHODS)}, not {method!r}")
+    MITIGATIONS.lookup(method, "--method")
     parse_dtype(dtype)
     state, torch_device = (None, parse_device(device)) if pipe is not None else process_state(device)
 
@@ -103,10 +102,4 @@ def _work(done: RowsRun, out: Path, model: str, pipe: Any, device: Any, dtype: s
 def _save_png(image: Any, path: Path) -> None:
     """Save a PNG whole (a temporary file renamed over `path`, so a kill never leaves half an image under its
     name); a write error (disk full, file size limit) is one line, to which the run adds the prompts it keeps."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    replace_file(path, lambda tmp: image.save(tmp, format="PNG"), done="", error=OutputError)

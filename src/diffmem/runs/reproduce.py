@@ -27,14 +27,11 @@ from typing import Any
 import numpy as np
 
 from diffmem.errors import InputError
-from diffmem.mitigate import METHODS
+from diffmem.io.durable import write_atomic
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
 """(stage, done, total): called as a scan advances."""
-
-DEFAULT_METHODS = ("none", "embedding", "rta", "rna", "cwr", "gni")
-
 
 @dataclass
 class ReproduceSettings:
@@ -50,7 +47,8 @@ class ReproduceSettings:
     num_inference_steps: int = 50
     guidance_scale: float | None = None
     batch_size: int = 32
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    methods: tuple[str, ...] | None = None
+    """Mitigation methods (None: those of Wen et al.'s table, `table_methods(paper=True)`)."""
     mitigation_prompts: int | None = None
     mitigation_generations: int = 4
     target_loss: float | None = None
@@ -70,17 +68,24 @@ class ReproduceSettings:
     dataset: str | None = None
     data: Path | None = None
 
+    def __post_init__(self) -> None:
+        if self.methods is None:
+            from diffmem.mitigate.base import table_methods
+
+            self.methods = table_methods(paper=True)
+
     def check(self) -> None:
         """One InputError line for settings no run can use (before anything is loaded or computed)."""
         from diffmem.detectors.base import parse_steps
+        from diffmem.mitigate import MITIGATIONS
 
         if not self.generations or min(self.generations) < 1 or self.mitigation_generations < 1:
             raise InputError("--generations and --mitigation-generations take whole numbers of at least 1")
         for steps in self.steps:
             parse_steps(steps, self.num_inference_steps)
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods or () if m not in MITIGATIONS]
         if unknown:
-            raise InputError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+            raise InputError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(MITIGATIONS)}")
         from diffmem.measures.images import PREPROCESSING
 
         if self.sscd_preprocessing not in PREPROCESSING:
@@ -332,7 +337,9 @@ def mitigation_row(method: str, folder: Path, measures: Measures, generations: i
         "membench": membench_metrics(*((sims, aligns) if isinstance(measures, PaperMeasures) else ([], [])),
                                      aesthetics),  # SSCD and CLIP columns only on a real model's measures
     }
-    if method == "embedding":
+    from diffmem.mitigate import MITIGATIONS
+
+    if "target_loss" in MITIGATIONS[method].Config.names():  # it optimises towards the target loss
         out["target_loss"] = rows[0]["target_loss"]
         out["target_reached"] = _mean([bool(r["reached"]) for r in rows])
         out["mean_final_loss"] = _mean([r["final_loss"] for r in rows if r["final_loss"] is not None])
@@ -349,7 +356,7 @@ def run_mitigations(out: Path, prompts: Sequence[str], settings: Any, method_set
     folder = out / "mitigation"
     folder.mkdir(parents=True, exist_ok=True)
     prompt_file = folder / "prompts.jsonl"
-    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    write_atomic(prompt_file, "".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     for method in settings.methods:
         method_dir = folder / method
         if not _complete(method_dir / "results.jsonl", prompts):
@@ -391,9 +398,9 @@ def plot_mitigation(rows: list[dict[str, Any]], measures: Measures, path: Path) 
     ax.set_ylabel("memorization rate (share of prompts)")
     ax.set_title("mitigation: memorization against alignment", fontsize=9)
     ax.grid(True, alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    from diffmem.io.durable import save_figure
+
+    return save_figure(fig, path, dpi=120)
 
 
 # -------------------------------------------------------------------------------------------------- report
@@ -443,7 +450,7 @@ def markdown(report: Report) -> str:
                   f"{m['align']} | s / prompt |", "|---|---|---|---|---|---|"]
         for r in report.mitigation:
             name = r["method"] + (f" (target loss {r['target_loss']:.4g}, reached {_f(r['target_reached'], pct=True)})"
-                                  if r["method"] == "embedding" else "")
+                                  if "target_reached" in r else "")
             lines.append(f"| {name} | {_f(r['memorization_rate'], pct=True)} | {_f(r['any_copy_rate'], pct=True)} | "
                          f"{_f(r['mean_similarity'])} | {_f(r['alignment'])} | {_f(r['seconds_per_prompt'], 2)} |")
         lines += ["", f"A generation is a copy when its {m['copy']} is {m['rule']}."]
@@ -478,9 +485,7 @@ def write_report(report: Any, out: Path, render: Callable[[Any], str] | None = N
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("report.json", json.dumps(to_jsonable(asdict(report)), indent=2) + "\n"),
                        ("report.md", (render or markdown)(report))):
-        part = out / (name + ".part")
-        part.write_text(text)
-        part.replace(out / name)
+        write_atomic(out / name, text)
 
 
 # ----------------------------------------------------------------------------------------------------- run
@@ -561,7 +566,10 @@ def reproduce(settings: ReproduceSettings, log: Log = print, progress: Progress 
 
     wanted = [(n, s) for n in settings.generations for s in settings.steps]
     n_mit = settings.mitigation_generations
-    calibrate = "embedding" in settings.methods and settings.target_loss is None and limit > 0
+    from diffmem.mitigate import MITIGATIONS
+
+    targeted = {m for m in settings.methods or () if "target_loss" in MITIGATIONS[m].calibrated}
+    calibrate = bool(targeted) and settings.target_loss is None and limit > 0
     runs = wanted + ([(n_mit, "first")] if calibrate and (n_mit, "first") not in wanted else [])
     first_normal: dict[int, list[float]] = {}
     for n, steps in runs:
@@ -594,7 +602,7 @@ def reproduce(settings: ReproduceSettings, log: Log = print, progress: Progress 
     def method_settings(method: str) -> dict[str, Any]:
         return dict(threshold=None, generations=n_mit, seed=settings.seed,
                     num_inference_steps=settings.num_inference_steps, guidance_scale=guidance,
-                    target_loss=target if method == "embedding" else defaults.target_loss, iters=settings.iters,
+                    target_loss=target if method in targeted else defaults.target_loss, iters=settings.iters,
                     lr=settings.lr, k=settings.k, sigma=settings.sigma)
 
     run_mitigations(out, mitigation_prompts, settings, method_settings, n_mit, measures, report,

@@ -31,7 +31,6 @@ def copy_grid(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    from diffmem.io.durable import save_figure
+
+    return save_figure(fig, path, dpi=110)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from diffmem.errors import InputError
-from diffmem.io.durable import write_atomic
+from diffmem.io.durable import replace_file, save_figure, write_atomic
 from diffmem.mitigate import generate
 from diffmem.testbed.figures import copy_grid
 from diffmem.testbed.quality import alignment
@@ -76,8 +76,8 @@ class Parts:
             return row
         row = measure()
         if images:
-            np.save(self.dir / f"{key}_images.npy", row["_images"])
-            np.save(self.dir / f"{key}_sims.npy", row["_sims"])
+            for part in ("images", "sims"):
+                replace_file(self.dir / f"{key}_{part}.npy", partial(_save_npy, array=row[f"_{part}"]))
         write_atomic(path, json.dumps({k: v for k, v in row.items() if not k.startswith("_")}))
         return row
 
@@ -207,7 +207,7 @@ def _plot_tradeoff(rows: list[dict], curves: dict[str, list[dict]], path: Path) 
     ax.set_title("testbed: memorization against alignment as each mitigation's strength moves", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def _picture(items: Sequence[Item], own: np.ndarray, plain: tuple[np.ndarray, np.ndarray],
@@ -218,3 +218,9 @@ def _picture(items: Sequence[Item], own: np.ndarray, plain: tuple[np.ndarray, np
         rows.append((f"#{items[k].index} plain", own[k], plain[0][k], plain[1][k]))
         rows.append((f"#{items[k].index} mitigated", own[k], mitigated[0][k], mitigated[1][k]))
     copy_grid(rows, path, COPY_THRESHOLD, title="testbed: training image, unmitigated and mitigated generations")
+
+
+def _save_npy(path: Path, array: Any) -> None:
+    """`np.save` to exactly `path` (np.save given a name adds .npy to it)."""
+    with path.open("wb") as f:
+        np.save(f, array)

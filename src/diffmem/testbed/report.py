@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from diffmem.detectors.magnitude import MagnitudeDetector
+from diffmem.io.durable import write_atomic
 from diffmem.measures.detection import evaluate_scores
 from diffmem.measures.plots import plot_histogram, plot_roc
 from diffmem.models.loading import load_pipeline, quiet_diffusers
@@ -71,7 +72,7 @@ def run_demo(out: Path, generations: int = 4, progress_factory: Callable | None 
     for (item, label), res in zip(labelled, results, strict=True):
         rows.append({"prompt": item.caption, "label": label, "index": item.index,
                      "score_n1": res.magnitudes[0][0], f"score_n{generations}": res.score})
-    (out / "detections.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(out / "detections.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     table = Table(title=f"testbed: {len(splits.planted)} memorized vs {len(splits.heldout)} held-out prompts, "
                         "first step (TPR: highest at FPR <= target)")
     for col in ("setting", "AUC", "TPR@1%FPR", "TPR@3%FPR", "threshold@1%FPR"):
@@ -89,7 +90,7 @@ def run_demo(out: Path, generations: int = 4, progress_factory: Callable | None 
     console.print(table)
     picture(pipe, splits.planted[:4], splits.heldout[:4], out / "copies.png")
     summary["wall_s"] = round(time.time() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     console.print(f"wrote detections.jsonl, roc.png, scores.png, copies.png, summary.json to {out.resolve()}")
     return summary
 
@@ -131,7 +132,7 @@ def run_quality(out: Path, generations: int = 4, steps: int = 50, guidance: floa
     plot_roc(mm[:, :, 0].mean(1), hm[:, :, 0].mean(1), out / "roc_first_n4.png", title="testbed, first step, n=4")
     plot_roc(mm.mean((1, 2)), hm.mean((1, 2)), out / "roc_all_n4.png", title="testbed, all steps, n=4")
     picture(pipe, splits.planted[:6], splits.heldout[:6], out / "copies.png")
-    (out / "quality.json").write_text(json.dumps(rep, indent=2))
+    write_atomic(out / "quality.json", json.dumps(rep, indent=2))
     _console().print_json(json.dumps(rep))
     return rep
 

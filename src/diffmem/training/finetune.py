@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from diffmem.errors import InputError, ModelLoadError
 from diffmem.io.durable import exclusive, write_atomic
+from diffmem.io.files import MAX_PROMPT_FILE_BYTES, json_problem, read_json_object, read_user_bytes
 from diffmem.registry import model_id
 from diffmem.training.loop import (
     FILTER_AT,
@@ -117,7 +118,7 @@ def _from_caption_files(root: Path, images: list[Path], files: list[Path]) -> Im
             found.skipped.append((_relative(image, root), f"no caption file {text_file.name}"))
             continue
         try:
-            caption = _clean_caption(text_file.read_text(encoding="utf-8"))
+            caption = _clean_caption(read_user_bytes(text_file, "caption file").decode("utf-8"))
         except UnicodeDecodeError:
             found.skipped.append((_relative(image, root), f"{text_file.name} is not UTF-8 text"))
             continue
@@ -136,18 +137,18 @@ def _from_metadata(root: Path, metadata: Path, images: list[Path]) -> ImageCapti
     found = ImageCaptions(root, "metadata.jsonl")
     captioned: dict[Path, str] = {}
     column = None
+    data = read_user_bytes(metadata, "metadata file", MAX_PROMPT_FILE_BYTES)
     try:
-        text = metadata.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        where = metadata.read_bytes().count(b"\n", 0, exc.start) + 1
+        where = data.count(b"\n", 0, exc.start) + 1
         raise InputError(f"{metadata} is not valid UTF-8 (line {where}); save it as UTF-8") from None
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{metadata}: line {number} is not JSON ({exc.msg})") from None
+        row, problem = json_problem(line)
+        if problem is not None:
+            raise InputError(f"{metadata}: line {number} is not JSON ({problem.removeprefix('invalid JSON ')})")
         if not isinstance(row, dict) or "file_name" not in row:
             raise InputError(f"{metadata}: line {number} has no 'file_name' field")
         column = column or next((c for c in CAPTION_COLUMNS if c in row), None)
@@ -228,15 +229,35 @@ def encode_folder(pipe: Any, found: ImageCaptions, batch: int = 8) -> LatentData
     return LatentData(torch.cat(chunks).contiguous(), captions, files, skipped, resized, found.layout)
 
 
+def _dataset_index(index: Path) -> dict[str, Any]:
+    """The latent cache's dataset.json, checked, or one line saying it is damaged (the checkpoint is kept)."""
+    cached = read_json_object(index, "latent cache index")
+    shapes = {"key": dict, "captions": list, "files": list, "skipped": list, "resized": int, "layout": str}
+    wrong = [name for name, kind in shapes.items() if not isinstance(cached.get(name), kind)]
+    if wrong or not all(isinstance(s, list) and len(s) == 2 for s in cached["skipped"]):
+        raise InputError(f"{index} is damaged (its {wrong[0] if wrong else 'skipped'} field); delete it to encode "
+                         "--data again (the checkpoint is kept)")
+    return cached
+
+
+def _cached_latents(tensors: Path) -> torch.Tensor:
+    """The latent cache's tensor, or one line saying the file is damaged."""
+    try:
+        return load_file(str(tensors))["latents"]
+    except (SafetensorError, OSError, KeyError) as exc:
+        raise InputError(f"{tensors} is damaged ({' '.join(str(exc).split())[:200]}); delete it and dataset.json to "
+                         "encode --data again (the checkpoint is kept)") from None
+
+
 def prepare_data(pipe: Any, found: ImageCaptions, out: Path, key: dict, resuming: bool) -> tuple[LatentData, bool]:
     """The latents of the scanned folder `found`, from the cache in `out` when it was made from the same files and
     model (always when resuming: the data may not change under a run); returns them and whether they were cached."""
     key = {**key, "fingerprint": found.fingerprint, "resolution": model_resolution(pipe)}
     index, tensors = out / "dataset.json", out / "latents.safetensors"
     if index.is_file() and tensors.is_file():
-        cached = json.loads(index.read_text())
+        cached = _dataset_index(index)
         if cached["key"] == key:
-            return LatentData(load_file(str(tensors))["latents"], cached["captions"], cached["files"],
+            return LatentData(_cached_latents(tensors), cached["captions"], cached["files"],
                               [(name, why) for name, why in cached["skipped"]], cached["resized"],
                               cached["layout"]), True
         if resuming:
@@ -251,8 +272,7 @@ def prepare_data(pipe: Any, found: ImageCaptions, out: Path, key: dict, resuming
     os.replace(out / "latents.tmp", tensors)
     record = {"key": key, "layout": encoded.layout, "files": encoded.files, "captions": encoded.captions,
               "skipped": encoded.skipped, "resized": encoded.resized}
-    (out / "dataset.tmp").write_text(json.dumps(record, indent=1))
-    os.replace(out / "dataset.tmp", index)
+    write_atomic(index, json.dumps(record, indent=1))
     return encoded, False
 
 
@@ -384,7 +404,7 @@ def _check_resume(settings: FinetuneSettings, out: Path, resume: bool, notice: N
         raise InputError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
                          "or choose a new --out")
     saved_path = out / "finetune.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    saved = read_json_object(saved_path, "run settings file", missing={})
     mine = asdict(settings)
     differ = [k for k in mine if k != "steps" and k in saved and saved[k] != mine[k]]
     if differ:
@@ -409,7 +429,23 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune the UNet of `settings.model` on `settings.data`, checkpointing in `out/checkpoint` and
     writing the pipeline to `out/pipeline`. Under `accelerate launch` the processes train data-parallel; only
-    the main one writes files and calls `notice` and `progress`."""
+    the main one writes files and calls `notice` and `progress`.
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from diffmem import load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> data, out = tempfile.TemporaryDirectory(), tempfile.TemporaryDirectory()  # images + captions, the run
+        >>> for i, item in enumerate(shipped_recipe().splits().planted[:4]):
+        ...     pipe(item.caption, num_inference_steps=10).images[0].save(f"{data.name}/{i}.png")
+        ...     _ = Path(f"{data.name}/{i}.txt").write_text(item.caption)
+        >>> result = finetune(FinetuneSettings("testbed", data.name, steps=2, batch_size=2), Path(out.name))
+        >>> result.stats["steps"], len(result.data.files), sorted(p.name for p in result.pipeline_dir.iterdir())[:3]
+        (2, 4, ['model_index.json', 'scheduler', 'text_encoder'])
+        >>> data.cleanup(), out.cleanup()
+        (None, None)
+    """
     from accelerate import Accelerator
 
     settings = settings.normalized()
@@ -509,7 +545,23 @@ def calibrate(
 ) -> dict:
     """Magnitudes `d` of the base model on the training data where the filter measures them (`filter_at`: the
     first sampling step, or random training timesteps), their percentiles and a suggested `--filter-threshold`;
-    written to `out/calibration.json`."""
+    written to `out/calibration.json`.
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from diffmem import load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> data, out = tempfile.TemporaryDirectory(), tempfile.TemporaryDirectory()  # images + captions, the run
+        >>> for i, item in enumerate(shipped_recipe().splits().planted[:4]):
+        ...     pipe(item.caption, num_inference_steps=10).images[0].save(f"{data.name}/{i}.png")
+        ...     _ = Path(f"{data.name}/{i}.txt").write_text(item.caption)
+        >>> result = calibrate(FinetuneSettings("testbed", data.name), Path(out.name), measurements=8)
+        >>> result["samples"], result["measurements"], result["suggested_tau"] == result["percentiles"]["99"]
+        (4, 8, True)
+        >>> data.cleanup(), out.cleanup()
+        (None, None)
+    """
     settings = settings.normalized()
     out = Path(out)
     _check_out(out, settings.data)

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from diffmem.errors import InputError
 from diffmem.io.durable import write_atomic
+from diffmem.io.files import MAX_PROMPT_FILE_BYTES, json_problem, read_json_object, read_user_bytes
 from diffmem.models.denoiser import Parameterization
 
 BatchFn = Callable[[int], tuple[torch.Tensor, list[str]]]
@@ -40,7 +41,14 @@ BatchFn = Callable[[int], tuple[torch.Tensor, list[str]]]
 
 @dataclass
 class TrainConfig:
-    """Settings of one training run; saved beside its checkpoints."""
+    """Settings of one training run; saved beside its checkpoints.
+
+    For example:
+
+        >>> cfg = TrainConfig(steps=1000, batch_size=8, lr=1e-5, filter_threshold=0.9)  # METHOD.md section 4's filter
+        >>> cfg.filter_timestep is None, cfg.filter_persist, cfg.checkpoint_every  # d at each sample's own timestep
+        (True, False, 500)
+    """
 
     steps: int
     batch_size: int = 64
@@ -90,7 +98,24 @@ def train(
     accelerator: Accelerator | None = None,
     progress: Callable[[int, dict], None] | None = None,
 ) -> dict:
-    """Train `unet` (and `text_encoder` if `cfg.train_text_encoder`) for `cfg.steps`, resuming from `out`."""
+    """Train `unet` (and `text_encoder` if `cfg.train_text_encoder`) for `cfg.steps`, resuming from `out`.
+
+    Two steps on the bundled testbed's generations of four captions:
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from diffmem import load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> captions = [item.caption for item in shipped_recipe().splits().planted[:4]]
+        >>> latents = pipe(captions, num_inference_steps=10, output_type="latent").images  # what the UNet learns
+        >>> cfg = TrainConfig(steps=2, batch_size=4, warmup=1, log_every=1)
+        >>> with tempfile.TemporaryDirectory() as out:  # a deterministic batch function: resumable runs
+        ...     stats = train(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+        ...                   lambda step: (latents, captions), cfg, out)
+        ...     stats["steps"], checkpoint_step(Path(out)), len((Path(out) / "log.jsonl").read_text().splitlines())
+        (2, 2, 2)
+    """
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -369,9 +394,29 @@ def read_state(folder: Path) -> dict:
     """The state `write_state` saved in `folder`, or an older checkpoint's `state.pt` (loaded with
     `weights_only=True`: tensors and plain containers only, no code)."""
     if (folder / STATE_JSON).is_file():
-        tensors = load_file(str(folder / STATE_TENSORS))
-        return _from_json(json.loads((folder / STATE_JSON).read_text()), tensors)
+        tree = state_json(folder)
+        try:
+            return _from_json(tree, load_file(str(folder / STATE_TENSORS)))
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"{folder} is damaged ({' '.join(str(exc).split())[:200]}); {_kept(folder)}") from None
     return torch.load(folder / LEGACY_STATE, map_location="cpu", weights_only=True)
+
+
+def state_json(folder: Path) -> dict:
+    """A checkpoint's state.json, or one line saying it is damaged; the checkpoint is left as it is."""
+    try:
+        tree = read_json_object(folder / STATE_JSON, "checkpoint state file")
+    except InputError as exc:
+        raise InputError(f"{exc}; {_kept(folder)}") from None
+    step = tree.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise InputError(f"{folder / STATE_JSON} is damaged: no whole 'step' field; {_kept(folder)}")
+    return tree
+
+
+def _kept(folder: Path) -> str:
+    return (f"the checkpoint in {folder} is kept as it is: restore it from a copy, or start a new run with another "
+            "--out")
 
 
 def _to_json(obj, tensors: dict[str, torch.Tensor]):
@@ -424,7 +469,7 @@ def checkpoint_step(out: Path) -> int:
     if not _has_state(folder):
         return 0
     if (folder / STATE_JSON).is_file():
-        return int(json.loads((folder / STATE_JSON).read_text())["step"])
+        return int(state_json(folder)["step"])
     return int(read_state(folder)["step"])
 
 
@@ -433,12 +478,11 @@ def _trim_log(log_path: Path, step: int) -> None:
     run wrote after its last checkpoint (written again as those steps rerun) and a torn last line."""
     if not log_path.is_file():
         return
-    data = log_path.read_bytes()
+    data = read_user_bytes(log_path, "training log", MAX_PROMPT_FILE_BYTES)
     kept = []
     for line in data.split(b"\n"):
-        try:
-            record = json.loads(line)
-        except ValueError:
+        record, problem = json_problem(line.decode("utf-8", "replace"))
+        if problem is not None:
             continue  # a blank or torn line
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line.decode() + "\n")
