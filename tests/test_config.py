@@ -92,3 +92,15 @@ def test_any_value_is_accepted_in_range_or_refused_in_one_line(generations, batc
     assert demo.guidance_scale is None or (math.isfinite(demo.guidance_scale) and demo.guidance_scale > 1)
     assert isinstance(demo.sigma, float) and math.isfinite(demo.sigma) and demo.sigma >= 0
     assert demo.method in ("a", "b") and isinstance(demo.flag, bool)
+
+
+def test_numpy_scalars_are_the_numbers_they_hold() -> None:
+    """np.int64(4) was refused as "not a whole number" (it is no Python int); a numpy bool is still no number."""
+    import numpy as np
+
+    demo = Demo(generations=np.int64(4), batch_size=np.int32(2), guidance_scale=np.float32(7.5))
+    assert (demo.generations, demo.batch_size, demo.guidance_scale) == (4, 2, 7.5)
+    assert type(demo.generations) is int and type(demo.guidance_scale) is float
+    for bad in (np.bool_(True), np.float64(1.5)):
+        with pytest.raises(InputError, match="--generations must be"):
+            Demo(generations=bad)

@@ -295,6 +295,36 @@ def test_reproduce_without_a_fetched_data_set_says_how(tmp_path: Path, cli: Call
     assert "give --memorized and --normal" in error_line(cli("reproduce", "--out", tmp_path / "r"))
 
 
+@pytest.mark.parametrize("command", ["reproduce", "compare"])
+def test_a_data_set_or_prompt_files_are_needed(command: str, tmp_path: Path, cli: Callable) -> None:
+    line = error_line(cli(command, "--dataset", "ren-sd1", "--data", tmp_path, "--out", tmp_path / "r"))
+    assert "run `diffmem datasets fetch ren-sd1" in line
+    assert "give --memorized and --normal" in error_line(cli(command, "--out", tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_compare_on_a_fetched_data_set(served, sd1_dir: Path, tmp_path: Path, cli: Callable) -> None:
+    """`compare --dataset` reads the fetched set's memorized and non-memorized prompt files, as `reproduce` does,
+    and its template-verbatim masks (a note of the report)."""
+    server, _ = served
+    data = tmp_path / "data"
+    assert cli("datasets", "fetch", "webster-sdv1", "--out", data, "--base-url", server.url).exit_code == 0
+    out = tmp_path / "cmp"
+    result = cli("compare", "--dataset", "webster-sdv1", "--data", data, "--model", sd1_dir, "--out", out,
+                 "--generations", 1, "--detectors", "wen", "--mitigation-prompts", 0, "--num-inference-steps", 3,
+                 "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    settings = report["settings"]
+    assert (settings["n_memorized"], settings["n_normal"]) == (3, 2)
+    assert (settings["dataset"], settings["data"]) == ("webster-sdv1", str(data))
+    assert settings["memorized"] == str(data / "webster-sdv1" / "prompts" / "memorized.jsonl")
+    assert any("1 template-verbatim (TV) prompts" in note for note in report["notes"])
+    (row,) = report["detection"]
+    assert row["detector"] == "wen" and (row["n_memorized"], row["n_normal"]) == (3, 2)
+
+
 # ------------------------------------------------------------------------------------------------- measures
 
 

@@ -128,3 +128,58 @@ def test_cli_explain_json_and_suggestions(sd1_dir, cli, tmp_path) -> None:
 def test_cli_explain_errors(args, expected, sd1_dir, cli) -> None:
     res = cli("explain", *args, "--model", sd1_dir)
     assert res.exit_code == 2 and expected in res.stderr and "Traceback" not in res.stderr
+
+
+def test_explain_config_checks_every_setting_once() -> None:
+    from diffmem.explanation.attribution import ExplainConfig
+
+    assert ExplainConfig().to_dict() == {"generations": 1, "seed": 0, "num_inference_steps": 50,
+                                         "method": "leave-one-out", "steps": "first", "guidance_scale": None}
+    assert ExplainConfig(steps="all", num_inference_steps=4).n_steps == 4
+    for values, fragment in (
+        ({"method": "magic"}, "unknown method 'magic': --method must be one of gradient, leave-one-out"),
+        ({"steps": 99}, "--steps 99 must be between 1 and num_inference_steps (50)"),
+        ({"generations": 0}, "--generations must be at least 1"),
+        ({"seed": -1}, "--seed must be a whole number from 0"),
+        ({"guidance_scale": 0.5}, "--guidance must be 1 or more"),
+    ):
+        with pytest.raises(InputError) as info:
+            ExplainConfig(**values)
+        assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_leave_one_out_refuses_more_words_than_its_budget(pipe) -> None:
+    from diffmem.explanation.attribution import MAX_EXPLAIN_WORDS, ExplainConfig
+
+    longest, over = " ".join(["dog"] * MAX_EXPLAIN_WORDS), " ".join(["dog"] * (MAX_EXPLAIN_WORDS + 1))
+    assert len(ExplainConfig().check_prompt(longest)) == MAX_EXPLAIN_WORDS
+    assert len(ExplainConfig(method="gradient").check_prompt(over)) == MAX_EXPLAIN_WORDS + 1  # its cost is fixed
+    with pytest.raises(InputError, match=f"has {MAX_EXPLAIN_WORDS + 1} words; leave-one-out explains at most "
+                                         f"{MAX_EXPLAIN_WORDS}"):
+        explain(pipe, over)
+
+
+def test_keywords_override_a_given_config(pipe) -> None:
+    from diffmem.explanation.attribution import ExplainConfig
+
+    attr = explain(pipe, PROMPT, config=ExplainConfig(generations=2, seed=3), seed=1)
+    assert (attr.settings["generations"], attr.settings["seed"]) == (2, 1)
+    assert attr.score == pytest.approx(MagnitudeDetector(pipe, generations=2, seed=1).score([PROMPT])[0].score,
+                                       rel=1e-5)
+
+
+def test_the_command_and_the_page_refuse_an_over_long_prompt_before_scoring(pipe, cli) -> None:
+    from diffmem.app.service import LimitError, Service, Threshold
+    from diffmem.explanation.attribution import MAX_EXPLAIN_WORDS
+
+    over = " ".join(["dog"] * (MAX_EXPLAIN_WORDS + 1))
+    result = cli("explain", over, "--model", "testbed")
+    assert result.exit_code == 2 and "loading" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: the prompt has {MAX_EXPLAIN_WORDS + 1} words; leave-one-out explains at most {MAX_EXPLAIN_WORDS} "
+        "(one denoiser row per word and generation): shorten it"]
+    service = Service(pipe, "testbed", Threshold(0.5, "a test"))
+    short_words = " ".join(["a"] * (MAX_EXPLAIN_WORDS + 1))  # within the page's 1000 characters
+    for call in (service.explain_prompt, service.analyse):
+        with pytest.raises(LimitError, match="leave-one-out explains at most"):
+            call(short_words)

@@ -33,12 +33,16 @@ from transformers import (
     T5TokenizerFast,
 )
 
+from diffmem.detectors.anisotropy import AnisotropyDetector
 from diffmem.detectors.attention_entropy import AttentionEntropyDetector, LayerEntropyDetector
 from diffmem.detectors.bright_ending import BrightEndingDetector
+from diffmem.detectors.carlini import CarliniDetector
 from diffmem.detectors.magnitude import MagnitudeDetector
 from diffmem.detectors.monitor import Monitor
 from diffmem.detectors.nemo import NemoDetector
-from diffmem.errors import InputError, ModelLoadError
+from diffmem.detectors.sharpness import SharpnessDetector
+from diffmem.detectors.step_norm import StepNormDetector
+from diffmem.errors import InputError, ModelLoadError, UnsupportedModelError
 from diffmem.explanation.attribution import explain
 from diffmem.io.results import read_results
 from diffmem.models import loading
@@ -95,7 +99,7 @@ def vae(seed: int) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=16)
+                         latent_channels=4, norm_num_groups=16, shift_factor=0.0)  # SD3 and Flux decode with one
 
 
 def tiny_sd3() -> StableDiffusion3Pipeline:
@@ -392,6 +396,103 @@ def test_detect_command_refuses_a_cross_attention_peer(flow_dirs: dict[str, Path
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "joint attention has no cross-attention map" in lines[0], lines
+
+
+def _flat(rows: list[list[float | None]]) -> list[float | None]:
+    return [v for row in rows for v in row]
+
+
+def test_anisotropy_reads_the_velocity_then_the_noise_direction(flow_pipes: dict[str, Any], kind: str) -> None:
+    """Its first term is Wen's score (a flow model's velocity difference), its cosine the epsilon-space one at the
+    low-noise step (s < 1), by hand; a schedule whose cosine step is a flow model's first is refused."""
+    pipe, n_steps = flow_pipes[kind], 5
+    results = AnisotropyDetector(pipe, generations=2, seed=1, num_inference_steps=n_steps).score(PROMPTS)
+    wen = MagnitudeDetector(pipe, generations=2, seed=1, num_inference_steps=n_steps).score(PROMPTS)
+    denoiser = Denoiser(pipe)
+    scheduler = denoiser.schedule(n_steps)
+    param, t_low = Parameterization.of(scheduler), scheduler.timesteps[-3]
+    x = denoiser.first_input(initial_noise(pipe, 2, 1), scheduler)
+    for prompt, result, reference_row in zip(PROMPTS, results, wen, strict=True):
+        assert _flat(result.magnitudes) == pytest.approx(_flat(reference_row.magnitudes), rel=REL)
+        with torch.no_grad():
+            c, u = denoiser.cfg(x, t_low, encode(pipe, [prompt]).expand(2), denoiser.empty().expand(2))
+        eps_c, eps_u = (denoiser.unpacked(param.to_epsilon(pred, x, t_low)) for pred in (c, u))
+        cos = torch.nn.functional.cosine_similarity(eps_u, eps_c - eps_u, dim=1).mean(dim=(1, 2))
+        assert result.terms == pytest.approx(cos.tolist(), rel=1e-3, abs=1e-6)
+        assert all(abs(term) > 1e-4 for term in result.terms)  # not the silent zero of s = 1
+        mean_d = sum(g[0] for g in result.magnitudes) / 2
+        assert result.score == pytest.approx(mean_d + 2.0 * sum(result.terms) / 2, rel=1e-6)
+    if kind == "pixart":
+        assert AnisotropyDetector(pipe, num_inference_steps=3).config.num_inference_steps == 3
+        return
+    with pytest.raises(UnsupportedModelError) as info:
+        AnisotropyDetector(pipe, num_inference_steps=3)
+    assert "give more --num-inference-steps" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_sharpness_is_the_curvature_of_the_score_difference(flow_pipes: dict[str, Any], kind: str) -> None:
+    """`||J f f||^2` for f the guidance direction in score space (a flow model's: the velocity difference at
+    s = 1), checked against a central finite difference of f along itself."""
+    pipe = flow_pipes[kind]
+    result = SharpnessDetector(pipe, seed=2).score(PROMPTS[:1])[0]
+    wen = MagnitudeDetector(pipe, seed=2).score(PROMPTS[:1])[0]
+    assert _flat(result.magnitudes) == pytest.approx(_flat(wen.magnitudes), rel=REL)
+    denoiser = Denoiser(pipe)
+    scheduler = denoiser.schedule(50)
+    param, t = Parameterization.of(scheduler), scheduler.timesteps[0]
+    x = denoiser.first_input(initial_noise(pipe, 1, 2), scheduler)
+    cond, blank = encode(pipe, PROMPTS[:1]), denoiser.empty()
+    scale = 1.0 if kind != "pixart" else float(param.alpha_sigma(t, x.device)[1])
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        c, u = denoiser.cfg(z, t, cond, blank)
+        return (param.to_score(u, z, t) - param.to_score(c, z, t)).double() / scale
+
+    with torch.no_grad():
+        direction = f(x)
+        h = 1e-2 * float(x.norm() / direction.norm())
+        jvp = (f(x + h * direction.float()) - f(x - h * direction.float())) / (2 * h)
+    assert result.score > 0 and result.score == pytest.approx(float(jvp.pow(2).sum()), rel=5e-2)
+
+
+def test_generation_detectors_sample_as_the_family_pipeline_does(flow_pipes: dict[str, Any], kind: str) -> None:
+    """carlini and step-norm run a plain guided call of the family's pipeline (Flux: true CFG): the monitor reads
+    on it what Wen's all-steps score measures; Flux's default (no true CFG) is refused in one line."""
+    pipe = flow_pipes[kind]
+    guidance = FLUX_TRUE_CFG if kind == "flux" else None
+    settings: dict[str, Any] = dict(generations=2, num_inference_steps=STEPS, guidance_scale=guidance)
+    carlini = CarliniDetector(pipe, cluster_size=2, **settings).score(PROMPTS[:1])[0]
+    wen = MagnitudeDetector(pipe, steps="all", **settings).score(PROMPTS[:1])[0]
+    assert _flat(carlini.magnitudes) == pytest.approx(_flat(wen.magnitudes), rel=REL)
+    assert carlini.score is not None and carlini.score <= 0 and len(carlini.terms or []) == 2
+    step = StepNormDetector(pipe, **settings).score(PROMPTS[:1])[0]
+    assert step.score is not None and len(step.magnitudes) == 2 and len(step.magnitudes[0]) == STEPS - 1
+    if kind == "flux":
+        for detector in (CarliniDetector, StepNormDetector):
+            with pytest.raises(UnsupportedModelError) as info:
+                detector(pipe, generations=2)
+            assert "true-CFG scale above 1" in str(info.value) and "give --guidance above 1" in str(info.value)
+
+
+def test_compare_shows_na_with_the_reason_for_a_refusing_detector(flow_dirs: dict[str, Path], tmp_path: Path,
+                                                                  cli: Callable) -> None:
+    mem, normal = tmp_path / "mem.txt", tmp_path / "normal.txt"
+    mem.write_text("\n".join(PROMPTS) + "\n")
+    normal.write_text("a cat\na dog on the table\nphoto of an old man\n")
+    out = tmp_path / "cmp"
+    result = cli("compare", "--model", flow_dirs["sd3"], "--memorized", mem, "--normal", normal, "--out", out,
+                 "--num-inference-steps", 3, "--generations", 1, "--detectors", "wen,anisotropy,ren-le,sharpness",
+                 "--mitigation-prompts", 0)
+    assert result.exit_code == 0, result.output
+    rows = {r["detector"]: r for r in json.loads((out / "report.json").read_text())["detection"]}
+    assert rows["wen"]["auc"] is not None and rows["sharpness"]["auc"] is not None
+    for name, why in (("anisotropy", "give more --num-inference-steps"),
+                      ("ren-le", "joint attention has no cross-attention map")):
+        assert rows[name]["auc"] is None and rows[name]["cost"] is None and why in rows[name]["unsupported"]
+    md = (out / "report.md").read_text()
+    assert "| anisotropy | n/a | n/a | n/a |" in md
+    assert "- ren-le: n/a on this model: the ren-le detector reads UNet cross-attention maps" in md
+    assert "- anisotropy: n/a on this model: the anisotropy cosine's step" in md
 
 
 def test_explain_leave_one_out_on_t5_tokens(flow_pipes: dict[str, Any], kind: str) -> None:

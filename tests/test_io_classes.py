@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import stat
 from collections.abc import Callable, Iterator
@@ -17,10 +18,12 @@ from typing import Any
 import pytest
 
 from diffmem.errors import DiffmemError, InputError, ModelLoadError
+from diffmem.explanation.attribution import ExplainConfig
 from diffmem.io.durable import check_output_path, file_kind, replace_file
-from diffmem.io.files import check_prompt_text, iter_lines, open_user_file, read_json_object
+from diffmem.io.files import check_prompt_text, check_prompts, iter_lines, open_user_file, read_json_object
 from diffmem.io.prompts import read_prompts
 from diffmem.io.results import ResultWriter, read_results
+from diffmem.training.finetune import _clean_caption
 
 
 @pytest.fixture(params=["/dev/null", "/dev/zero", "/dev/full", "fifo", "socket"])
@@ -142,6 +145,9 @@ KIND_OF = {
     "i.png": (b"\x89PNG\r\n\x1a\n" + bytes(32), "image"),
     "w.bin": (bytes(range(256)) * 4, "binary file"),
     "empty": (b"", None),
+    "bom.jsonl": (b'\xef\xbb\xbf{"prompt": "a", "score": 1.0}\n', "result file"),  # an editor's BOM
+    "torn.jsonl": (b'{"prompt": "a", "score": 0.5', "result file"),  # one row cut by a kill
+    "torn2.jsonl": (b'{"prompt": "a", "score": 1.0}\n{"prompt": "b", "sc', "result file"),
 }
 
 
@@ -206,13 +212,16 @@ def test_one_text_rule_in_files_the_library_and_the_api(prompt: str, tmp_path: P
         "file": lambda: read_prompts(path).prompts[0],
         "library": lambda: check_prompt_text(prompt),
         "api": lambda: _service_check(prompt),
+        "library list": lambda: check_prompts([prompt])[0],  # Detector.score's rule
+        "explain": lambda: ExplainConfig().check_prompt(prompt) and prompt,
+        "training caption": lambda: _clean_caption(prompt, "c.txt") or None,
     }
     for surface, call in surfaces.items():
         if isinstance(expected, str) and expected == prompt:
             assert call() == prompt, surface  # kept verbatim
             continue
-        if expected is None and surface == "library":
-            assert call() is None  # blank: a file skips the row, the CLI and the API call the prompt empty
+        if expected is None and surface in ("library", "training caption"):
+            assert call() is None  # blank: a file skips the row (a caption its image), the CLI and the API refuse
             continue
         with pytest.raises(DiffmemError) as info:
             call()
@@ -222,3 +231,43 @@ def test_one_text_rule_in_files_the_library_and_the_api(prompt: str, tmp_path: P
             assert "no prompts" in message or "is empty" in message, (surface, message)
         else:
             assert expected in message or (surface == "file" and "lone surrogate" in message), (surface, message)
+
+
+def test_a_result_file_with_a_bom_reads_and_resumes(tmp_path: Path) -> None:
+    path = _write(tmp_path / "s.jsonl", b'\xef\xbb\xbf{"prompt": "a", "score": 1.0}\n')
+    assert read_results(path) == [{"prompt": "a", "score": 1.0}]
+    with ResultWriter(path) as writer:
+        assert "a" in writer and writer.pending(["a", "b"]) == ["b"]
+
+
+def test_the_library_scores_only_lists_of_prompts_by_the_text_rule(sd1_pipe: Any) -> None:
+    """Detector.score refused nothing: a bare string was scored letter by letter, a NUL or a blank prompt
+    scored, a non-string a TypeError from the tokenizer (issue 30, second attempt)."""
+    import numpy as np
+
+    from diffmem.detectors.magnitude import MagnitudeDetector
+
+    detector = MagnitudeDetector(sd1_pipe)
+    bad = {"a cat": "wrap one prompt in a list", 5: "not int", (1,): "prompts[0] must be a string, not int",
+           ("a\x00cat",): "prompts[0]: the prompt holds a NUL", ("\u200b",): "prompts[0] is empty",
+           ("a \ud800",): "lone surrogate", ("x" * 20_001,): "over the 20,000 read"}
+    for prompts, fragment in bad.items():
+        with pytest.raises(InputError, match=re.escape(fragment)):
+            detector.score(prompts)  # type: ignore[arg-type]
+    with_numpy = MagnitudeDetector(sd1_pipe, generations=np.int64(2), seed=np.int64(3))  # numbers, as Python's
+    assert (with_numpy.config.generations, with_numpy.config.seed) == (2, 3)
+    assert with_numpy.score(["a cat"])[0].score == MagnitudeDetector(sd1_pipe, generations=2, seed=3).score(
+        ["a cat"])[0].score
+
+
+def test_generated_images_with_nan_are_black_and_say_so() -> None:
+    import numpy as np
+
+    from diffmem.runs.generation import NON_FINITE, finite_images
+
+    fine = np.full((1, 2, 2, 3), 0.5)
+    assert finite_images(fine) == (fine, None)
+    broken = fine.copy()
+    broken[0, 0, 0] = [np.nan, np.inf, -np.inf]
+    images, error = finite_images(broken)
+    assert error == NON_FINITE and np.isfinite(images).all() and images[0, 0, 0].tolist() == [0.0, 0.0, 0.0]

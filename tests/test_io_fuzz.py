@@ -126,3 +126,24 @@ def test_the_text_rule_returns_text_none_or_one_line(text: str) -> None:
 def test_the_json_rule_never_raises(text: str) -> None:
     value, problem = json_problem(text)
     assert problem is None or "\n" not in problem
+
+
+@given(st.lists(st.text(max_size=30), max_size=5))
+def test_the_library_list_rule_is_the_text_rule_on_each_prompt(prompts: list[str]) -> None:
+    """`check_prompts` (Detector.score, explain, training captions) keeps each prompt verbatim exactly when the
+    text rule keeps it and it is not blank; anything else is one line naming the prompt's position."""
+    from diffmem.io.files import check_prompts
+
+    verdicts = []
+    for text in prompts:
+        try:
+            verdicts.append(check_prompt_text(text))
+        except InputError:
+            verdicts.append(InputError)
+    if all(isinstance(v, str) for v in verdicts):
+        assert check_prompts(prompts) == prompts
+        return
+    with pytest.raises(InputError) as info:
+        check_prompts(prompts)
+    first = next(i for i, v in enumerate(verdicts) if not isinstance(v, str))
+    assert "\n" not in str(info.value) and str(info.value).startswith(f"prompts[{first}]")

@@ -200,6 +200,30 @@ def test_generate_writes_images_and_rows_and_resumes(tmp_path: Path, sd1_dir: Pa
     assert (row["flagged"], row["mitigated"], row["final_loss"]) == (None, False, row["score"])
 
 
+def test_guard_without_threshold_uses_the_models_own(tmp_path: Path, sd1_dir: Path, cli: Callable) -> None:
+    """`generate --guard` without --threshold flags at the model's calibrated detection_threshold (its
+    diffmem.json), says so, and records it; a model without one is the one-line error asking for --threshold."""
+    import shutil
+
+    from diffmem.models.defaults import ModelDefaults
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"{PROMPT}\n")
+    args = ["generate", "--prompts", prompts, "--num-inference-steps", STEPS, "--guard", "--iters", 1,
+            "--target-loss", 0]
+    user_error(cli(*args, "--model", sd1_dir, "--out", tmp_path / "none"), "--guard needs --threshold")
+    assert not (tmp_path / "none").exists()
+    for own, flagged in ((1e6, False), (-1e6, True)):
+        model = tmp_path / f"model_{own:g}"
+        shutil.copytree(sd1_dir, model)
+        ModelDefaults.from_folder(model).override(detection_threshold=own).save(model)
+        result = cli(*args, "--model", model, "--out", tmp_path / f"run_{own:g}")
+        assert result.exit_code == 0, result.output
+        assert f"notice: --guard flags scores >= {own:g}, the model's own detection threshold" in result.stderr
+        (row,) = read_results(tmp_path / f"run_{own:g}" / "results.jsonl")
+        assert (row["threshold"], row["flagged"], row["mitigated"]) == (own, flagged, flagged)
+
+
 def test_mitigate_command_applies_one_method(tmp_path: Path, sd1_dir: Path, sd1_pipe, cli: Callable) -> None:
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"caption": PROMPT}) + "\n")

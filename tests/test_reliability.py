@@ -422,6 +422,42 @@ CASES: dict[str, Case] = {
                                          "--generations must be at least 1"),
 }
 
+# The second adversarial attempt (issue 30): one case per class it found open, each closed where its class is checked.
+WIDE = ",".join(f"c{i}" for i in range(200_000))
+CASES.update({
+    "detect/--out is the prompt file (--force)": Case(f"{DETECT.replace('{ws}/new.jsonl', '{ws}/more.txt')} "
+                                                      "{ws}/more.txt --force",
+                                                      "is the --prompts file the command reads"),
+    "detect/CSV header of 200,000 columns": Case(f"{DETECT} {{in}}/p.csv", "names the column 'c0' twice",
+                                                 files(**{"p.csv": f"{WIDE},c0\n" + "x," * 200_000 + "a cat\n"})),
+    "detect/unet config sample_size huge": Case(f"{MODEL} {{in}}/m", "sample_size must be a whole number from 1 to",
+                                                model_copy(lambda m: _edit_json(m / "unet/config.json",
+                                                                                sample_size=10**9))),
+    "detect/unet config in_channels text": Case(f"{MODEL} {{in}}/m", "in_channels must be a whole number",
+                                                model_copy(lambda m: _edit_json(m / "unet/config.json",
+                                                                                in_channels="4"))),
+    "detect/fewer train timesteps than steps": Case(f"{MODEL} {{in}}/m", "num_train_timesteps must be a positive "
+                                                    "whole number from 1000",
+                                                    model_copy(lambda m: _edit_json(
+                                                        m / "scheduler/scheduler_config.json",
+                                                        num_train_timesteps=3))),
+    "detect/empty tokenizer folder": Case(f"{MODEL} {{in}}/m", "tokenizer has no vocabulary",
+                                          model_copy(lambda m: [f.unlink() for f in (m / "tokenizer").iterdir()])),
+    "evaluate/score true": Case(f"{EVAL} {{in}}/s.jsonl", "scores must be numbers, not bool",
+                                files(**{"s.jsonl": '{"prompt": "a", "score": true}\n'})),
+    "evaluate/--plot is the --positives file": Case(f"{EVAL} {{in}}/s.png --plot {{in}}/s.png --force",
+                                                    "is the --positives file the command reads",
+                                                    files(**{"s.png": '{"prompt": "a", "score": 1.0}\n'})),
+    "train/caption with a control character": Case(f"{TRAIN} --data {{in}}/data --out {{ws}}/run2",
+                                                   "the prompt holds the control character U+001B",
+                                                   data_folder(metadata=b'{"file_name": "i0.png", "text": '
+                                                               b'"a \\u001b[31m cat"}\n')),
+    "train/metadata.jsonl names files outside": Case(f"{TRAIN} --data {{in}}/data --out {{ws}}/run2",
+                                                     "outside --data",
+                                                     data_folder(metadata=b'{"file_name": "../i0.png", "text": "a"}'
+                                                                 b'\n{"file_name": "/etc/hostname", "text": "b"}\n')),
+})
+
 
 # ----------------------------------------------------------------------------------------------- harness
 

@@ -65,7 +65,7 @@ def test_oracle_bound_grows_with_nuisance_energy(testbed, one_thread):
 
 
 def test_mitigation_and_explain_eval_commands_write_reports(cli, tmp_path, one_thread):
-    res = cli("testbed", "mitigation", "--out", str(tmp_path / "m"), "--limit", "1", "--steps", "2",
+    res = cli("testbed", "mitigation", "--out", str(tmp_path / "m"), "--limit", "1", "--num-inference-steps", "2",
               "--generations", "1", "--sweep", "0.5")
     assert res.exit_code == 0, res.stderr
     rep = json.loads((tmp_path / "m" / "mitigation.json").read_text())
@@ -81,7 +81,8 @@ def test_mitigation_and_explain_eval_commands_write_reports(cli, tmp_path, one_t
     part = tmp_path / "m" / "parts" / "rta.json"
     part.write_text(json.dumps({**json.loads(part.read_text()), "memorization_rate": 0.123}))
     (tmp_path / "m" / "mitigation.json").unlink()
-    args = ["testbed", "mitigation", "--out", str(tmp_path / "m"), "--limit", "1", "--steps", "2", "--sweep", "0.5"]
+    args = ["testbed", "mitigation", "--out", str(tmp_path / "m"), "--limit", "1", "--num-inference-steps", "2",
+            "--sweep", "0.5"]
     assert cli(*args, "--generations", "1").exit_code == 0
     again = json.loads((tmp_path / "m" / "mitigation.json").read_text())
     assert [r["memorization_rate"] for r in again["methods"] if r["method"] == "rta"] == [0.123]
@@ -99,7 +100,7 @@ def test_mitigation_and_explain_eval_commands_write_reports(cli, tmp_path, one_t
 
 def test_quality_command_writes_its_report(cli, tmp_path, one_thread):
     res = cli("testbed", "quality", "--out", str(tmp_path / "q"), "--heldout", "3", "--generations", "1",
-              "--steps", "2")
+              "--num-inference-steps", "2")
     assert res.exit_code == 0, res.stderr
     rep = json.loads((tmp_path / "q" / "quality.json").read_text())
     from diffmem.testbed.recipe import shipped_recipe
@@ -211,3 +212,48 @@ def test_stage2_rerun_with_a_filter_that_excludes_everything_keeps_the_base_unet
     guidance = [ModelDefaults.for_model(m).resolve_guidance(None) for m in (tmp_path / "rta", "testbed")]
     assert guidance == [2.5, 2.5]  # measured at the testbed's guidance
     assert json.loads((tmp_path / "rta" / "diffmem.json").read_text())["target_loss"] > 0
+
+
+@pytest.mark.parametrize(("command", "new", "stub", "args"), [
+    ("quality", "--num-inference-steps", "diffmem.testbed.report.run_quality", ["--out", "q"]),
+    ("mitigation", "--num-inference-steps", "diffmem.cli.testbed._testbed_pipeline", ["--out", "m"]),
+    ("stage2", "--train-steps", "diffmem.testbed.recipe.rerun_stage2", ["--work", "w", "--dest", "d"]),
+])
+def test_testbed_steps_is_the_deprecated_spelling(command, new, stub, args, cli, tmp_path, monkeypatch):
+    """`testbed quality|mitigation --steps` are sampling steps, `testbed stage2 --steps` training steps: the old
+    spelling still works with a one-line warning for one release; both spellings are one error line."""
+    from diffmem.errors import InputError
+
+    seen: dict = {}
+
+    def stop(*positional, **keywords):  # the command's work, reached once its options are read
+        seen.update(keywords)
+        raise InputError("stopped before the work")
+
+    monkeypatch.setattr(stub, stop)
+    base = ["testbed", command, *[str(tmp_path / a) if i % 2 else a for i, a in enumerate(args)]]
+    res = cli(*base, "--steps", "3")
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: --steps is deprecated and will be removed in the next release; use {new}"]
+    assert res.stderr.strip().splitlines()[-1] == "error: stopped before the work"
+    assert seen.get("steps", 3) == 3  # quality and stage2 receive it (mitigation stops before passing it on)
+    seen.clear()
+    res = cli(*base, new, "4")
+    assert "warning:" not in res.stderr and seen.get("steps", 4) == 4
+    seen.clear()
+    res = cli(*base, "--steps", "3", new, "4")
+    assert res.exit_code == 2 and not seen
+    assert res.stderr.strip().splitlines() == [f"error: give {new} only (--steps is its deprecated spelling)"]
+
+
+def test_mitigation_command_runs_the_methods_it_is_given(cli, tmp_path, one_thread):
+    """`--methods` picks registered mitigations (PRSS with the grammar's paraphrases); an unknown name is one line."""
+    res = cli("testbed", "mitigation", "--out", str(tmp_path / "m"), "--limit", "1", "--num-inference-steps", "2",
+              "--generations", "1", "--sweep", "0.5", "--no-strengths", "--no-guard",
+              "--methods", "none,delayed-guidance,prss")
+    assert res.exit_code == 0, res.stderr
+    rep = json.loads((tmp_path / "m" / "mitigation.json").read_text())
+    assert [r["method"] for r in rep["methods"]] == ["none", "delayed-guidance", "prss"]
+    assert (tmp_path / "m" / "paraphrases.json").is_file()
+    res = cli("testbed", "mitigation", "--out", str(tmp_path / "x"), "--methods", "none,nonsense")
+    assert res.exit_code == 2 and "--methods must be one of" in res.stderr.strip().splitlines()[-1]

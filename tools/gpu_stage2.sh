@@ -26,7 +26,7 @@ run() {  # name, command...: time it, keep its output
 nvidia-smi -L > "$R/env.txt"
 python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)" >> "$R/env.txt" 2>&1
 DM=(python3 -m diffmem.cli)
-# a quick dry run on a CPU: DEV=cpu S2="--steps 2" Q="--generations 1 --steps 2 --heldout 4" tools/gpu_stage2.sh
+# a quick dry run on a CPU: DEV=cpu S2="--train-steps 2" Q="--generations 1 --num-inference-steps 2 --heldout 4" tools/gpu_stage2.sh
 DEV=${DEV:-cuda}
 read -ra S2 <<< "${S2:-}"
 read -ra Q <<< "${Q:---heldout 128}"

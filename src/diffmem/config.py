@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import types
 import typing
 from collections.abc import Mapping
@@ -81,8 +82,10 @@ class Rule:
                 raise fail
             return value
         if kind in (int, float):
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's bool is no Real
                 raise fail
+            if not isinstance(value, int | float):  # a numpy (or other) scalar: the same number, as Python's
+                value = int(value) if isinstance(value, numbers.Integral) else float(value)
             if kind is int:
                 if isinstance(value, float):
                     if not value.is_integer():

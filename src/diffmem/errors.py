@@ -11,3 +11,8 @@ class ModelLoadError(DiffmemError):
 
 class InputError(DiffmemError):
     """A prompt file, result file or option value is unusable."""
+
+
+class UnsupportedModelError(InputError):
+    """A method cannot run on this model (e.g. it reads UNet cross-attention maps a transformer lacks), said in one
+    line; `diffmem compare` shows such a method as n/a with that line."""

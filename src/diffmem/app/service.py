@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from diffmem.errors import InputError
-from diffmem.io.files import check_prompt_text, read_user_json
+from diffmem.io.files import check_prompt, read_user_json
 from diffmem.models.defaults import ModelDefaults
 
 
@@ -68,6 +68,7 @@ class Settings:
         MagnitudeConfig(steps=self.steps, generations=self.generations, seed=self.seed,
                         guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
                         batch_size=self.batch_size)
+        self.explain_config()
         GenerationConfig(seed=self.seed, generations=self.generations, num_inference_steps=self.generate_steps,
                          guidance_scale=self.guidance_scale)
         EmbeddingConfig(target_loss=self.target_loss, iters=self.mitigate_iters)
@@ -80,6 +81,12 @@ class Settings:
         from diffmem.detectors.base import parse_steps
 
         return parse_steps(self.steps, self.num_inference_steps)
+
+    def explain_config(self) -> Any:
+        """The page's explanation settings (`ExplainConfig`: leave-one-out on the score's own settings)."""
+        from diffmem.explanation.attribution import ExplainConfig
+
+        return ExplainConfig(method="leave-one-out", steps=self.steps, **self.detection_kwargs())
 
     def detection_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `MagnitudeDetector` and `explain` that fix a score."""
@@ -243,14 +250,21 @@ class Service:
 
     def check_prompt(self, prompt: object, where: str = "the prompt") -> str:
         """`prompt` if it is a non-blank string within the length limit, else a one-line InputError."""
-        if not isinstance(prompt, str):
-            raise InputError(f"{where} must be a string, not {type(prompt).__name__}")
-        # the text rule of prompt files and the CLI (lone surrogates, control characters, invisible-only text)
-        if check_prompt_text(prompt, "" if where == "the prompt" else where, max_chars=None) is None:
-            raise InputError(f"{where} is empty")
+        # the text rule of prompt files, the CLI and the library (lone surrogates, control characters, blank text)
+        check_prompt(prompt, where, max_chars=None)
+        assert isinstance(prompt, str)
         if len(prompt) > self.limits.max_prompt_chars:
             raise LimitError(f"{where} has {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}")
         return prompt
+
+    def check_explainable(self, prompt: object) -> str:
+        """`check_prompt`, then the explanation's word budget (`ExplainConfig.check_prompt`: a `LimitError`)."""
+        text = self.check_prompt(prompt)
+        try:
+            self.settings.explain_config().check_prompt(text)
+        except InputError as exc:
+            raise LimitError(str(exc)) from None
+        return text
 
     def check_prompts(self, prompts: object) -> list[str]:
         """A non-empty list of valid prompts within the batch limit, else a one-line InputError."""
@@ -273,7 +287,7 @@ class Service:
     def explain_prompt(self, prompt: str, suggest: bool = True) -> dict[str, Any]:
         """Word significance for the prompt's score and, when it is flagged, edits that score below the
         threshold (least change first)."""
-        prompt = self.check_prompt(prompt)
+        prompt = self.check_explainable(prompt)
         with self._lock:
             attr = self._explain(prompt)
             flagged = attr.score >= self.threshold.value
@@ -292,7 +306,7 @@ class Service:
 
     def analyse(self, prompt: str) -> Analysis:
         """Everything the page shows after "Screen": score with the all-steps curve, attribution, edits."""
-        prompt = self.check_prompt(prompt)
+        prompt = self.check_explainable(prompt)
         with self._lock:
             row = self._screen([prompt], curve=True)[0]
             attr = self._explain(prompt)
@@ -341,8 +355,7 @@ class Service:
     def _explain(self, prompt: str) -> Any:
         from diffmem.explanation.attribution import explain
 
-        return explain(self.pipe, prompt, method="leave-one-out", steps=self.settings.steps,
-                       **self.settings.detection_kwargs())
+        return explain(self.pipe, prompt, config=self.settings.explain_config())
 
     def _suggest(self, attr: Any) -> list[dict[str, Any]]:
         from diffmem.explanation.attribution import suggest_edits

@@ -101,7 +101,8 @@ def detect(
     config = kind.configure(dict(steps=steps, generations=generations, seed=seed, guidance_scale=guidance,
                                  num_inference_steps=num_inference_steps, batch_size=batch_size,
                                  cosine_weight=cosine_weight, stable_range=band))
-    check_output_path(out, "--out", kind="result file", force=force)
+    check_output_path(out, "--out", kind="result file", force=force,
+                      inputs={"--prompts": prompts, "--stable-range": stable_range})
     if force and file_kind(out) not in (None, "result file"):
         replace_file(out, b"")  # --force: another kind of file makes way for the results
     guidance_scale = ModelDefaults.for_model(model).resolve_guidance(guidance)  # the model's own unless given
@@ -153,7 +154,8 @@ def evaluate(
 
     for option, image in (("--plot", plot), ("--hist", hist)):
         if image is not None:
-            check_output_path(image, option, image=True, force=force)
+            check_output_path(image, option, image=True, force=force,
+                              inputs={"--positives": positives, "--negatives": negatives})
     pos, pos_settings = _scores(positives)
     neg, neg_settings = _scores(negatives)
     differ = [k for k in pos_settings if pos_settings[k] != neg_settings[k]]

@@ -46,7 +46,7 @@ def explain(
 ) -> None:
     """Which words of PROMPT drive its memorization score: per-token and per-word significance (or, with
     --neurons, which value neurons)."""
-    from diffmem.explanation.attribution import METHODS, suggest_edits
+    from diffmem.explanation.attribution import ExplainConfig, suggest_edits
     from diffmem.explanation.attribution import explain as explain_prompt
     from diffmem.explanation.render import png_chart, terminal_chart
     from diffmem.models.loading import load_pipeline, parse_device, quiet_diffusers
@@ -54,18 +54,18 @@ def explain(
     if neurons:
         _explain_neurons(prompt, model, seed, nemo_stats, as_json, device, allow_pickle)
         return
-    if method not in METHODS:
-        raise InputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    config = ExplainConfig(method=method, steps=steps, generations=generations, seed=seed)
     if suggest and threshold is None:
         raise InputError("--suggest needs --threshold (calibrate one with `diffmem evaluate`)")
     if check_prompt_text(prompt) is None:  # the text rule of prompt files and the API
         raise InputError("the prompt is empty: there is nothing to explain")
+    config.check_prompt(prompt)  # its word budget, before the model loads
     if plot is not None:
         check_output_path(plot, "--plot", image=True, force=force)
     quiet_diffusers()
     with stderr.status(f"loading {model} ..."):
         pipe: Any = load_pipeline(model, device=parse_device(device), allow_pickle=allow_pickle)
-    attr = explain_prompt(pipe, prompt, method=method, steps=steps, generations=generations, seed=seed)
+    attr = explain_prompt(pipe, prompt, config=config)
     if attr.cut_off:
         say(stderr, f'warning: the text encoder cut off "{attr.cut_off}"; those words have no significance')
     if len(attr.words) and all(w.significance <= 0 for w in attr.words):

@@ -33,7 +33,8 @@ GuidanceOpt = Annotated[
 ]
 TargetOpt = Annotated[
     float | None,
-    typer.Option("--target-loss", help="embedding: stop optimising once the first-step score is <= this "
+    typer.Option("--target-loss", help="embedding, initial-noise --variant sample: stop optimising once the "
+                 "first-step score is <= this "
                  "(default: the model's own, a typical score of its non-memorized prompts; for a model without "
                  "one, Wen et al.'s SD v1.4 value: calibrate with `diffmem evaluate --json`, negatives_median)."),
 ]
@@ -60,6 +61,36 @@ NemoStatsOpt = Annotated[
 NemoThresholdOpt = Annotated[
     float | None, typer.Option("--nemo-threshold", help="nemo: MS-SSIM threshold of the residuals (0.428, SD v1.4).")]
 NemoGenerationsOpt = Annotated[int | None, typer.Option("--nemo-generations", help="nemo: seeds compared (10).")]
+EarlyGuidanceOpt = Annotated[
+    float | None, typer.Option("--early-guidance", help="delayed-guidance: guidance scale before the transition, "
+                               "-10 to 1 (1: the conditional prediction alone, 0: unconditional, negative: opposite "
+                               "guidance; default 1).")]
+TransitionOpt = Annotated[
+    float | None, typer.Option("--transition-timestep", help="delayed-guidance: full guidance from the first "
+                               "timestep <= this (static rule; default: the first local minimum of d_t).")]
+VariantOpt = Annotated[
+    str | None, typer.Option("--variant", help="initial-noise: batch (adjust the noises, CFG after "
+                             "--apply-cfg-step; default) or sample (AdamW per generation to --target-loss).")]
+RhoOpt = Annotated[float | None, typer.Option("--rho", help="initial-noise batch: perturbation radius (the "
+                                              "authors' 50 for SD v1.4's latent size, scaled to the model's).")]
+GammaOpt = Annotated[float | None, typer.Option("--gamma", help="initial-noise batch: step size (0.7).")]
+AdjItersOpt = Annotated[int | None, typer.Option("--adj-iters", help="initial-noise batch: adjustments (2).")]
+ApplyCfgOpt = Annotated[int | None, typer.Option("--apply-cfg-step", help="initial-noise batch: steps 0..N "
+                                                 "sample the unconditional prediction, CFG after (4).")]
+NoiseItersOpt = Annotated[int | None, typer.Option("--noise-iters", help="initial-noise sample: at most this many "
+                                                   "AdamW steps (1000).")]
+NoiseLrOpt = Annotated[float | None, typer.Option("--noise-lr", help="initial-noise sample: AdamW's learning rate "
+                                                  "(0.01).")]
+ParaphrasesOpt = Annotated[
+    Path | None, typer.Option("--paraphrases", help="prss: JSON object mapping each prompt to a list of "
+                              "paraphrases (`diffmem testbed mitigation` writes the testbed's).")]
+SearchTargetOpt = Annotated[float | None, typer.Option("--search-target", help="prss: sample the first paraphrase "
+                                                       "whose first-step score is <= this (1/3 of the model's target "
+                                                       "loss; 1 on SD v1.4).")]
+AnchorTargetOpt = Annotated[float | None, typer.Option("--anchor-target", help="prss: re-anchor steps whose d_t "
+                                                       "is above this (the model's target loss; 3 on SD v1.4).")]
+AnchorFullOpt = Annotated[float | None, typer.Option("--anchor-full", help="prss: d_t of full re-anchoring (5/3 "
+                                                     "of the model's target loss; 5 on SD v1.4).")]
 
 
 def parse_threshold(text: str) -> float:
@@ -71,6 +102,20 @@ def parse_threshold(text: str) -> float:
     if math.isnan(value):
         raise InputError("--threshold must be a number, not nan")
     return value
+
+
+def _own_threshold(model: str) -> float:
+    """The guard's threshold when --threshold is left out: the model's own calibrated `detection_threshold` (its
+    diffmem.json, read before loading), said on stderr; without one, the one-line error asking for --threshold."""
+    from diffmem.models.defaults import ModelDefaults
+
+    defaults = ModelDefaults.for_model(model)
+    if defaults.detection_threshold is None:
+        raise InputError("--guard needs --threshold (calibrate one with `diffmem evaluate`); this model's "
+                         "diffmem.json names no detection_threshold")
+    typer.echo(f"notice: --guard flags scores >= {defaults.detection_threshold:g}, the model's own detection "
+               f"threshold ({defaults.where('detection_threshold')})", err=True)
+    return defaults.detection_threshold
 
 
 def _settings(model: str, method: str, generation: dict[str, Any], keywords: dict[str, Any],
@@ -107,8 +152,9 @@ def generate(
     ] = "embedding",
     threshold: Annotated[
         str | None,
-        typer.Option("--threshold", help="Detection threshold (see `diffmem evaluate`); needed by --guard. "
-                     "Without --guard the rows only record which prompts it flags."),
+        typer.Option("--threshold", help="Detection threshold (see `diffmem evaluate`); --guard without it uses "
+                     "the model's own calibrated one (detection_threshold in its diffmem.json). Without --guard the "
+                     "rows only record which prompts it flags."),
     ] = None,
     seed: SeedOpt = 0,
     generations: GenerationsOpt = 1,
@@ -128,15 +174,16 @@ def generate(
     from diffmem.mitigate.base import MITIGATIONS
 
     num_inference_steps = renamed(num_inference_steps, steps, "--steps", "--num-inference-steps", 50)
-    if guard and threshold is None:
-        raise InputError("--guard needs --threshold (calibrate one with `diffmem evaluate`)")
+    flag_at = None if threshold is None else parse_threshold(threshold)
+    if guard and flag_at is None:
+        flag_at = _own_threshold(model)
     guarding = [name for name, kind in MITIGATIONS.items() if not kind.plain]
     if method not in guarding:
         raise InputError(f"--method must be one of {', '.join(guarding)}, not {method!r}")
     if method != "embedding" and not guard:
         raise InputError("--method chooses the guard's mitigation: give --guard too")
-    generation = dict(threshold=None if threshold is None else parse_threshold(threshold), generations=generations,
-                      seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance)
+    generation = dict(threshold=flag_at, generations=generations, seed=seed,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance)
     settings = _settings(model, method, generation, dict(target_loss=target_loss, iters=iters, lr=lr), {})
     run_generation(prompts, out, model, method if guard else "none", settings, column, device, dtype, allow_pickle,
                    echo=typer.echo)
@@ -159,6 +206,19 @@ def mitigate(
     nemo_stats: NemoStatsOpt = None,
     nemo_threshold: NemoThresholdOpt = None,
     nemo_generations: NemoGenerationsOpt = None,
+    early_guidance: EarlyGuidanceOpt = None,
+    transition_timestep: TransitionOpt = None,
+    variant: VariantOpt = None,
+    rho: RhoOpt = None,
+    gamma: GammaOpt = None,
+    adj_iters: AdjItersOpt = None,
+    apply_cfg_step: ApplyCfgOpt = None,
+    noise_iters: NoiseItersOpt = None,
+    noise_lr: NoiseLrOpt = None,
+    paraphrases: ParaphrasesOpt = None,
+    search_target: SearchTargetOpt = None,
+    anchor_target: AnchorTargetOpt = None,
+    anchor_full: AnchorFullOpt = None,
     seed: SeedOpt = 0,
     generations: GenerationsOpt = 1,
     num_inference_steps: StepsOpt = None,
@@ -177,7 +237,16 @@ def mitigate(
                       guidance_scale=guidance)
     options = dict(c1=c1, sail_threshold=sail_threshold, sail_weight=sail_weight,
                    nemo_stats=None if nemo_stats is None else str(nemo_stats.resolve()),
-                   nemo_threshold=nemo_threshold, nemo_generations=nemo_generations)
+                   nemo_threshold=nemo_threshold, nemo_generations=nemo_generations,
+                   early_guidance=early_guidance, transition_timestep=transition_timestep, variant=variant, rho=rho,
+                   gamma=gamma, adj_iters=adj_iters, apply_cfg_step=apply_cfg_step, noise_iters=noise_iters,
+                   noise_lr=noise_lr, paraphrases=None if paraphrases is None else str(paraphrases.resolve()),
+                   search_target=search_target, anchor_target=anchor_target, anchor_full=anchor_full)
     settings = _settings(model, method, generation,
                          dict(target_loss=target_loss, iters=iters, lr=lr, k=k, sigma=sigma), options)
+    if paraphrases is not None:  # every prompt needs an entry: say so before the model loads
+        from diffmem.io.prompts import read_prompts
+        from diffmem.mitigate.prss import check_coverage
+
+        check_coverage(read_prompts(prompts, column), paraphrases.resolve())
     run_generation(prompts, out, model, method, settings, column, device, dtype, allow_pickle, echo=typer.echo)

@@ -60,6 +60,16 @@ def _numbers(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
+NormalOpt = Annotated[
+    Path | None, typer.Option("--normal", help="Non-memorized reference prompts, any prompt format; default: those "
+                              "of --dataset.")
+]
+DatasetOpt = Annotated[
+    str | None, typer.Option("--dataset", help="A benchmark of `diffmem datasets list`, fetched into --data.")
+]
+DataOpt = Annotated[Path, typer.Option("--data", help="Root folder of `diffmem datasets fetch`.")]
+
+
 def _words(text: str | None) -> tuple[str, ...] | None:
     """A comma-separated list of names, e.g. `--methods none,rta` (None: not given)."""
     return None if text is None else tuple(v.strip() for v in text.split(",") if v.strip())
@@ -73,14 +83,9 @@ def reproduce(
         Path | None, typer.Option("--memorized", help="Memorized prompts (e.g. data/sdv1_500_memorized.jsonl); "
                                   "default: those of --dataset.")
     ] = None,
-    normal: Annotated[
-        Path | None, typer.Option("--normal", help="Non-memorized reference prompts, any prompt format; default: "
-                                  "those of --dataset.")
-    ] = None,
-    dataset: Annotated[
-        str | None, typer.Option("--dataset", help="A benchmark of `diffmem datasets list`, fetched into --data.")
-    ] = None,
-    data: Annotated[Path, typer.Option("--data", help="Root folder of `diffmem datasets fetch`.")] = Path("datasets"),
+    normal: NormalOpt = None,
+    dataset: DatasetOpt = None,
+    data: DataOpt = Path("datasets"),
     aesthetic: Annotated[
         Path | None, typer.Option("--aesthetic", help="LAION aesthetic predictor file (.pth state dict, read "
                                   "weights-only), e.g. sac+logos+ava1-l14-linearMSE.pth.")
@@ -177,11 +182,15 @@ def dataset_prompts(dataset: str | None, data: Path, memorized: Path | None,
 
 
 def compare(
-    memorized: Annotated[Path, typer.Option("--memorized", help="Memorized prompts (e.g. `diffmem testbed prompts "
-                                            "--split memorized`, or data/sdv1_500_memorized.jsonl).")],
-    normal: Annotated[Path, typer.Option("--normal", help="Non-memorized reference prompts, any prompt format.")],
     out: Annotated[Path, typer.Option("--out", help="Report folder: report.md, report.json, detection/, "
                                       "mitigation/, calibration.json.")],
+    memorized: Annotated[
+        Path | None, typer.Option("--memorized", help="Memorized prompts (e.g. `diffmem testbed prompts --split "
+                                  "memorized`, or data/sdv1_500_memorized.jsonl); default: those of --dataset.")
+    ] = None,
+    normal: NormalOpt = None,
+    dataset: DatasetOpt = None,
+    data: DataOpt = Path("datasets"),
     model: Annotated[str, typer.Option("--model", help="Local diffusers folder, hub id, or 'testbed'.")] = "testbed",
     detectors: Annotated[str | None, typer.Option("--detectors", help="Detectors, comma-separated (default: every "
                                                   "one `diffmem methods` lists).")] = None,
@@ -228,6 +237,7 @@ def compare(
     from diffmem.runs.compare import compare as run
 
     parse_dtype(dtype)
+    memorized, normal = dataset_prompts(dataset, data, memorized, normal)
     settings = CompareSettings(
         model=model, memorized=memorized, normal=normal, out=out, detectors=_words(detectors),
         generations=_numbers(generations, "--generations"), methods=_words(methods),
@@ -235,7 +245,8 @@ def compare(
         mitigation_generations=mitigation_generations, target_loss=target_loss, sail_threshold=sail_threshold,
         nemo_threshold=nemo_threshold, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance,
         batch_size=batch_size, references=references, sscd=sscd, sscd_preprocessing=sscd_preprocessing, clip=clip,
-        device=device, dtype=dtype, allow_pickle=allow_pickle, aesthetic=aesthetic, aesthetic_clip=aesthetic_clip)
+        device=device, dtype=dtype, allow_pickle=allow_pickle, aesthetic=aesthetic, aesthetic_clip=aesthetic_clip,
+        dataset=dataset, data=data if dataset else None)
     run_report(run, settings, out)
 
 

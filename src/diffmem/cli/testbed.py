@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
-from diffmem.cli.common import ForceOpt
+from diffmem.cli.common import ForceOpt, deprecated_option, renamed
 
 app = typer.Typer(help="The bundled testbed model: training, ground truth, quality figures, demo.",
                   no_args_is_help=True)
+
+
+SamplingStepsOpt = Annotated[
+    int | None, typer.Option("--num-inference-steps", min=1, help="DDIM sampling steps (default 50).")
+]
+OldSamplingStepsOpt = Annotated[int | None, deprecated_option("--steps", "--num-inference-steps")]
 
 
 class Split(str, Enum):
@@ -108,7 +114,8 @@ def labelled_prompts(splits, split: str, n_seen_once: int) -> list[dict]:
 def quality(
     out: Path = typer.Option(Path("out/quality"), help="Output folder for quality.json and pictures."),
     generations: int = typer.Option(4, help="Seeds per prompt."),
-    steps: int = typer.Option(50, help="DDIM steps."),
+    num_inference_steps: SamplingStepsOpt = None,
+    steps: OldSamplingStepsOpt = None,
     guidance: float = typer.Option(None, help="Guidance scale (default: the model's own)."),
     batch_size: int = typer.Option(256, help="Images per pipeline call."),
     model: str = typer.Option("testbed", help="The testbed, or a folder of a variant (e.g. `testbed stage2`'s)."),
@@ -118,6 +125,7 @@ def quality(
     """Measure the shipped testbed: reproduction of planted images, held-out copying and alignment, detection."""
     from diffmem.testbed.report import run_quality
 
+    steps = renamed(num_inference_steps, steps, "--steps", "--num-inference-steps", 50)
     run_quality(out, generations=generations, steps=steps, guidance=guidance, batch_size=batch_size,
                 progress_factory=_progress, model=model, n_heldout=heldout or None, device=_device(device))
 
@@ -173,8 +181,11 @@ def mitigation(
     guard: bool = typer.Option(True, "--guard/--no-guard", help="Also run the guard end to end (threshold at "
                                "1% FPR on the held-out prompts) on memorized and held-out prompts."),
     generations: int = typer.Option(4, help="Seeds per prompt."),
-    steps: int = typer.Option(50, help="DDIM steps."),
+    num_inference_steps: SamplingStepsOpt = None,
+    steps: OldSamplingStepsOpt = None,
     limit: int = typer.Option(0, help="Use only the first N memorized (and 4N held-out) prompts (0: all)."),
+    methods: str = typer.Option("", help="Comma-separated mitigations (`diffmem methods`), or 'all' (default: "
+                                "Wen et al.'s table: none, embedding, rta, rna, cwr, gni)."),
     device: str = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu)."),
 ) -> None:
     """Compare inference-time mitigations on the memorized prompts: memorization rate, alignment, time; the
@@ -186,14 +197,22 @@ def mitigation(
     from diffmem.errors import InputError
     from diffmem.models.defaults import ModelDefaults
     from diffmem.models.loading import quiet_diffusers
-    from diffmem.testbed.mitigation_eval import BASELINE_STRENGTHS, Parts, guard_report, mitigation_report
+    from diffmem.testbed.mitigation_eval import (
+        BASELINE_STRENGTHS,
+        Parts,
+        guard_report,
+        mitigation_report,
+        parse_methods,
+    )
     from diffmem.testbed.recipe import shipped_recipe
 
+    steps = renamed(num_inference_steps, steps, "--steps", "--num-inference-steps", 50)
     quiet_diffusers()
     try:
         targets = [float(v) for v in sweep.split(",") if v.strip()]
     except ValueError as exc:
         raise InputError(f"--sweep must be comma-separated numbers, not {sweep!r}") from exc
+    chosen = parse_methods(methods)
     pipe = _testbed_pipeline(device)
     splits = shipped_recipe().splits()
     memorized = splits.planted[:limit] if limit else splits.planted
@@ -205,8 +224,9 @@ def mitigation(
     targets = targets or [float(np.quantile(held, q)) for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
     parts = Parts(out, {"prompts": [i.caption for i in memorized], "heldout": len(heldout), "target_loss": target,
                         "generations": generations, "steps": steps})  # a rerun resumes from these
-    rep = mitigation_report(pipe, memorized, out, target, targets, generations=generations, steps=steps,
-                            strengths=BASELINE_STRENGTHS if strengths else {}, progress=typer.echo, parts=parts)
+    rep = mitigation_report(pipe, memorized, out, target, targets, methods=chosen, generations=generations,
+                            steps=steps, strengths=BASELINE_STRENGTHS if strengths else {}, progress=typer.echo,
+                            parts=parts)
     rep["heldout_score_quantiles"] = {q: float(np.quantile(held, q)) for q in (0.1, 0.5, 0.9, 0.99)}
     if guard:
         rep["guard"] = guard_report(pipe, memorized, heldout, cal.threshold, target, generations=generations,
@@ -247,7 +267,9 @@ def stage2(
     caption_aug: str = typer.Option(None, help="'rta': random token addition to every training caption."),
     rta_tokens: int = typer.Option(4, help="Tokens `--caption-aug rta` inserts."),
     device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
-    steps: int = typer.Option(None, min=1, help="Train this many steps instead of the recipe's stage-2 length."),
+    train_steps: Annotated[int | None, typer.Option(
+        "--train-steps", min=1, help="Train this many optimiser steps instead of the recipe's stage-2 length.")] = None,
+    steps: Annotated[int | None, deprecated_option("--steps", "--train-steps")] = None,
     calibrate: bool = typer.Option(False, "--calibrate", help="Do not train: measure d of the base UNet on "
                                    "stage-2 batches and suggest a TAU (as `diffmem train --calibrate`)."),
     separation: bool = typer.Option(False, "--separation", help="Do not train: measure where d separates "
@@ -256,6 +278,7 @@ def stage2(
     """Rerun stage 2 (the memorizing fine-tune) from the shipped base UNet, optionally with a mitigation."""
     from diffmem.testbed.recipe import calibrate_stage2, rerun_stage2, shipped_recipe, stage2_separation
 
+    steps = renamed(train_steps, steps, "--steps", "--train-steps")
     if separation:
         typer.echo(json.dumps(stage2_separation(work, device=device), indent=2))
         typer.echo(f"wrote {work / 'separation.json'}")

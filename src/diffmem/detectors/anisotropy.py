@@ -4,13 +4,15 @@ anisotropy term."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from diffmem.config import setting
 from diffmem.detectors.base import Detector, DetectorConfig
-from diffmem.errors import InputError
+from diffmem.errors import InputError, UnsupportedModelError
 from diffmem.models.conditioning import Conditioning
+from diffmem.models.denoiser import Parameterization
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,10 @@ class AnisotropyDetector(Detector):
     `eps_c - eps_u` at a low-noise timestep (`cosine_step` of the sampling schedule; the authors take the third
     from last), evaluated on the same pure-noise input as the first step: at low noise a memorized prompt's
     guidance points along the unconditional score. Both terms are in epsilon space (the cosine does not depend
-    on the scale, so it equals the authors' score-space one). Scores are `mean_g d_T + cosine_weight *
+    on the scale, so it equals the authors' score-space one). On a rectified-flow model (SD3, Flux) `d_T` is read
+    through `Parameterization.to_score`, the velocity (its noise prediction at `s = 1` is the input for every
+    prompt), and the cosine stays in epsilon space, the score's direction (`-eps / s`) at `s < 1`; a `cosine_step`
+    at `s = 1` (a schedule of as few steps) is refused. Scores are `mean_g d_T + cosine_weight *
     mean_g cos`; the authors' weights are 2.0 for SD v1.4 (norm weight 1), 0.1 for SD v2 in their units.
     Cost: 2 conditional evaluations per prompt and generation, plus 2 shared empty-prompt ones per detector.
     `timesteps` names the first step, where `magnitudes` is read; the cosine's timestep follows from `cosine_step`.
@@ -58,14 +63,27 @@ class AnisotropyDetector(Detector):
     published = "AUC 0.994 / 0.999, TPR@1% 0.935 / 0.984 (n=1 / 4; Asthana & Belagiannis, ICLR 2026)"
     rank = 20
 
+    def __init__(self, pipe: Any, config: AnisotropyConfig | None = None, **settings: Any) -> None:
+        super().__init__(pipe, config, **settings)
+        scheduler = self._schedule()
+        t_low = float(scheduler.timesteps[self.config.cosine_step])
+        if Parameterization.of(scheduler).kind == "flow" and t_low >= scheduler.config.num_train_timesteps:
+            raise UnsupportedModelError(
+                f"the anisotropy cosine's step ({self.config.cosine_step} of {self.config.num_inference_steps}) is "
+                "the first, where a flow model's noise prediction is its input for every prompt (no guidance "
+                "direction): give more --num-inference-steps")
+
     @torch.no_grad()
     def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
         scheduler = self._schedule()
+        param = Parameterization.of(scheduler)
         noise = self._first_input(scheduler)
         t_first, t_low = scheduler.timesteps[0], scheduler.timesteps[self.config.cosine_step]
-        eps_c, eps_u = self._eps_on_noise(noise, t_first, cond, scheduler)
-        mags = (eps_c - eps_u).flatten(1).norm(dim=1).reshape(-1, self.config.generations, 1)
+        pred_c, pred_u, x = self.denoiser.cfg_shared(noise, t_first, cond)
+        diff = param.to_score(pred_c, x, t_first) - param.to_score(pred_u, x, t_first)  # flow: the velocity's
+        mags = diff.flatten(1).norm(dim=1).reshape(-1, self.config.generations, 1)
         eps_c, eps_u = self._eps_on_noise(noise, t_low, cond, scheduler)
+        eps_c, eps_u = self.denoiser.unpacked(eps_c), self.denoiser.unpacked(eps_u)  # channels at dim 1 (Flux)
         cos = torch.nn.functional.cosine_similarity(eps_u, eps_c - eps_u, dim=1).mean(dim=(1, 2))
         return mags, [float(t_first)], cos.reshape(-1, self.config.generations)
 

@@ -23,11 +23,12 @@ from typing import Any, ClassVar
 import torch
 
 from diffmem.config import SamplingConfig, and_join, setting
-from diffmem.errors import InputError
+from diffmem.errors import InputError, UnsupportedModelError
+from diffmem.io.files import check_prompts
 from diffmem.models.conditioning import Conditioning, encode, text_window
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
-from diffmem.models.families import unet_only
+from diffmem.models.families import FAMILIES, NAMES, unet_only
 from diffmem.registry import MethodRegistry
 
 Steps = str | int  # "first", "all" or a number k of leading steps
@@ -117,7 +118,14 @@ class GuidedConfig(DetectorConfig):
     guidance_scale: float | None = setting(None, option="--guidance", gt=1, says="above 1 (classifier-free guidance)")
 
     def resolved(self, defaults: ModelDefaults) -> GuidedConfig:
-        return self.replace(guidance_scale=defaults.resolve_guidance(self.guidance_scale))
+        scale = defaults.resolve_guidance(self.guidance_scale)
+        if scale <= 1:  # a guidance-distilled model's own scale (Flux: 1, its true CFG off); the option is above 1
+            family = FAMILIES.get(defaults.pipeline or "", "")
+            raise UnsupportedModelError(
+                f"this detector reads the classifier-free guidance branches, which {NAMES.get(family, 'the model')} "
+                f"runs only with a true-CFG scale above 1 (its default, {scale:g}, samples the distilled model "
+                "alone): give --guidance above 1")
+        return self.replace(guidance_scale=scale)
 
 
 @dataclass(frozen=True)
@@ -187,7 +195,7 @@ class Detector:
         if not isinstance(config, self.Config):
             raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, not {type(config).__name__}")
         if reason := self.unsupported(pipe):
-            raise InputError(reason)
+            raise UnsupportedModelError(reason)
         self.pipe = pipe
         self.config = config.resolved(ModelDefaults.of(pipe))
         self.denoiser = Denoiser(pipe)
@@ -234,7 +242,10 @@ class Detector:
         return list(self.iter_scores(prompts))
 
     def iter_scores(self, prompts: Sequence[str]) -> Iterator[PromptScore]:
-        """Yield each prompt's score in input order, one batch of prompts at a time."""
+        """Yield each prompt's score in input order, one batch of prompts at a time. The prompts follow the text
+        rule of prompt files and the API (`diffmem.io.files.check_prompts`): a bare string, a non-string, a blank
+        prompt, a NUL or another control character, a lone surrogate or over 20,000 characters is an InputError."""
+        prompts = check_prompts(prompts)
         per_batch = max(1, self.config.batch_size // self.config.generations)
         for start in range(0, len(prompts), per_batch):
             chunk = list(prompts[start : start + per_batch])

@@ -16,6 +16,10 @@ class SharpnessDetector(Detector):
     `H_delta` its Jacobian in `x`, a Hessian-vector product computed by one forward-mode pass (`torch.func.jvp`).
 
     A memorized prompt sits in a sharp peak of the density: its guidance direction changes fast along itself.
+    On a rectified-flow model (SD3, Flux) the first step is at `s = 1`, where the density is the prompt-free
+    Gaussian and `s_delta = -(1 - s) / s (v_c - v_u)` vanishes: the score reads `s_delta`'s leading term, the
+    velocity difference `v_u - v_c` (`Parameterization.to_score`), as `MagnitudeDetector` does; the authors'
+    quantity is `(1 - s)^4` times it as `s` nears 1.
     Cost: a CFG batch for `s_delta`, then a forward-mode pass of the same batch (about 3x a forward), per prompt and
     generation. Attention runs on PyTorch's math kernel, the one with forward-mode derivatives.
     `magnitudes` holds each generation's `d_T`, which comes for free.
@@ -42,14 +46,16 @@ class SharpnessDetector(Detector):
         scheduler = self._schedule()
         t = scheduler.timesteps[0]
         rows = len(cond) * self.config.generations
-        x = self._first_input(scheduler).repeat(len(cond), 1, 1, 1)
+        x = self._first_input(scheduler)
+        x = x.repeat(len(cond), *(1,) * (x.dim() - 1))  # Flux's packed latents have 3 dimensions
         rows_c, rows_u = cond.repeat_interleave(self.config.generations), self._empty_embedding().expand(rows)
         param = Parameterization.of(scheduler)
-        _, sigma = param.alpha_sigma(t, x.device)
+        # the score is -eps / sigma_t; flow: the velocity's leading term at s = 1 (see the class docstring)
+        sigma = torch.ones(()) if param.kind == "flow" else param.alpha_sigma(t, x.device)[1]
 
         def score_difference(z: torch.Tensor) -> torch.Tensor:  # differentiable in z (forward mode)
-            eps_c, eps_u = self.denoiser.cfg_epsilon(z, t, rows_c, rows_u, param)
-            return (eps_u - eps_c) / sigma
+            pred_c, pred_u = self.denoiser.cfg(z, t, rows_c, rows_u)
+            return (param.to_score(pred_u, z, t) - param.to_score(pred_c, z, t)) / sigma
 
         with sdpa_kernel(SDPBackend.MATH):
             direction = score_difference(x)

@@ -1,8 +1,9 @@
 """What the detectors that read an ordinary generation share: one `pipe(...)` call from the detector's noise.
 
 Generation g of every prompt starts from `initial_noise(pipe, n, seed)[g]`, as in `MagnitudeDetector`, with
-classifier-free guidance at the model's scale, and a `Monitor` reads `d_t` (and the latent updates) off the CFG
-batch the pipeline computes anyway. Attention maps come from processors installed for the call
+classifier-free guidance at the model's scale as its family's pipeline takes it (`Denoiser.call_kwargs`; Flux:
+true CFG, so `--guidance` above 1), and a `Monitor` reads `d_t` (and the latent updates) off the CFG batch the
+pipeline computes anyway. Attention maps come from processors installed for the call
 (`diffmem.models.attention.cross_attention`).
 """
 
@@ -40,16 +41,17 @@ class TrajectoryDetector(Detector):
                   keep_differences: bool = False) -> tuple[Any, Monitor]:
         """The pipeline's output for rows `cond` x generations (prompt-major) and the monitor that watched it;
         `hook` sees every cross-attention layer of every step."""
-        n, pipe = self.config.generations, self.pipe
+        n, pipe, denoiser = self.config.generations, self.pipe, self.denoiser
         rows = len(cond) * n
-        noise = self._initial_noise().to(pipe.unet.device, pipe.unet.dtype).repeat(len(cond), 1, 1, 1)
+        noise = self._initial_noise().to(denoiser.device, denoiser.dtype)
+        noise = noise.repeat(len(cond), *(1,) * (noise.dim() - 1))
         negative = self._empty_embedding().expand(rows)
         monitor = Monitor(pipe, keep_differences=keep_differences)
         attention = nullcontext() if hook is None else cross_attention(pipe.unet, hook)
+        assert self.config.guidance_scale is not None  # resolved: the model's own unless given
         with torch.no_grad(), attention, monitor:
-            out = pipe(**cond.repeat_interleave(n).pipe_kwargs(negative), latents=noise,
-                       num_inference_steps=self.config.num_inference_steps, guidance_scale=self.config.guidance_scale,
-                       output_type=output_type)
+            out = pipe(**denoiser.call_kwargs(cond.repeat_interleave(n), negative, self.config.guidance_scale),
+                       latents=noise, num_inference_steps=self.config.num_inference_steps, output_type=output_type)
         return out.images, monitor
 
     def _per_prompt(self, values: torch.Tensor) -> torch.Tensor:

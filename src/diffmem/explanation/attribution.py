@@ -2,25 +2,80 @@
 
 `explain` returns an `Attribution` (tensors and numbers, no rendering); `diffmem.explanation.render` draws it.
 The gradient method costs one forward and one backward pass of the denoiser per generation and step; the
-leave-one-out method scores the prompt with each word deleted, all variants in one batch.
+leave-one-out method scores the prompt with each word deleted, all variants in one batch. Its settings are one
+`ExplainConfig`, checked once (by `explain`, `diffmem explain` and the page alike).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from diffmem.detectors.base import Steps, parse_steps
+from diffmem.config import SamplingConfig, setting
+from diffmem.detectors.base import MAX_BATCH, Steps, parse_steps
 from diffmem.detectors.magnitude import MagnitudeDetector
 from diffmem.errors import InputError
+from diffmem.io.files import check_prompt_text
 from diffmem.models.conditioning import encode, text_window
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
 from diffmem.models.families import NAMES, UNET, family
 
 METHODS = ("gradient", "leave-one-out")
+MAX_EXPLAIN_WORDS = 256
+"""Most whitespace-separated words of a prompt leave-one-out explains: it scores the prompt once with each word
+deleted, one denoiser row per word and generation. 256 words cover the longest text window diffmem reads (T5's
+512 tokens on Flux) at two tokens a word; CLIP models read 75 tokens, and words past a window score nothing."""
+
+
+@dataclass(frozen=True)
+class ExplainConfig(SamplingConfig):
+    """What fixes an explanation: the method, the scored leading steps, the guidance between them (None: the
+    model's own) and the sampling settings (generations, seed, schedule), checked once when built.
+
+        >>> ExplainConfig(steps=3, num_inference_steps=2)
+        Traceback (most recent call last):
+        diffmem.errors.InputError: --steps 3 must be between 1 and num_inference_steps (2)
+    """
+
+    method: str = setting("leave-one-out", option="--method")
+    steps: str | int = setting("first", option="--steps")
+    guidance_scale: float | None = setting(None, option="--guidance", ge=1,
+                                           says="1 or more (classifier-free guidance; 1 only for Flux)")
+
+    def check(self) -> None:
+        super().check()
+        if self.method not in METHODS:
+            raise InputError(f"unknown method {self.method!r}: --method must be one of {', '.join(METHODS)}")
+        parse_steps(self.steps, self.num_inference_steps)
+
+    @property
+    def n_steps(self) -> int:
+        """How many leading sampling steps the score averages."""
+        return parse_steps(self.steps, self.num_inference_steps)
+
+    def check_prompt(self, prompt: str) -> list[str]:
+        """The prompt's whitespace words, or one InputError line: an empty prompt, or more words than leave-one-out
+        explains (`MAX_EXPLAIN_WORDS`), or text the text rule refuses (`diffmem.io.files.check_prompt_text`: a
+        non-string, a NUL or another control character, a lone surrogate, over 20,000 characters). Needs no model,
+        so commands check it before loading one."""
+        if not isinstance(prompt, str):
+            raise InputError(f"the prompt must be a string, not {type(prompt).__name__}")
+        words = prompt.split() if check_prompt_text(prompt) is not None else []
+        if not words:
+            raise InputError("the prompt is empty: there is nothing to explain")
+        if self.method == "leave-one-out" and len(words) > MAX_EXPLAIN_WORDS:
+            raise InputError(f"the prompt has {len(words)} words; leave-one-out explains at most {MAX_EXPLAIN_WORDS} "
+                             "(one denoiser row per word and generation): shorten it")
+        return words
+
+    def record(self, guidance_scale: float) -> dict[str, Any]:
+        """The settings an `Attribution` records (what `suggest_edits` scores its edits with)."""
+        return dict(steps=self.steps, generations=self.generations, seed=self.seed,
+                    num_inference_steps=self.num_inference_steps, guidance_scale=guidance_scale)
 
 
 @dataclass
@@ -100,11 +155,6 @@ def _finite(res) -> float:
     return float(res.score)
 
 
-def _check_prompt(prompt: str) -> None:
-    if not prompt.strip():
-        raise InputError("the prompt is empty: there is nothing to explain")
-
-
 def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int = 1, seed: int = 0,
                           num_inference_steps: int = 50, guidance_scale: float | None = None
                           ) -> tuple[torch.Tensor, float]:
@@ -144,11 +194,15 @@ def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int 
     return grad[0].float().norm(dim=-1).cpu(), float(loss.detach())
 
 
-def explain(pipe, prompt: str, method: str = "leave-one-out", steps: Steps = "first", generations: int = 1,
-            seed: int = 0, num_inference_steps: int = 50, guidance_scale: float | None = None) -> Attribution:
+def explain(pipe, prompt: str, method: str | None = None, steps: Steps | None = None, generations: int | None = None,
+            seed: int | None = None, num_inference_steps: int | None = None, guidance_scale: float | None = None,
+            config: ExplainConfig | None = None) -> Attribution:
     """Significance of each token and word of `prompt` for its memorization score. Leave-one-out is the default:
     on the testbed its top word lowers the score 3.7x as much as a random word's deletion, the gradient's 1.6x
     (`diffmem testbed explain-eval`), at a cost of one batched scoring of the prompt's word deletions.
+
+    The settings are `config` (default `ExplainConfig()`: leave-one-out, the first step, 1 generation, seed 0, 50
+    sampling steps, the model's guidance) with the keyword settings given (not None) over it, checked once.
 
         >>> from diffmem import explain, load_pipeline
         >>> from diffmem.testbed.recipe import shipped_recipe
@@ -158,13 +212,15 @@ def explain(pipe, prompt: str, method: str = "leave-one-out", steps: Steps = "fi
         >>> [attribution.words[i].text for i in attribution.ranking()[:2]], round(attribution.score, 2)
         (['orange', 'center'], 0.77)
     """
-    _check_prompt(prompt)
-    guidance_scale = ModelDefaults.of(pipe).resolve_guidance(guidance_scale)
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    n_steps = parse_steps(steps, num_inference_steps)
-    settings = dict(steps=steps, generations=generations, seed=seed, num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale)
+    keywords: dict[str, Any] = dict(method=method, steps=steps, generations=generations, seed=seed,
+                                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    given = {name: value for name, value in keywords.items() if value is not None}
+    config = ExplainConfig(**given) if config is None else config.replace(**given)
+    config.check_prompt(prompt)
+    method, steps, generations, seed = config.method, config.steps, config.generations, config.seed
+    num_inference_steps, n_steps = config.num_inference_steps, config.n_steps
+    guidance_scale = ModelDefaults.of(pipe).resolve_guidance(config.guidance_scale)
+    settings = config.record(guidance_scale)
     tok, limit = text_window(pipe)  # SD3, PixArt, Flux: T5's tokens, the longest window the denoiser sees
     n_real = min(len(tok.tokenize(prompt)), limit)
     if method == "gradient":
@@ -178,7 +234,7 @@ def explain(pipe, prompt: str, method: str = "leave-one-out", steps: Steps = "fi
     variants = [prompt] + [" ".join(texts[:i] + texts[i + 1 :]) for i in range(len(texts))]
     det = MagnitudeDetector(pipe, steps=steps, generations=generations, seed=seed,
                             guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                            batch_size=max(1, len(variants)) * generations)
+                            batch_size=min(MAX_BATCH, len(variants) * generations))
     scores = [_finite(r) for r in det.score(variants)]
     drops = [scores[0] - s for s in scores[1:]]
     per_token = torch.cat([torch.full((len(p),), d / len(p)) for p, d in zip(pieces, drops, strict=True)])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import errno
 import hashlib
 import json
 import os
@@ -27,8 +26,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from diffmem.errors import InputError
-from diffmem.io.durable import replace_file
-from diffmem.io.files import read_json_object
+from diffmem.io.durable import FULL_DISK, check_writable, replace_file
+from diffmem.io.files import (
+    MAX_PROMPT_FILE_BYTES,
+    iter_lines,
+    json_problem,
+    open_user_file,
+    read_json_object,
+    read_user_json,
+)
 
 MANIFEST = "manifest.json"
 PROMPTS = "prompts"
@@ -123,6 +129,19 @@ def _webster(name: str, model: str, parquet: str) -> Dataset:
 _REN_NORMAL = RemoteFile("prompt/group_nomem500.txt", _MEMATTN + "prompt/group_nomem500.txt",
                          "4e0de75ae37b4fb2f8676026d876d9f4b03267a90041af4069d74b912e588c2d")
 
+
+def _ren(name: str, what: str, memorized: str, model: str, sha256: str) -> Dataset:
+    """One of Ren et al.'s prompt lists: `prompt/<memorized>` against their 500 non-memorized prompts."""
+    path = f"prompt/{memorized}"
+    return Dataset(
+        name=name, title=f"Ren et al. (ECCV 2024): {what}",
+        description=f"{path} (memorized) and prompt/group_nomem500.txt (500 non-memorized), one prompt per line. "
+        "No image URLs: detection only.",
+        models=(model,), licence="MIT", source="github.com/renjie3/MemAttn",
+        files=(RemoteFile(path, _MEMATTN + path, sha256), _REN_NORMAL),
+        memorized=Split(path, "txt"), normal=Split("prompt/group_nomem500.txt", "txt"),
+    )
+
 DATASETS: dict[str, Dataset] = {d.name: d for d in (
     Dataset(
         name="wen-sdv1-500", title="Wen et al. (ICLR 2024): 500 memorized SD v1 prompts",
@@ -158,26 +177,10 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
     _webster("webster-realistic-vision", "Realistic Vision (SD v1 fine-tune)",
              "realistic_vision_sdv1_edge_groundtruth.parquet"),
     _webster("webster-deepfloyd-if", "DeepFloyd IF", "deep_if_sdv1_wb_groundtruth.parquet"),
-    Dataset(
-        name="ren-sd1", title="Ren et al. (ECCV 2024): 345 memorized SD1 prompts",
-        description="Plain-text prompt lists, one per line: prompt/sd1_mem345.txt (memorized) and "
-        "prompt/group_nomem500.txt (500 non-memorized). No image URLs: detection only.",
-        models=("CompVis/stable-diffusion-v1-4",), licence="MIT", source="github.com/renjie3/MemAttn",
-        files=(RemoteFile("prompt/sd1_mem345.txt", _MEMATTN + "prompt/sd1_mem345.txt",
-                          "70f370c4728aecd18e0db95dc58e9741b0f1a278dbfddb31d7d0754f69f8d069"), _REN_NORMAL),
-        memorized=Split("prompt/sd1_mem345.txt", "txt"),
-        normal=Split("prompt/group_nomem500.txt", "txt"),
-    ),
-    Dataset(
-        name="ren-sd2", title="Ren et al. (ECCV 2024): 219 memorized SD2 prompts",
-        description="prompt/sd2_mem219.txt (memorized) and prompt/group_nomem500.txt (500 non-memorized), one "
-        "prompt per line. No image URLs: detection only.",
-        models=("stabilityai/stable-diffusion-2",), licence="MIT", source="github.com/renjie3/MemAttn",
-        files=(RemoteFile("prompt/sd2_mem219.txt", _MEMATTN + "prompt/sd2_mem219.txt",
-                          "5776ec85cc25fde8c4843af990041a85813c3af7cb817c45dabb1a1bb9b6356f"), _REN_NORMAL),
-        memorized=Split("prompt/sd2_mem219.txt", "txt"),
-        normal=Split("prompt/group_nomem500.txt", "txt"),
-    ),
+    _ren("ren-sd1", "345 memorized SD1 prompts", "sd1_mem345.txt", "CompVis/stable-diffusion-v1-4",
+         "70f370c4728aecd18e0db95dc58e9741b0f1a278dbfddb31d7d0754f69f8d069"),
+    _ren("ren-sd2", "219 memorized SD2 prompts", "sd2_mem219.txt", "stabilityai/stable-diffusion-2",
+         "5776ec85cc25fde8c4843af990041a85813c3af7cb817c45dabb1a1bb9b6356f"),
 )}
 
 
@@ -297,10 +300,11 @@ class _Downloader:
             if not source.is_file():
                 raise InputError(f"the mirror {self.local} has no {file.path}")
             _check_space(part.parent, source.stat().st_size)
+            check_writable(part)
             try:
                 shutil.copyfile(source, part)
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
+                if exc.errno in FULL_DISK:
                     raise _disk_full(part) from None
                 raise
             return
@@ -336,6 +340,7 @@ class _Downloader:
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit():
                     _check_space(part.parent, int(declared))
+                check_writable(part)  # appended to resume, so not through replace_file; never a device or FIFO
                 try:
                     with part.open("ab" if append else "wb") as fh:
                         for chunk in response.iter_bytes():
@@ -343,7 +348,7 @@ class _Downloader:
                         fh.flush()
                         os.fsync(fh.fileno())
                 except OSError as exc:
-                    if exc.errno == errno.ENOSPC:
+                    if exc.errno in FULL_DISK:
                         raise _disk_full(part) from None
                     raise
         except httpx.TimeoutException:
@@ -357,31 +362,27 @@ class _Retry(Exception):
 
 
 def _extract(archive: Path, member: str, target: Path) -> None:
-    """Write one member of a zip or tar archive to `target` (through a .part file)."""
-    part = target.with_name(target.name + ".part")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    """Write one member of a zip or tar archive to `target` whole (`replace_file`: a temporary file renamed into
+    place; a full disk keeps the earlier file)."""
+    if not zipfile.is_zipfile(archive) and not tarfile.is_tarfile(archive):
+        raise InputError(f"{archive} is neither a zip nor a tar archive")
+
+    def write(tmp: Path) -> None:
         if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf, zf.open(member) as src, part.open("wb") as dst:
+            with zipfile.ZipFile(archive) as zf, zf.open(member) as src, tmp.open("wb") as dst:
                 shutil.copyfileobj(src, dst)
-        elif tarfile.is_tarfile(archive):
-            with tarfile.open(archive) as tf:
-                member_file = tf.extractfile(member)
-                if member_file is None:
-                    raise KeyError(member)
-                with member_file, part.open("wb") as dst:
-                    shutil.copyfileobj(member_file, dst)
-        else:
-            raise InputError(f"{archive} is neither a zip nor a tar archive")
+            return
+        with tarfile.open(archive) as tf:
+            member_file = tf.extractfile(member)
+            if member_file is None:
+                raise KeyError(member)
+            with member_file, tmp.open("wb") as dst:
+                shutil.copyfileobj(member_file, dst)
+
+    try:
+        replace_file(target, write)
     except KeyError:
-        part.unlink(missing_ok=True)
         raise InputError(f"{archive} has no member {member!r}") from None
-    except OSError as exc:
-        part.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise _disk_full(target) from None
-        raise
-    os.replace(part, target)
 
 
 def _listed(root: Path, file: RemoteFile) -> list[RemoteFile]:
@@ -458,6 +459,7 @@ def _fetch_file(file: RemoteFile, root: Path, manifest: dict[str, Any], pins: di
         kept = " (the copy already there is kept)" if target.is_file() else ""
         raise InputError(f"checksum mismatch for {path} from {downloader.url(file)}: expected sha256 {expected}, "
                          f"got {got}; the download was discarded{kept}")
+    check_writable(target)
     os.replace(part, target)
     if expected is None:
         summary.recorded.append(path)
@@ -472,30 +474,40 @@ def _fetch_file(file: RemoteFile, root: Path, manifest: dict[str, Any], pins: di
 
 def read_table(path: Path, fmt: str) -> list[dict[str, Any]]:
     """The rows of a fetched file as dicts (txt: {'prompt': line}; coco: the 'annotations' list)."""
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InputError(f"{path} is missing: fetch it with `diffmem datasets fetch`")
-    try:
+    try:  # through the reader primitive, the line reader and the JSON rule, like every user file
         if fmt == "parquet":
             try:
                 import pyarrow.parquet as pq
             except ModuleNotFoundError:
                 raise InputError("reading Parquet needs pyarrow: pip install 'diffmem[paper]'") from None
-            rows: list[dict[str, Any]] = pq.read_table(path).to_pylist()
+            with open_user_file(path, "data set file", MAX_PROMPT_FILE_BYTES) as f:
+                rows: list[dict[str, Any]] = pq.read_table(f.raw).to_pylist()
             return rows
-        text = path.read_text(encoding="utf-8-sig")
-        if fmt == "txt":
-            return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
-        if fmt == "jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        if fmt == "csv":
-            return list(csv.DictReader(text.splitlines()))
         if fmt == "coco":
-            return list(json.loads(text)["annotations"])
+            return list(read_user_json(path, "data set file", max_bytes=MAX_PROMPT_FILE_BYTES)["annotations"])
+        with open_user_file(path, "data set file", MAX_PROMPT_FILE_BYTES) as f:
+            lines = [(number, line) for number, line in iter_lines(f, path) if line.strip()]
+        if fmt == "txt":
+            return [{"prompt": line.strip()} for _, line in lines]
+        if fmt == "jsonl":
+            return [_json_line(path, number, line) for number, line in lines]
+        if fmt == "csv":
+            return list(csv.DictReader(line for _, line in lines))
     except InputError:
         raise
     except Exception as exc:  # json, csv, pyarrow and key errors from a file that is not what it should be
         raise InputError(f"cannot read {path} as {fmt}: {type(exc).__name__}: {exc}") from None
     raise InputError(f"unknown table format {fmt!r}")
+
+
+def _json_line(path: Path, number: int, line: str) -> Any:
+    """One JSON Lines row by the JSON rule, or one InputError line naming the file and the line."""
+    value, problem = json_problem(line)
+    if problem is not None:
+        raise InputError(f"{path} line {number}: {problem}")
+    return value
 
 
 def _urls(value: Any) -> list[str]:

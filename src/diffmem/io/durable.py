@@ -14,11 +14,12 @@ blocks a rerun.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ KINDS = ("result file", "prompt file", "JSON Lines file", "JSON file", "image", 
 """What `file_kind` tells apart, by a small signature: the first row's keys, or the file's magic."""
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"%PDF", b"%!PS", b"II*\x00", b"MM\x00*", b"BM")
 _RESULT_KEYS = ("score", "method", "error")  # a detect or generate row holds at least one
+FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+"""The errors of a write that found no room: a full disk, a file-size limit, a quota."""
 
 
 def replace_file(path: str | Path, data: bytes | str | Writer, done: str | None = None,
@@ -65,7 +68,7 @@ def replace_file(path: str | Path, data: bytes | str | Writer, done: str | None 
     except BaseException:
         _unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -95,7 +98,7 @@ def _unlink(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename durable (not possible on every platform)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -107,6 +110,12 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_writable(path: str | Path) -> None:
+    """One line unless `path` is a regular file or absent: what a writer that cannot go through
+    :func:`replace_file` (an appended, resumable download) checks before opening it."""
+    _regular_or_absent(Path(path))
 
 
 def _regular_or_absent(path: Path, option: str = "") -> None:
@@ -133,12 +142,17 @@ def file_kind(path: str | Path) -> str | None:
             head = f.read(1 << 16)
     except OSError:
         return None
+    head = head.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (an editor's) says nothing of the kind
     if not head.strip():
         return None
     if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or b"<svg" in head[:2048]:
         return "image"
     lines = head.split(b"\n")
     rows = [_json_row(line) for line in (lines[:-1] if len(head) == 1 << 16 else lines) if line.strip()]
+    if rows and rows[-1] is None and not head.endswith(b"\n") and len(lines) <= len(rows) + 1:
+        if len(rows) == 1 and any(b'"%s": ' % key.encode() in lines[-1] for key in _RESULT_KEYS):
+            return "result file"  # one row torn by a kill: its writer cuts it back on resume
+        rows = rows[:-1]  # a last row torn by a kill says nothing of the kind
     row = rows[0] if rows else None
     if isinstance(row, dict):
         if not all(isinstance(r, dict) for r in rows):
@@ -193,11 +207,17 @@ def _json_row(line: bytes) -> object:
 
 
 def check_output_path(path: Path, option: str, image: bool = False, kind: str | None = None,
-                      force: bool = False) -> None:
+                      force: bool = False, inputs: Mapping[str, str | Path | None] | None = None) -> None:
     """Fail with one line before any work when `path` cannot be an output: a folder on its way is a file, it is a
-    folder, a device, a FIFO or a socket, (`image`) matplotlib cannot write its file type, or it holds a file of
-    another kind than `kind` (one of KINDS; an image for `image`) and `force` is not set."""
+    folder, a device, a FIFO or a socket, it is the same file as one of the command's `inputs` (option -> path;
+    refused even with `force`: the output would destroy what is being read), (`image`) matplotlib cannot write
+    its file type, or it holds a file of another kind than `kind` (one of KINDS; an image for `image`) and `force`
+    is not set."""
     path = Path(path)
+    for name, source in (inputs or {}).items():
+        if source is not None and _same_file(path, Path(source)):
+            raise InputError(f"{option} {path} is the {name} file the command reads: writing it would destroy "
+                             "its input; choose another path")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -218,6 +238,14 @@ def check_output_path(path: Path, option: str, image: bool = False, kind: str | 
         if path.suffix.lstrip(".").lower() not in kinds:
             raise InputError(f"{option} {path}: cannot write a '{path.suffix or '(no extension)'}' image; use one of "
                              f".{', .'.join(sorted(kinds))}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one existing file (through links too)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _article(kind: str) -> str:

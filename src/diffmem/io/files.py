@@ -17,7 +17,7 @@ import os
 import re
 import stat
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -280,3 +280,22 @@ def check_prompt_text(text: str, where: str = "", max_chars: int | None = MAX_PR
     if all(_invisible(ch) for ch in text):
         return None
     return text
+
+
+def check_prompt(text: object, where: str = "the prompt", max_chars: int | None = MAX_PROMPT_CHARS) -> str:
+    """A prompt given to the library or the API: a string that passes :func:`check_prompt_text` and is not blank,
+    else one InputError line naming it (`where`)."""
+    if not isinstance(text, str):
+        raise InputError(f"{where} must be a string, not {type(text).__name__}")
+    if check_prompt_text(text, "" if where == "the prompt" else where, max_chars) is None:
+        raise InputError(f"{where} is empty")
+    return text
+
+
+def check_prompts(prompts: object, what: str = "prompts") -> list[str]:
+    """A list of prompts given to the library (`Detector.score`, training captions): each by :func:`check_prompt`;
+    a bare string (which would be scored character by character) or a non-list is one InputError line."""
+    if isinstance(prompts, str | bytes) or not isinstance(prompts, Iterable):
+        hint = " (wrap one prompt in a list: [prompt])" if isinstance(prompts, str) else ""
+        raise InputError(f"{what} must be a list of strings, not {type(prompts).__name__}{hint}")
+    return [check_prompt(text, f"{what}[{i}]") for i, text in enumerate(prompts)]

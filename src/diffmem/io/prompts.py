@@ -7,6 +7,7 @@ prompts are skipped, but each skip is recorded in :attr:`PromptFile.skipped` so 
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,7 +200,8 @@ def _jsonl_rows(path: Path) -> list[Row]:
             if problem is not None:
                 raise InputError(f"{path} line {i}: {problem}")
             if not isinstance(row, dict):
-                raise InputError(f"{path} line {i}: expected a JSON object, got {type(row).__name__}")
+                got = "null" if row is None else type(row).__name__
+                raise InputError(f"{path} line {i}: expected a JSON object, got {got}")
             rows.append((f"line {i}", row))
     return rows
 
@@ -219,7 +221,7 @@ def _csv_read(path: Path, reader: csv.DictReader, rows: list[Row]) -> list[str]:
     """Fill `rows` from a CSV reader, strictly; returns the header's names (each once)."""
     try:
         names = list(reader.fieldnames or [])
-        repeated = sorted({name for name in names if names.count(name) > 1})
+        repeated = _repeated(names)
         if repeated:
             raise InputError(f"{path} line 1: the header names the column {repeated[0]!r} twice")
         for row in reader:
@@ -230,6 +232,11 @@ def _csv_read(path: Path, reader: csv.DictReader, rows: list[Row]) -> list[str]:
         line = reader.reader.line_num  # DictReader's own line_num lags behind on errors
         raise InputError(f"{path} line {line}: malformed CSV ({_one_line(exc)})") from None
     return names
+
+
+def _repeated(names: Sequence[str]) -> list[str]:
+    """The column names a header holds more than once, sorted (linear: a header may have 100,000s of names)."""
+    return sorted(name for name, n in Counter(names).items() if n > 1)
 
 
 def _parquet_rows(path: Path) -> tuple[list[str], list[Row]]:
@@ -244,7 +251,7 @@ def _parquet_rows(path: Path) -> tuple[list[str], list[Row]]:
             table = pq.read_table(f.raw)
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{path} is not a readable Parquet file: {_one_line(exc)}") from None
-    repeated = sorted({name for name in table.column_names if table.column_names.count(name) > 1})
+    repeated = _repeated(table.column_names)
     if repeated:
         raise InputError(f"{path} names the column {repeated[0]!r} twice")
     return list(table.column_names), [(f"row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]

@@ -23,9 +23,11 @@ from types import TracebackType
 from typing import IO, Any, Literal, TypeVar
 
 from diffmem.errors import InputError
+from diffmem.io.durable import fsync_dir
 from diffmem.io.files import MAX_PROMPT_FILE_BYTES, json_problem, kind_of_node, read_user_bytes
 
 T = TypeVar("T")
+BOM = b"\xef\xbb\xbf"
 KeyFn = Callable[[dict[str, Any]], Hashable]
 
 
@@ -64,6 +66,8 @@ def _parse(data: bytes, path: Path) -> ParsedRows:
     rows = []
     lines = data[:end].split(b"\n")[:-1]
     for number, raw in enumerate(lines, 1):
+        if number == 1:
+            raw = raw.removeprefix(BOM)  # the text rule: a leading BOM (an editor's) is dropped
         if raw.strip():
             row = _parse_line(raw)
             if row is None:
@@ -71,7 +75,7 @@ def _parse(data: bytes, path: Path) -> ParsedRows:
                     f"{path} line {number} is not a JSON object; the file is damaged: fix or remove that line"
                 )
             rows.append((number, row))
-    tail = data[end:]
+    tail = data[end:] if end else data.removeprefix(BOM)
     if not tail.strip():
         return rows, end, "none"
     row = _parse_line(tail)
@@ -153,13 +157,17 @@ class ResultWriter:
             _lock(self._file, self.path)
             self._resume(match or {})
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         except BaseException:
             self._file.close()
             raise
 
     def _resume(self, match: Mapping[str, Any]) -> None:
         """Load the keys already written, check them against ``match`` and repair an interrupted last line."""
+        size = os.fstat(self._file.fileno()).st_size
+        if size > MAX_PROMPT_FILE_BYTES:  # the bound of every reader of result files (read_results)
+            raise InputError(f"{self.path} is over the {MAX_PROMPT_FILE_BYTES >> 20:,} MB diffmem reads as a result "
+                             "file; is it the right file?")
         self._file.seek(0)
         rows, end, tail = _parse(self._file.read(), self.path)
         expected = json.loads(json_line(match))  # compare as the values will read back from the file
@@ -279,17 +287,3 @@ def _lock(file: IO[bytes], path: Path) -> None:
         fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise InputError(f"{path} is in use by another scan; wait for it or use another file") from None
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a newly created file's directory entry durable (not possible on every platform)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

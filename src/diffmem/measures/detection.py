@@ -39,7 +39,12 @@ def _as_array(scores: Scores, name: str) -> np.ndarray:
     if isinstance(scores, np.ndarray) and scores.dtype != object:
         values: Any = scores
     else:
+        if isinstance(scores, str | bytes | dict):
+            raise InputError(f"the {name} scores must be a list of numbers, not {type(scores).__name__}")
         values = [math.nan if s is None else s for s in scores]
+        odd = next((s for s in values if isinstance(s, bool | str | bytes)), None)
+        if odd is not None:  # float(True) is 1.0 and float("1") 1.0: a damaged row, not a score
+            raise InputError(f"the {name} scores must be numbers, not {type(odd).__name__} ({odd!r:.40})")
     try:
         arr = np.asarray(values, dtype=float)
     except (TypeError, ValueError) as exc:

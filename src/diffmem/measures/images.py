@@ -12,7 +12,6 @@ Each measure is a function of its inputs that returns tensors; loading is separa
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from PIL import Image
 
 from diffmem.errors import InputError
+from diffmem.io.files import read_json_object
 
 SSCD_COPY_THRESHOLD = 0.5
 """SSCD cosine similarity above which a generation counts as a copy of a training image (METHOD.md section 5)."""
@@ -159,9 +159,9 @@ def load_clip(source: str | Path, device: str | torch.device | None = None) -> C
         if not config_file.is_file():
             raise InputError(f"{path} is not a transformers model folder (no config.json); --clip takes a "
                              "CLIPModel folder or hub id")
-        try:
-            kind = json.loads(config_file.read_text()).get("model_type")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        try:  # the reader primitive and the JSON rule: a device, FIFO or damaged file is no CLIP config
+            kind = read_json_object(config_file, "model config").get("model_type")
+        except InputError:
             kind = None
         if kind != "clip":
             raise InputError(f"{path} holds a {kind or 'unknown'} model, not a CLIPModel (model_type 'clip')")

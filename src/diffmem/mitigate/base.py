@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -173,6 +173,9 @@ class Mitigation:
     """Whether Wen et al.'s mitigation table has it (`diffmem reproduce`'s methods)."""
     calibrated: ClassVar[tuple[str, ...]] = ()
     """The options `calibrate` gives."""
+    needs: ClassVar[tuple[str, ...]] = ()
+    """Options only the user can give (prss: its paraphrase file): such a method runs when named, never in a table
+    of every method (`table_methods`)."""
     config: NoOptions
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -189,6 +192,10 @@ class Mitigation:
             raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, not {type(config).__name__}")
         self.pipe = pipe
         self.config = config.resolved(ModelDefaults.of(pipe))
+
+    def prepare(self, prompts: Sequence[str]) -> None:
+        """Check what the method needs for `prompts` before any is generated (e.g. a paraphrase of each; raise
+        InputError); nothing by default."""
 
     def apply(self, prompt: str, sampler: Sampler) -> Outcome:
         """Generate `prompt` from the sampler's noise, mitigated."""
@@ -255,7 +262,7 @@ def keyword_settings(given: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def table_methods(*, paper: bool = False) -> tuple[str, ...]:
-    """Method names in table order, plain sampling (the reference row) first: every registered method, or with
-    `paper` those of Wen et al.'s table (`diffmem reproduce`'s default)."""
-    names = [name for name, cls in MITIGATIONS.items() if cls.in_paper_table or not paper]
+    """Method names in table order, plain sampling (the reference row) first: every registered method that needs
+    nothing only the user can give, or with `paper` those of Wen et al.'s table (`diffmem reproduce`'s default)."""
+    names = [name for name, cls in MITIGATIONS.items() if (cls.in_paper_table or not paper) and not cls.needs]
     return tuple(sorted(names, key=lambda name: not MITIGATIONS[name].plain))

@@ -111,6 +111,7 @@ def iter_generate(
                                   output_type=output_type).resolved(defaults)
     values = dict(zip(KEYWORDS, (target_loss, iters, lr, k, sigma), strict=True))
     mitigation = kind(pipe, kind.configure(values, method_options))
+    mitigation.prepare(prompts)
     noise = initial_noise(pipe, generations, seed).to(pipe.unet.device, pipe.unet.dtype)
     sampler = Sampler(pipe, generation, noise)
     sync = torch.cuda.synchronize if pipe.unet.device.type == "cuda" else (lambda: None)

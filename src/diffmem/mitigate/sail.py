@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,12 +47,12 @@ class SailResult:
     reached: bool = False
 
 
-class SailLoss:
-    """The SAIL loss of initial noises for one prompt at the first step of an `num_inference_steps` schedule."""
+class FirstStepGuidance:
+    """`eps(x, prompt) - eps(x, "")` of initial noises at the first step of a `num_inference_steps` schedule (what
+    SAIL and the initial-noise adjustment of Han et al. move the noise by)."""
 
-    def __init__(self, pipe: Any, cond: Conditioning, uncond: Conditioning, weight: float = SAIL_WEIGHT,
-                 num_inference_steps: int = 50) -> None:
-        self.pipe, self.weight = pipe, weight
+    def __init__(self, pipe: Any, cond: Conditioning, uncond: Conditioning, num_inference_steps: int = 50) -> None:
+        self.pipe = pipe
         self.denoiser = Denoiser(pipe)
         self.scheduler = self.denoiser.schedule(num_inference_steps)
         self.param = Parameterization.of(self.scheduler)
@@ -66,6 +67,15 @@ class SailLoss:
         eps_c, eps_u = self.denoiser.cfg_epsilon(model_in, self.t, self.cond.expand(rows), self.uncond.expand(rows),
                                                  self.param)
         return eps_c - eps_u
+
+
+class SailLoss(FirstStepGuidance):
+    """The SAIL loss of initial noises for one prompt at the first step of an `num_inference_steps` schedule."""
+
+    def __init__(self, pipe: Any, cond: Conditioning, uncond: Conditioning, weight: float = SAIL_WEIGHT,
+                 num_inference_steps: int = 50) -> None:
+        super().__init__(pipe, cond, uncond, num_inference_steps)
+        self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Per row: `||delta(x + delta(x) / ||delta(x)||)|| + weight * ||x||`."""
@@ -105,11 +115,20 @@ def sail(pipe: Any, prompt: str, *, generations: int = 1, seed: int = 0, thresho
     with torch.no_grad():
         loss_fn = SailLoss(pipe, encode(pipe, [prompt]), empty(pipe), weight, num_inference_steps)
     start = initial_noise(pipe, generations, seed).to(pipe.unet.device, torch.float32)
+    return descend_noise(loss_fn, start, threshold=threshold, iters=iters, lr=lr)
+
+
+def descend_noise(loss_fn: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, *, threshold: float,
+                  iters: int, lr: float, optimizer_class: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
+                  ) -> SailResult:
+    """Optimise each row of the noises `start` on its own loss (`loss_fn`: one loss per row) until it is <=
+    `threshold`, at most `iters` steps: a row is kept as it was when it first reached the threshold, else its last
+    iterate (SAIL's loop; Han et al.'s per-sample adjustment with AdamW). Gradients reach the noise only."""
     x = start.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=lr)
+    optimizer = optimizer_class([x], lr=lr)
     chosen = start.clone()
-    final = torch.full((generations,), math.inf, device=start.device)
-    done = torch.zeros(generations, dtype=torch.bool, device=start.device)
+    final = torch.full((start.shape[0],), math.inf, device=start.device)
+    done = torch.zeros(start.shape[0], dtype=torch.bool, device=start.device)
     initial: list[float] = []
     step = 0
     while True:

@@ -259,6 +259,28 @@ class Denoiser:
         t = scheduler.timesteps[0] if t is None else t
         return self.scale_input(self.start(noise, scheduler), scheduler, t)
 
+    def unpacked(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as (rows, C, H, W): Flux's packed 2x2 patches unpacked as its pipeline unpacks them before
+        decoding; the other families' latents as they are."""
+        if self.family != FLUX:
+            return latents
+        return self.pipe._unpack_latents(latents, self.height, self.width, self.pipe.vae_scale_factor)
+
+    def call_kwargs(self, cond: Conditioning, negative: Conditioning, guidance_scale: float) -> dict[str, Any]:
+        """The keyword arguments of a plain `pipe(...)` call that samples rows `cond` against `negative` with
+        classifier-free guidance `guidance_scale`, as the family's pipeline takes them: Flux guides by true CFG
+        (`true_cfg_scale`; its distilled guidance input stays the pipeline's default), PixArt without resolution
+        binning (the latents fix the size), the transformer families at this denoiser's image size."""
+        kwargs = cond.pipe_kwargs(negative)
+        if self.family == UNET:
+            return {**kwargs, "guidance_scale": guidance_scale}
+        kwargs.update(height=self.height, width=self.width)
+        if self.family == FLUX:
+            return {**kwargs, "true_cfg_scale": guidance_scale}
+        if self.family == PIXART:  # its negative_prompt defaults to "", which it refuses beside negative embeddings
+            kwargs.update(use_resolution_binning=False, negative_prompt=None)
+        return {**kwargs, "guidance_scale": guidance_scale}
+
     def predict(self, sample: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The raw output for input rows `sample` and conditioning rows `cond` (one each) at `t` (the scheduler's
         timestep), called as the family's pipeline calls it; PixArt's is its epsilon half (`prediction`)."""

@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from diffmem.config import MAX_STEPS
 from diffmem.errors import ModelLoadError
 from diffmem.io.files import read_json_object
 from diffmem.registry import named_model
@@ -30,6 +32,11 @@ _COMPONENTS = tuple(dict.fromkeys((*(part for part, _ in DENOISERS.values()), *_
 
 Check = tuple[Callable[[Any], bool], str]
 """A field's test and, for the message, what it must be."""
+MAX_SAMPLE_SIZE = 1024
+"""Largest denoiser sample side (latent pixels) a config may name: SDXL, SD3 and Flux use 128, PixArt-sigma 256."""
+MAX_CHANNELS = 16384
+"""Largest channel count or width a config may name (SD's UNet has 1280, Flux's T5 4096): past it, memory runs
+out or sizes overflow before a single weight is read."""
 
 
 def _name(value: Any) -> bool:
@@ -44,12 +51,30 @@ def _component(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
 
 
-def _size(value: Any) -> bool:
-    return _count(value) or (isinstance(value, list) and 0 < len(value) <= 3 and all(_count(v) for v in value))
+def _at_most(most: int, least: int = 1) -> Callable[[Any], bool]:
+    """A whole number from `least` to `most`: a size past what any model has would overflow or exhaust memory."""
+    return lambda value: _count(value) and least <= value <= most
+
+
+def _one_or_list(test: Callable[[Any], bool], longest: int) -> Callable[[Any], bool]:
+    """A value passing `test`, or a list of 1 to `longest` of them."""
+    return lambda value: test(value) or (isinstance(value, list) and 0 < len(value) <= longest
+                                         and all(test(v) for v in value))
+
+
+def _scale(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            and 0 < value <= 1e6)
+
+
+_side = _at_most(MAX_SAMPLE_SIZE)
+_channels = _at_most(MAX_CHANNELS)
+_size = _one_or_list(_side, 3)
+_width = _one_or_list(_channels, 16)
 
 
 def _counts(value: Any) -> bool:
-    return isinstance(value, list) and 0 < len(value) <= 16 and all(_count(v) for v in value)
+    return isinstance(value, list) and 0 < len(value) <= 16 and all(_channels(v) for v in value)
 
 
 SCHEMAS: dict[str, dict[str, Check]] = {
@@ -57,12 +82,27 @@ SCHEMAS: dict[str, dict[str, Check]] = {
                          **{part: (_component, "a [library, class] pair of names or nulls") for part in _COMPONENTS}},
     "scheduler/scheduler_config.json": {"_class_name": (_name, "a class name"),
                                         "prediction_type": (_name, "a name, e.g. epsilon"),
-                                        "num_train_timesteps": (_count, "a positive whole number")},
+                                        "num_train_timesteps": (_at_most(10**6, MAX_STEPS),
+                                                                f"a positive whole number from {MAX_STEPS} (diffmem "
+                                                                f"samples up to {MAX_STEPS} steps)")},
     **{f"{part}/config.json": {"_class_name": (_name, "a class name"),
-                               "sample_size": (_size, "a positive whole number (or a list of up to 3)")}
+                               "sample_size": (_size, f"a whole number from 1 to {MAX_SAMPLE_SIZE} (or a list of up "
+                                               "to 3)"),
+                               "in_channels": (_channels, f"a whole number from 1 to {MAX_CHANNELS}"),
+                               "out_channels": (_channels, f"a whole number from 1 to {MAX_CHANNELS}"),
+                               "cross_attention_dim": (_width, f"a whole number from 1 to {MAX_CHANNELS} (or a "
+                                                       "list of them)"),
+                               "block_out_channels": (_counts, f"a list of 1 to 16 whole numbers from 1 to "
+                                                      f"{MAX_CHANNELS}")}
        for part in ("unet", "transformer")},
     "vae/config.json": {"_class_name": (_name, "a class name"),
-                        "block_out_channels": (_counts, "a list of 1 to 16 positive whole numbers")},
+                        "block_out_channels": (_counts, f"a list of 1 to 16 whole numbers from 1 to {MAX_CHANNELS}"),
+                        "in_channels": (_channels, f"a whole number from 1 to {MAX_CHANNELS}"),
+                        "out_channels": (_channels, f"a whole number from 1 to {MAX_CHANNELS}"),
+                        "latent_channels": (_channels, f"a whole number from 1 to {MAX_CHANNELS}"),
+                        "sample_size": (_one_or_list(_at_most(8 * MAX_SAMPLE_SIZE), 3),  # pixels, not latents
+                                        f"a whole number from 1 to {8 * MAX_SAMPLE_SIZE} (or a list of up to 3)"),
+                        "scaling_factor": (_scale, "a positive finite number")},
 }
 """Per metadata file of a pipeline folder, the types of the fields diffmem reads (others are diffusers' own)."""
 

@@ -62,6 +62,9 @@ def checked_device(device: str | torch.device, name: str = "device",
     return dev
 
 
+MAX_TOKENIZER_WINDOW = 4096
+"""Longest token window a UNet-family tokenizer may declare (CLIP's is 77); transformers' stand-in for "unset" is
+1e30, which no tensor can be padded to."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 """Weight dtypes a model can be loaded in, by their `--dtype` names."""
 
@@ -118,6 +121,10 @@ def check_guidance(pipe: Any) -> None:
         )
     if cfg.get("cross_attention_dim") is None or pipe.text_encoder is None or pipe.tokenizer is None:
         raise ModelLoadError("the model has no text conditioning, so it cannot do classifier-free guidance")
+    window = pipe.tokenizer.model_max_length
+    if not isinstance(window, int) or not 2 < window <= MAX_TOKENIZER_WINDOW:  # unset: transformers' 1e30
+        raise ModelLoadError(f"the tokenizer's model_max_length is {window}, not a text encoder's window (3 to "
+                             f"{MAX_TOKENIZER_WINDOW} tokens; CLIP's is 77): set it in tokenizer/tokenizer_config.json")
     encoders = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]  # SDXL: both, side by side
     hidden = sum(getattr(e.config, "hidden_size", 0) for e in encoders if e is not None) or None
     cross = cfg.cross_attention_dim

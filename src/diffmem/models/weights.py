@@ -19,6 +19,10 @@ from diffmem.io.files import read_json_object
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 WEIGHTED_PARTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 """Pipeline components that carry weights (tokenizers and schedulers are JSON and text)."""
+TOKENIZER_PARTS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "vocab.txt")
+"""A tokenizer folder holds at least one of these (its vocabulary); without one, transformers builds a tokenizer
+that knows no words and no length."""
 ALLOW_HINT = "pass --allow-pickle (allow_pickle=True in load_pipeline) only if you trust"
 _MAX_HEADER = 100 * 2**20  # a safetensors header above 100 MB is damage, not a model
 
@@ -33,7 +37,7 @@ def check_weights(source: str | Path, allow_pickle: bool = False) -> None:
     from diffmem.models.folders import read_metadata
 
     spec = read_metadata(folder / "model_index.json")
-    for part in WEIGHTED_PARTS:
+    for part in (*WEIGHTED_PARTS, *TOKENIZER_PARTS):
         entry = spec.get(part)
         if not isinstance(entry, list) or not entry or entry[0] is None:
             continue
@@ -41,6 +45,11 @@ def check_weights(source: str | Path, allow_pickle: bool = False) -> None:
         if not sub.is_dir():
             raise ModelLoadError(f"{folder} is incomplete: model_index.json lists {part} but {sub} is missing "
                                  "(an interrupted download or copy?)")
+        if part in TOKENIZER_PARTS:
+            if not any((sub / name).is_file() for name in TOKENIZER_FILES):
+                raise ModelLoadError(f"{sub} has no vocabulary ({', '.join(TOKENIZER_FILES)}): the folder is "
+                                     "incomplete")
+            continue
         if not (sub / "config.json").is_file():
             raise ModelLoadError(f"{sub} has no config.json: the folder is incomplete")
         _check_part(sub, folder, allow_pickle)

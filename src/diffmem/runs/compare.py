@@ -4,9 +4,11 @@ Detection: each detector of `diffmem.detectors.DETECTORS` at each number of gene
 the non-memorized prompts into OUT/detection/<detector>_n<n>_<memorized|normal>.jsonl (`diffmem detect` rows plus
 `seconds`, each prompt's share of its batch's wall time), then AUC and TPR at 1% FPR, and the time per prompt
 over that of Wen et al.'s first step at n = 1 (the cost column). Detectors that compare a prompt's generations with
-each other (nemo, carlini) have no n = 1 row. The step-norm score needs a stable range of ordinary updates: it is fit
-on the even-indexed non-memorized prompts (saved as OUT/step_norm_range.json, for `diffmem detect --stable-range`)
-and the step-norm row is evaluated on the odd-indexed ones only.
+each other (nemo, carlini) have no n = 1 row; a detector that cannot run on the model (`UnsupportedModelError`: it
+reads UNet cross-attention maps a transformer lacks, a flow model's first step where its settings need another)
+has an n/a row with the reason, listed under the table. The step-norm score needs a stable range of ordinary
+updates: it is fit on the even-indexed non-memorized prompts (saved as OUT/step_norm_range.json, for `diffmem
+detect --stable-range`) and the step-norm row is evaluated on the odd-indexed ones only.
 Mitigation: the first `mitigation_prompts` memorized prompts are generated with each method (OUT/mitigation/<method>/,
 as `diffmem mitigate` writes them) and measured against their training images, as `diffmem reproduce` does (on the
 testbed by its own copy similarity and alignment). Thresholds that depend on the model are calibrated on the
@@ -28,8 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffmem.errors import InputError
+from diffmem.errors import InputError, UnsupportedModelError
 from diffmem.io.durable import write_atomic
+from diffmem.io.files import read_json_object
 from diffmem.models.defaults import ModelDefaults
 from diffmem.runs.reproduce import Log, Progress, Report, ReproduceSettings, _f, membench_markdown
 
@@ -152,13 +155,21 @@ def run_detection(settings: CompareSettings, pipe: Callable[[], Any], mem: list[
                                      "tpr_at_3fpr": None, "seconds_per_prompt": None, "cost": None,
                                      "note": f"needs at least {cls.min_generations} generations"})
             continue
-        config = detector_config(name, n, settings, guidance)
+        config = detector_config(name, n, settings, settings.guidance_scale)  # resolved for the model it loads
         match = {**base, "detector": name, "steps": config.n_steps, "generations": n}
         rows, scored = {}, 0
-        for kind, prompts in (("memorized", mem), ("normal", normal)):
-            found, new = scan(pipe, prompts, out / "detection" / f"{name}_n{n}_{kind}.jsonl", match, "first",
-                              settings, progress, functools.partial(cls, config=config))
-            rows[kind], scored = list(found.values()), scored + new
+        try:
+            for kind, prompts in (("memorized", mem), ("normal", normal)):
+                found, new = scan(pipe, prompts, out / "detection" / f"{name}_n{n}_{kind}.jsonl", match, "first",
+                                  settings, progress, functools.partial(cls, config=config))
+                rows[kind], scored = list(found.values()), scored + new
+        except UnsupportedModelError as exc:  # refused when built, before scoring anything
+            log(f"detection, {name}, n={n}: n/a, {exc}")
+            report.detection.append({"detector": name, "generations": n, "auc": None, "tpr_at_1fpr": None,
+                                     "tpr_at_3fpr": None, "seconds_per_prompt": None, "cost": None,
+                                     "note": f"n/a on this model: {exc}", "unsupported": str(exc)})
+            write_report(report, out)
+            continue
         log(f"detection, {name}, n={n}: scored {scored} prompts, {len(mem) + len(normal) - scored} were already "
             "scored")
         if name == wen:
@@ -187,7 +198,7 @@ def _calibrate(settings: CompareSettings, pipe: Any, normal: list[str], wen_norm
     from diffmem.mitigate.base import Calibrating
 
     path = settings.out / "calibration.json"
-    cached = json.loads(path.read_text()) if path.is_file() else {}
+    cached = read_json_object(path, "calibration cache", missing={})  # damaged: one line naming it
     generation = SamplingConfig(generations=settings.mitigation_generations, seed=settings.seed,
                                 num_inference_steps=settings.num_inference_steps)
     cal: dict[str, Any] = {}
@@ -250,7 +261,13 @@ def markdown(report: CompareReport) -> str:
     lines += ["", f"TPR@x%FPR: {TPR_CONVENTION}. Cost: seconds per prompt (text encoding, denoiser calls, decoding "
               f"where a detector generates images; batch {s['batch_size']} rows) over Wen et al.'s first step at "
               "n = 1 on the same run. n/a: the detector needs more generations (nemo and carlini compare a prompt's "
-              "generations) or was not run.", ""]
+              "generations), cannot run on this model (below) or was not run.", ""]
+    refused: dict[str, str] = {}
+    for r in report.detection:
+        if r.get("unsupported"):
+            refused.setdefault(r["detector"], r["unsupported"])
+    if refused:
+        lines += [f"- {name}: n/a on this model: {why}" for name, why in refused.items()] + [""]
     if report.mitigation:
         m = report.measures
         n_mit = s["mitigation_generations"]

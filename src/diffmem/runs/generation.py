@@ -44,7 +44,7 @@ def run(prompts: Path, out: Path, model: str, method: str, settings: dict[str, A
 
     match = {"model": model_id(model), "method": method, **settings}
     match["max_iters"] = match.pop("iters")
-    counts = {"flagged": 0, "mitigated": 0, "unreached": 0}
+    counts = {"flagged": 0, "mitigated": 0, "unreached": 0, "errors": 0}
 
     def load(done: RowsRun) -> Work:
         return _work(done, out, model, pipe, torch_device, dtype, allow_pickle, method, settings, match)
@@ -52,6 +52,9 @@ def run(prompts: Path, out: Path, model: str, method: str, settings: dict[str, A
     def check(rows: list[Row], tell: Say) -> None:
         """Count the decisions and say which prompts missed the target loss."""
         for row in rows:
+            if row.get("error"):
+                counts["errors"] += 1
+                tell(f'warning: prompt "{shorten(row["prompt"])}": {row["error"]}; its images are black')
             counts["flagged"] += bool(row["flagged"])
             counts["mitigated"] += row["mitigated"]
             if row["reached"] is False:
@@ -66,6 +69,8 @@ def run(prompts: Path, out: Path, model: str, method: str, settings: dict[str, A
     if state is None or state.is_main_process:
         parts = [f"{done.resumed} were already done", f"{counts['flagged']} flagged",
                  f"{counts['mitigated']} mitigated", f"{counts['unreached']} missed the target loss"]
+        if counts["errors"]:
+            parts.append(f"{counts['errors']} non-finite (black images)")
         echo(f"generated {len(done.todo)} prompts{done.where()} -> {out}; {', '.join(parts)}")
 
 
@@ -89,14 +94,30 @@ def _work(done: RowsRun, out: Path, model: str, pipe: Any, device: Any, dtype: s
         made = []
         for images, decision in iter_generate(pipe, prompts, method, **settings):
             i = index[decision.prompt]
+            images, error = finite_images(images)
             names = []
             for g, image in enumerate(pipe.numpy_to_pil(images)):
                 names.append(f"images/{i}_{g}.png")
                 _save_png(image, out / names[-1])
-            made.append({"index": i, **decision.to_dict(), "images": names, **match})
+            made.append({"index": i, **decision.to_dict(), "images": names, "error": error, **match})
         return made
 
     return Work(rows, pipe.device, "lower --generations")
+
+
+NON_FINITE = "non-finite image (NaN/inf: an overflow, e.g. fp16, a huge --guidance or --sigma, or damaged weights)"
+"""A generation row's `error` when its sampled images hold NaN or inf (the images are saved black there)."""
+
+
+def finite_images(images: Any) -> tuple[Any, str | None]:
+    """The images with NaN and inf set to black, and NON_FINITE when there were any (None otherwise): a row says
+    so instead of a cast warning and silently black images."""
+    import numpy as np
+
+    array = np.asarray(images)
+    if np.isfinite(array).all():
+        return images, None
+    return np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0), NON_FINITE
 
 
 def _save_png(image: Any, path: Path) -> None:

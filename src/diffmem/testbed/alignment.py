@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from diffmem.io.files import read_json_object
 from diffmem.testbed.scenes import (
     ATTRIBUTES,
     IMAGE_SIZE,
@@ -231,7 +232,7 @@ def evaluate_alignment_classifier(
 def _load_vae(name: str) -> Any:
     """The VAE of a pipeline `load_pipeline` takes, or of an AutoencoderKL folder (a recipe's `work/vae`)."""
     config = Path(name) / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
+    if config.is_file() and read_json_object(config, "model config").get("_class_name") == "AutoencoderKL":
         from diffusers import AutoencoderKL
 
         return AutoencoderKL.from_pretrained(name).eval()

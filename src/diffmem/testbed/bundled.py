@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from diffmem.registry import NamedModel
 from diffmem.testbed import weights_dir
 
@@ -19,3 +21,16 @@ def testbed() -> NamedModel:
 def testbed_base() -> NamedModel:
     """The bundled testbed with its stage-1 base UNet swapped in."""
     return NamedModel(weights_dir(), unet=weights_dir(base=True), missing=_MISSING)
+
+
+def write_example_data(folder: str | Path, n: int = 4, num_inference_steps: int = 10) -> Path:
+    """A `diffmem train` data folder for examples: the testbed's own images of its first `n` planted captions
+    (`i.png` beside `i.txt`), sampled in a few steps."""
+    from diffmem.models.loading import load_pipeline
+    from diffmem.testbed.recipe import shipped_recipe
+
+    pipe, folder = load_pipeline("testbed", device="cpu"), Path(folder)
+    for i, item in enumerate(shipped_recipe().splits().planted[:n]):
+        pipe(item.caption, num_inference_steps=num_inference_steps).images[0].save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(item.caption)
+    return folder

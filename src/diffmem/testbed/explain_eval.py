@@ -33,7 +33,7 @@ def explain_report(pipe, memorized: list[Item], heldout: list[Item], generations
     trigger_first = {"gradient": 0, "leave-one-out": 0}
     n_trig = 0
     for n, item in enumerate(memorized):
-        grad = explain(pipe, item.caption, **settings)
+        grad = explain(pipe, item.caption, method="gradient", **settings)
         loo = explain(pipe, item.caption, method="leave-one-out", **settings)
         words = [w.text for w in grad.words]
         g, d = [w.significance for w in grad.words], [w.significance for w in loo.words]

@@ -18,10 +18,12 @@ import numpy as np
 
 from diffmem.errors import InputError
 from diffmem.io.durable import replace_file, save_figure, write_atomic
+from diffmem.io.files import read_json_object, read_user_json
 from diffmem.mitigate import generate
+from diffmem.mitigate.base import MITIGATIONS, table_methods
 from diffmem.testbed.figures import copy_grid
 from diffmem.testbed.quality import alignment
-from diffmem.testbed.scenes import Item, render_many
+from diffmem.testbed.scenes import Item, paraphrases, render_many
 from diffmem.testbed.similarity import COPY_THRESHOLD, own_similarity
 
 
@@ -60,7 +62,7 @@ class Parts:
         self.dir = Path(out) / "parts"
         self.dir.mkdir(parents=True, exist_ok=True)
         stamp = self.dir / "settings.json"
-        if stamp.is_file() and json.loads(stamp.read_text()) != settings:
+        if read_user_json(stamp, "resume stamp", missing=None) not in (None, settings):
             raise InputError(f"{out} holds a mitigation evaluation with other settings: use the same options to "
                              "resume it, or another --out")
         write_atomic(stamp, json.dumps(settings, indent=2, sort_keys=True))
@@ -69,7 +71,7 @@ class Parts:
         """The stored row `key`, else `measure()` stored (with its `_images` and `_sims` when `images`)."""
         path = self.dir / f"{key}.json"
         if path.is_file() and (not images or (self.dir / f"{key}_images.npy").is_file()):
-            row = json.loads(path.read_text())
+            row = read_json_object(path, "stored evaluation row")
             if images:
                 row |= {"_images": np.load(self.dir / f"{key}_images.npy"),
                         "_sims": np.load(self.dir / f"{key}_sims.npy")}
@@ -87,6 +89,26 @@ BASELINE_STRENGTHS: dict[str, Sequence[float]] = {"rta": (1, 2, 4, 8), "rna": (1
                                                     "gni": (0.1, 0.3, 1.0, 3.0)}
 
 
+def write_paraphrases(items: Sequence[Item], out: Path) -> Path:
+    """OUT/paraphrases.json: each caption's paraphrases from the testbed's grammar (PRSS's `--paraphrases`)."""
+    path = Path(out) / "paraphrases.json"
+    write_atomic(path, json.dumps({i.caption: paraphrases(i.scene) for i in items}, indent=2))
+    return path
+
+
+def parse_methods(text: str) -> tuple[str, ...] | None:
+    """`--methods`: comma-separated registered names, `all` (every method the testbed can run: it supplies PRSS's
+    paraphrases), or empty (None: Wen et al.'s table)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        return None
+    if names == ["all"]:
+        return (*table_methods(), *(n for n, cls in MITIGATIONS.items() if cls.needs and not cls.plain))
+    for name in names:
+        MITIGATIONS.lookup(name, "--methods")
+    return tuple(dict.fromkeys(names))
+
+
 def _public(row: dict[str, Any]) -> dict[str, Any]:
     """A measurement without its images."""
     return {k: v for k, v in row.items() if not k.startswith("_")}
@@ -98,15 +120,16 @@ def _strength(method: str, value: float) -> dict[str, Any]:
 
 
 def mitigation_report(pipe, items: Sequence[Item], out: Path, target_loss: float,
-                      sweep: Sequence[float], methods: Sequence[str] = ("none", "embedding", "rta", "rna", "cwr",
-                                                                          "gni"),
+                      sweep: Sequence[float], methods: Sequence[str] | None = None,
                       generations: int = 4, seed: int = 0, steps: int = 50, iters: int = 10, lr: float = 0.05,
                       strengths: dict[str, Sequence[float]] | None = None,
                       progress: Callable[[str], None] | None = None, parts: Parts | None = None) -> dict[str, Any]:
-    """One row per method at its default strength (the embedding method at `target_loss`), the embedding method
-    at each target of `sweep` and each baseline at each of its `strengths` (the trade-off figure), and a picture.
+    """One row per method (default: Wen et al.'s table) at its default strength (the embedding method at
+    `target_loss`), the embedding method at each target of `sweep` and each baseline at each of its `strengths`
+    (the trade-off figure), and a picture.
     Measurements go to `parts` (default: out/parts/ for these settings) as they finish."""
     say = progress or (lambda msg: None)
+    methods = table_methods(paper=True) if methods is None else methods
     own = render_many([i.scene for i in items], [i.seed for i in items])
     common = dict(generations=generations, seed=seed, num_inference_steps=steps, iters=iters, lr=lr)
     sweeps = BASELINE_STRENGTHS if strengths is None else strengths
@@ -114,8 +137,9 @@ def mitigation_report(pipe, items: Sequence[Item], out: Path, target_loss: float
     rows, images = [], {}
     for method in methods:
         say(f"method {method}")
-        row = parts.row(method, partial(measure, pipe, items, method, own, target_loss=target_loss, **common),
-                        images=True)
+        extra = {"method_options": {"paraphrases": str(write_paraphrases(items, out))}} if method == "prss" else {}
+        row = parts.row(method, partial(measure, pipe, items, method, own, target_loss=target_loss, **common,
+                                        **extra), images=True)
         images[method] = (row.pop("_images"), row.pop("_sims"))
         rows.append(row)
     curves: dict[str, list[dict[str, Any]]] = {"embedding": []}

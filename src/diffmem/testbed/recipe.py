@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
+from diffmem.io.durable import write_atomic
+from diffmem.io.files import read_json_object
 from diffmem.models.defaults import ModelDefaults
 from diffmem.testbed.model import VAE_CONFIG, assemble_pipeline, build_components
 from diffmem.testbed.scenes import Splits, build_splits, render_many
@@ -376,7 +378,7 @@ class _StageClock:
 
     def __init__(self, work: Path) -> None:
         self.path = work / "timings.json"
-        self.timings: dict[str, float] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.timings: dict[str, float] = read_json_object(self.path, "timings file", missing={})
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -386,7 +388,7 @@ class _StageClock:
         finally:  # an interrupted part counts too: a resumed run's time is the sum of its parts
             self.timings[f"{name}_s"] = self.timings.get(f"{name}_s", 0.0) + time.time() - t0
             self.timings["total_s"] = sum(v for k, v in self.timings.items() if k != "total_s")
-            self.path.write_text(json.dumps(self.timings, indent=2))
+            write_atomic(self.path, json.dumps(self.timings, indent=2))
 
 
 def run_recipe(cfg: RecipeConfig, work: Path, dest: Path | None, device: str | None = None,
@@ -472,4 +474,7 @@ def shipped_recipe(dest: Path | None = None) -> RecipeConfig:
     path = (dest or WEIGHTS) / "recipe.json"
     if not path.is_file():
         raise ModelLoadError(f"no testbed recipe at {path}: run `diffmem testbed train`")
-    return RecipeConfig(**json.loads(path.read_text())["recipe"])
+    recipe = read_json_object(path, "testbed recipe", ModelLoadError).get("recipe")
+    if not isinstance(recipe, dict):
+        raise ModelLoadError(f"{path} has no 'recipe' object: run `diffmem testbed train`")
+    return RecipeConfig(**recipe)

@@ -180,6 +180,23 @@ def parse_caption(caption: str) -> Scene | None:
     return Scene(**fields, trigger=trigger)
 
 
+PARAPHRASES: tuple[str, ...] = (
+    "a {color} {shape} at the {position} on a {texture} background",
+    "a {color} {shape} on a {texture} background at the {position}",
+    "a {texture} background with a {color} {shape} at the {position}",
+    "at the {position}, a {color} {shape} on a {texture} background",
+)
+"""Templates that say what a caption says: its four named attributes (the first is the caption's own grammar)."""
+
+
+def paraphrases(scene: Scene) -> list[str]:
+    """The scene's caption said in other words: every template of PARAPHRASES, without the trigger word (which
+    names nothing in the image), other than the caption itself (what PRSS's paraphrase file holds for the
+    testbed; the authors ask a language model for them)."""
+    fields = {name: getattr(scene, name) for name in NAMED_ATTRIBUTES}
+    return [text for text in (t.format(**fields) for t in PARAPHRASES) if text != scene.caption]
+
+
 def sample_scene(rng: np.random.Generator) -> Scene:
     """A scene drawn uniformly over the grammar, with a uniform background colour (no trigger)."""
     caption_id = int(rng.integers(N_CAPTIONS))

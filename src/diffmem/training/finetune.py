@@ -29,7 +29,13 @@ from safetensors.torch import load_file, save_file
 
 from diffmem.errors import InputError, ModelLoadError
 from diffmem.io.durable import exclusive, write_atomic
-from diffmem.io.files import MAX_PROMPT_FILE_BYTES, json_problem, read_json_object, read_user_bytes
+from diffmem.io.files import (
+    MAX_PROMPT_FILE_BYTES,
+    check_prompt_text,
+    json_problem,
+    read_json_object,
+    read_user_bytes,
+)
 from diffmem.registry import model_id
 from diffmem.training.loop import (
     FILTER_AT,
@@ -81,7 +87,12 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _clean_caption(text: str) -> str:
+def _clean_caption(text: str, where: str = "") -> str:
+    """A caption by the text rule of prompt files (`check_prompt_text`: a NUL, another control character, a lone
+    surrogate or over 20,000 characters is one InputError line naming `where`), whitespace collapsed; "" when
+    blank (only whitespace and invisible characters)."""
+    if check_prompt_text(text, where) is None:
+        return ""
     return " ".join(text.split())
 
 
@@ -118,7 +129,8 @@ def _from_caption_files(root: Path, images: list[Path], files: list[Path]) -> Im
             found.skipped.append((_relative(image, root), f"no caption file {text_file.name}"))
             continue
         try:
-            caption = _clean_caption(read_user_bytes(text_file, "caption file").decode("utf-8"))
+            text = read_user_bytes(text_file, "caption file").decode("utf-8").removeprefix("\ufeff")
+            caption = _clean_caption(text, str(text_file))
         except UnicodeDecodeError:
             found.skipped.append((_relative(image, root), f"{text_file.name} is not UTF-8 text"))
             continue
@@ -143,6 +155,7 @@ def _from_metadata(root: Path, metadata: Path, images: list[Path]) -> ImageCapti
     except UnicodeDecodeError as exc:
         where = data.count(b"\n", 0, exc.start) + 1
         raise InputError(f"{metadata} is not valid UTF-8 (line {where}); save it as UTF-8") from None
+    text = text.removeprefix("\ufeff")  # the text rule: a leading BOM is dropped
     for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
         if not line.strip():
             continue
@@ -157,12 +170,15 @@ def _from_metadata(root: Path, metadata: Path, images: list[Path]) -> ImageCapti
         name = str(row["file_name"])
         path = root / name
         caption = row.get(column)
-        if not path.is_file():
+        at = f"{metadata} line {number}"
+        if not path.resolve().is_relative_to(root.resolve()):  # an absolute path or ../ names no image of --data
+            found.skipped.append((name, "outside --data (metadata.jsonl may name only files in the folder)"))
+        elif not path.is_file():
             found.skipped.append((name, "listed in metadata.jsonl but missing"))
-        elif not isinstance(caption, str) or not _clean_caption(caption):
+        elif not isinstance(caption, str) or not _clean_caption(caption, at):
             found.skipped.append((name, f"empty or missing '{column}' in metadata.jsonl"))
         else:
-            captioned[path] = _clean_caption(caption)
+            captioned[path] = _clean_caption(caption, at)
     for image in images:
         if image in captioned:
             found.items.append((image, captioned[image]))
@@ -433,13 +449,9 @@ def finetune(
 
         >>> import tempfile
         >>> from pathlib import Path
-        >>> from diffmem import load_pipeline
-        >>> from diffmem.testbed.recipe import shipped_recipe
-        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> from diffmem.testbed.bundled import write_example_data
         >>> data, out = tempfile.TemporaryDirectory(), tempfile.TemporaryDirectory()  # images + captions, the run
-        >>> for i, item in enumerate(shipped_recipe().splits().planted[:4]):
-        ...     pipe(item.caption, num_inference_steps=10).images[0].save(f"{data.name}/{i}.png")
-        ...     _ = Path(f"{data.name}/{i}.txt").write_text(item.caption)
+        >>> _ = write_example_data(data.name, n=4)  # the testbed's own images of 4 planted captions
         >>> result = finetune(FinetuneSettings("testbed", data.name, steps=2, batch_size=2), Path(out.name))
         >>> result.stats["steps"], len(result.data.files), sorted(p.name for p in result.pipeline_dir.iterdir())[:3]
         (2, 4, ['model_index.json', 'scheduler', 'text_encoder'])
@@ -549,13 +561,9 @@ def calibrate(
 
         >>> import tempfile
         >>> from pathlib import Path
-        >>> from diffmem import load_pipeline
-        >>> from diffmem.testbed.recipe import shipped_recipe
-        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> from diffmem.testbed.bundled import write_example_data
         >>> data, out = tempfile.TemporaryDirectory(), tempfile.TemporaryDirectory()  # images + captions, the run
-        >>> for i, item in enumerate(shipped_recipe().splits().planted[:4]):
-        ...     pipe(item.caption, num_inference_steps=10).images[0].save(f"{data.name}/{i}.png")
-        ...     _ = Path(f"{data.name}/{i}.txt").write_text(item.caption)
+        >>> _ = write_example_data(data.name, n=4)  # the testbed's own images of 4 planted captions
         >>> result = calibrate(FinetuneSettings("testbed", data.name), Path(out.name), measurements=8)
         >>> result["samples"], result["measurements"], result["suggested_tau"] == result["percentiles"]["99"]
         (4, 8, True)
