@@ -112,6 +112,15 @@ def test_generate_plain_and_mitigated(client: httpx.Client, splits, memorized_pr
     assert -1 <= sims["plain"] <= 1 and -1 <= sims["mitigated"] <= 1 and sims["copy_threshold"] == 0.95
     assert body["num_inference_steps"] == 25
     assert body["mitigation"]["iters"] <= 10
+    assert body["error"] is None
+
+
+def test_generate_says_when_an_image_is_not_finite(testbed_service, splits, monkeypatch) -> None:
+    """NaN/inf pixels (an overflow, damaged weights) come back black and said, as `diffmem generate`'s rows say."""
+    sample = testbed_service._sample
+    monkeypatch.setattr(testbed_service, "_sample", lambda **kw: sample(**kw) * np.nan)
+    out = testbed_service.generate_pair(splits.heldout[0].caption)
+    assert "non-finite" in out["error"] and np.isfinite(out["plain"]).all() and not out["plain"].any()
 
 
 def test_openapi_documents_the_schema(client: httpx.Client) -> None:
@@ -169,6 +178,7 @@ def test_bad_bodies(client: httpx.Client, path: str, content: bytes, status: int
 def test_unknown_route_or_method_is_a_json_error(client: httpx.Client) -> None:
     assert "use POST" in _error(client.get("/api/detect"), 405)
     assert "openapi.json" in _error(client.post("/api/nothing", json={}), 404)
+    assert "use POST" in _error(client.options("/api/detect"), 405)  # answered here, not by the page at /
 
 
 # --------------------------------------------------------------------------------------------- threshold

@@ -271,3 +271,25 @@ def test_generated_images_with_nan_are_black_and_say_so() -> None:
     broken[0, 0, 0] = [np.nan, np.inf, -np.inf]
     images, error = finite_images(broken)
     assert error == NON_FINITE and np.isfinite(images).all() and images[0, 0, 0].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("reader", [lambda p: read_prompts(p), lambda p: read_results(p),
+                                    lambda p: read_json_object(p, "calibration file")])
+def test_a_path_that_cannot_be_resolved_is_named_as_such(tmp_path: Path, reader: Callable[[Path], Any]) -> None:
+    """A symlink loop or a path through a file is one line with the system's reason, not "not found"."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "file").write_text("x\n")
+    for path in (tmp_path / "a", tmp_path / "file" / "p.txt"):
+        with pytest.raises(InputError) as err:
+            reader(path)
+        message = str(err.value)
+        assert "\n" not in message and "not found" not in message and str(path) in message, message
+
+
+def test_a_result_row_whose_prompt_is_not_text_is_refused_on_resume(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"prompt": "a cat", "score": 1.0}) + "\n" + json.dumps({"prompt": 5, "score": 2.0})
+                    + "\n")
+    with pytest.raises(InputError, match=r"line 2 has no usable key .*not text"), ResultWriter(path):
+        pass

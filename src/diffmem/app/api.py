@@ -174,6 +174,8 @@ class GenerateResponse(BaseModel):
     mitigation: MitigationOut
     copy_similarity: CopyOut | None
     seconds: float
+    error: str | None = Field(None, description="Set when an image held NaN or inf (shown black), as the rows of "
+                              "`diffmem generate` say it.")
 
 
 class ErrorResponse(BaseModel):
@@ -306,7 +308,9 @@ def api_router(service: Service, queue: ModelQueue) -> APIRouter:
 
     allowed = {r.path: sorted(r.methods or ()) for r in router.routes if isinstance(r, APIRoute)}
 
-    @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    every = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]  # whatever else a client sends is JSON too
+
+    @router.api_route("/{rest:path}", methods=every, include_in_schema=False)
     async def unknown(rest: str, request: Request) -> JSONResponse:
         """JSON 405/404 for every other /api request (the page mounted at / would answer with its own)."""
         path = f"/api/{rest}"

@@ -383,6 +383,7 @@ class Service:
     def _generate(self, prompt: str) -> dict[str, Any]:
         from diffmem.detectors.base import encode_text
         from diffmem.mitigate import mitigate_embedding
+        from diffmem.runs.generation import finite_images
 
         s = self.settings
         target = s.target_loss  # resolved in __init__: the model's own unless given, as `diffmem mitigate`'s
@@ -394,6 +395,8 @@ class Service:
         with torch.no_grad():
             uncond = encode_text(self.pipe, [""])
         mitigated = self._sample(prompt_embeds=result.embedding, negative_prompt_embeds=uncond)
+        plain, plain_error = finite_images(plain)  # NaN/inf pixels: black and said, as in `diffmem generate`'s rows
+        mitigated, mitigated_error = finite_images(mitigated)
         out: dict[str, Any] = {
             "prompt": prompt,
             "seed": s.seed,
@@ -410,6 +413,7 @@ class Service:
             },
             "training": None,
             "copy_similarity": None,
+            "error": plain_error or mitigated_error,
         }
         item = self._training.get(_norm(prompt))
         if item is not None:

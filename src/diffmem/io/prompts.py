@@ -126,8 +126,12 @@ def read_records(path: str | Path, column: str | None = None) -> list[dict[str, 
 
 def _kind(path: Path) -> str:
     """The file kind from its suffix; also checks that the file exists."""
-    if not path.exists():
-        raise InputError(f"prompt file not found: {path}")
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise InputError(f"prompt file not found: {path}") from None
+    except OSError as exc:  # a symlink loop, a path through a file, no permission
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     if path.is_dir():
         raise InputError(f"{path} is a folder, not a prompt file")
     kind = _KINDS.get(path.suffix.lower())

@@ -33,7 +33,9 @@ KeyFn = Callable[[dict[str, Any]], Hashable]
 
 def prompt_key(row: Mapping[str, Any]) -> Hashable:
     """The default row key: the prompt text, so a prompt repeated in the input is scored and written once."""
-    key: Hashable = row["prompt"]
+    key = row["prompt"]
+    if not isinstance(key, str):  # no scan writes another type: the file is damaged or not a result file
+        raise TypeError(f"its prompt is {type(key).__name__}, not text")
     return key
 
 
