@@ -45,6 +45,8 @@ from diffmem.detectors.step_norm import StepNormDetector
 from diffmem.errors import InputError, ModelLoadError, UnsupportedModelError
 from diffmem.explanation.attribution import explain
 from diffmem.io.results import read_results
+from diffmem.mitigate.embedding import mitigate_embedding
+from diffmem.mitigate.guard import generate, guarded_generate
 from diffmem.models import loading
 from diffmem.models.conditioning import empty, encode, text_window
 from diffmem.models.defaults import DISTILLED_GUIDANCE, FAMILY_GUIDANCE, ModelDefaults
@@ -605,3 +607,81 @@ def test_a_scheduler_that_does_not_match_the_prediction_is_one_line(flow_dirs: d
                                                                      needle: str) -> None:
     folder = _copy(flow_dirs[kind], tmp_path / kind, _with_scheduler(scheduler))
     _one_line_error(cli, folder, tmp_path, scheduler, needle)
+
+
+# ------------------------------------------------------------------------------------ generation and mitigation
+
+
+@pytest.fixture(params=("sd3", "pixart"))
+def cfg_kind(request: pytest.FixtureRequest) -> str:
+    """The families whose pipelines batch both CFG branches: those the mitigations sample."""
+    return str(request.param)
+
+
+def test_guard_passes_unflagged_prompts_bit_identical(flow_pipes: dict[str, Any], cfg_kind: str) -> None:
+    pipe = flow_pipes[cfg_kind]
+    settings: dict[str, Any] = dict(generations=2, num_inference_steps=STEPS, output_type="latent")
+    plain = generate(pipe, PROMPTS, "none", **settings)
+    noise = initial_noise(pipe, 2, 0)
+    for images, prompt in zip(plain.images, PROMPTS, strict=True):
+        by_hand = _call(pipe, cfg_kind, [prompt], noise, ModelDefaults.of(pipe).guidance_scale,
+                        num_images_per_prompt=2)
+        assert torch.equal(images, by_hand)
+    scores = [d.score for d in plain.decisions]
+    assert None not in scores and scores[0] != scores[1]
+    low = min(range(2), key=lambda i: scores[i])  # type: ignore[arg-type,return-value]
+    guarded = guarded_generate(pipe, PROMPTS, threshold=sum(scores) / 2, iters=2, target_loss=0.0,  # type: ignore
+                               **settings)
+    assert [d.flagged for d in guarded.decisions] == [i != low for i in range(2)]
+    assert [d.mitigated for d in guarded.decisions] == [i != low for i in range(2)]
+    assert torch.equal(guarded.images[low], plain.images[low])
+    assert not torch.equal(guarded.images[1 - low], plain.images[1 - low])
+
+
+def test_embedding_mitigation_optimises_the_text_states(flow_pipes: dict[str, Any], cfg_kind: str) -> None:
+    """The first-step loss (velocity for SD3, epsilon for PixArt) falls; the images are the optimised
+    conditioning's, sampled against the empty prompt by a hand call; SD3's pooled projection and BOS stay."""
+    pipe, prompt = flow_pipes[cfg_kind], PROMPTS[0]
+    settings: dict[str, Any] = dict(generations=2, num_inference_steps=STEPS, target_loss=0.0, iters=3, lr=0.05)
+    res = mitigate_embedding(pipe, prompt, **settings)
+    detected = MagnitudeDetector(pipe, generations=2, num_inference_steps=STEPS).score([prompt])[0].score
+    assert res.initial_loss == pytest.approx(detected, rel=1e-4)
+    assert res.iters == 3 and res.final_loss < res.initial_loss and not res.reached
+    cond, own = res.conditioning, encode(pipe, [prompt])
+    assert cond is not None and not torch.equal(cond.prompt_embeds, own.prompt_embeds)
+    if cfg_kind == "sd3":
+        assert cond.pooled_embeds is not None and torch.equal(cond.pooled_embeds, own.pooled_embeds)
+        assert torch.equal(cond.prompt_embeds[:, 0], own.prompt_embeds[:, 0])
+    done = generate(pipe, [prompt], "embedding", output_type="latent", **settings)
+    decision = done.decisions[0]
+    assert (decision.mitigated, decision.iters, decision.final_loss) == (True, 3, pytest.approx(res.final_loss))
+    denoiser = Denoiser(pipe)
+    with torch.no_grad():
+        by_hand = pipe(**denoiser.call_kwargs(cond.expand(2), empty(pipe).expand(2),
+                                              ModelDefaults.of(pipe).guidance_scale),
+                       latents=initial_noise(pipe, 2, 0), num_inference_steps=STEPS, output_type="latent").images
+    assert torch.equal(done.images[0], by_hand)
+
+
+def test_mitigations_that_need_a_unet_or_a_cfg_batch_refuse(flow_pipes: dict[str, Any]) -> None:
+    text = generate(flow_pipes["sd3"], PROMPTS[:1], "cwr", k=2, num_inference_steps=STEPS)
+    assert len(text.decisions[0].text.split()) == len(PROMPTS[0].split()) + 2 and text.images[0].shape[0] == 1
+    for kind, method, needle in (("sd3", "attention", "joint attention has no cross-attention map"),
+                                 ("pixart", "nemo", "reads UNet cross-attention maps"),
+                                 ("flux", "none", "Flux guides without one")):
+        with pytest.raises(UnsupportedModelError) as info:
+            generate(flow_pipes[kind], PROMPTS[:1], method, num_inference_steps=STEPS)
+        assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_generate_and_mitigate_commands_on_sd3(flow_dirs: dict[str, Path], tmp_path: Path, cli: Callable) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    for command, extra in (("generate", ["--guard", "--threshold", "-inf"]), ("mitigate", ["--method", "embedding"])):
+        out = tmp_path / command
+        result = cli(command, "--model", flow_dirs["sd3"], "--prompts", prompts, "--out", out,
+                     "--num-inference-steps", STEPS, "--iters", 1, "--target-loss", 0, *extra)
+        assert result.exit_code == 0, result.output
+        rows = read_results(out / "results.jsonl")
+        assert [(r["method"], r["mitigated"], r["iters"]) for r in rows] == [("embedding", True, 1)] * 2
+        assert sorted(p.name for p in (out / "images").iterdir()) == ["0_0.png", "1_0.png"]

@@ -69,6 +69,7 @@ class AttentionMitigation(Mitigation):
     """Ren et al.'s mitigation: the same prompt and noise, cross-attention pulled back to the beginning token."""
 
     name = "attention"
+    reads_unet = True
     Config = AttentionConfig
     config: AttentionConfig
     paper = "Ren et al., ECCV 2024"

@@ -22,9 +22,11 @@ import torch
 
 from diffmem.config import Config, SamplingConfig, setting
 from diffmem.detectors.monitor import Monitor
-from diffmem.errors import InputError
+from diffmem.errors import InputError, UnsupportedModelError
 from diffmem.models.conditioning import Conditioning, empty
 from diffmem.models.defaults import ModelDefaults
+from diffmem.models.denoiser import Denoiser
+from diffmem.models.families import FLUX, UNET, family, unet_only
 from diffmem.registry import MethodRegistry
 
 MAX_ITERS = 10_000
@@ -97,6 +99,11 @@ class Sampler:
         with torch.no_grad():
             return empty(self.pipe)
 
+    @functools.cached_property
+    def denoiser(self) -> Denoiser:
+        """The pipeline's denoiser (its family's call options)."""
+        return Denoiser(self.pipe)
+
     def __call__(self, noise: torch.Tensor | None = None, abort_at: float | None = None,
                  **conditioning: Any) -> tuple[Any, float]:
         """The images of one call from `noise` (default: the run's) and its first-step score; with `abort_at`, a
@@ -113,9 +120,15 @@ class Sampler:
         monitor = Monitor(self.pipe, stop_after=1, on_record=on_first_step)  # later steps run without the hook
         embeds = conditioning.get("prompt_embeds")
         per_prompt = noise.shape[0] if embeds is None or embeds.shape[0] == 1 else 1
+        if embeds is not None and per_prompt > 1 and family(self.pipe) != UNET:
+            # SD3's pipeline does not repeat given embeddings per image: one row per generation here
+            conditioning = {k: v.expand(per_prompt, *v.shape[1:]) if isinstance(v, torch.Tensor) else v
+                            for k, v in conditioning.items()}
+            per_prompt = 1
         g = self.generation
         with monitor:
-            out = self.pipe(**conditioning, num_images_per_prompt=per_prompt, latents=noise,
+            out = self.pipe(**conditioning, **self.denoiser.call_options(embeds is not None),
+                            num_images_per_prompt=per_prompt, latents=noise,
                             num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
                             output_type=g.output_type)
         return out.images, first[0]
@@ -176,6 +189,8 @@ class Mitigation:
     needs: ClassVar[tuple[str, ...]] = ()
     """Options only the user can give (prss: its paraphrase file): such a method runs when named, never in a table
     of every method (`table_methods`)."""
+    reads_unet: ClassVar[bool] = False
+    """Whether it reads or edits UNet cross-attention layers, which SD3, PixArt and Flux do not have."""
     config: NoOptions
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -190,8 +205,21 @@ class Mitigation:
             config = config.replace(**options)
         if not isinstance(config, self.Config):
             raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, not {type(config).__name__}")
+        if reason := self.unsupported(pipe):
+            raise UnsupportedModelError(reason)
         self.pipe = pipe
         self.config = config.resolved(ModelDefaults.of(pipe))
+
+    @classmethod
+    def unsupported(cls, pipe: Any) -> str | None:
+        """Why this method cannot run on `pipe`'s model, in one line, else None: every method samples through the
+        CFG batch a plain call computes, which Flux (guidance-distilled, true CFG in two calls) does not batch."""
+        if cls.reads_unet and (reason := unet_only(pipe, f"the {cls.name} mitigation")):
+            return reason
+        if family(pipe) == FLUX:
+            return (f"the {cls.name} mitigation samples through the pipeline's CFG batch; Flux guides without one "
+                    "(true CFG in two calls): use an SD, SDXL, SD3 or PixArt model")
+        return None
 
     def prepare(self, prompts: Sequence[str]) -> None:
         """Check what the method needs for `prompts` before any is generated (e.g. a paraphrase of each; raise

@@ -1,5 +1,9 @@
 """Wen et al.'s inference-time mitigation (METHOD.md section 3): optimise the conditional text embedding at the
 first step until its text-conditional noise magnitude falls to a target, then sample from the same `x_T`.
+
+On SD3 and PixArt (METHOD.md section 8) the same loss is taken in the score space of the model (`to_score`: the
+velocity for SD3, whose noise prediction at `s = 1` is its input for every prompt) over the tokens the denoiser
+attends to: SD3's joint `prompt_embeds` (CLIP pair and T5) with its pooled projection kept fixed, PixArt's T5 states.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import torch
 
 from diffmem.config import SamplingConfig, setting
 from diffmem.mitigate.base import Calibrating, Mitigation, OptimisationConfig, Outcome, Sampler
-from diffmem.models.conditioning import Conditioning, as_conditioning, encode
+from diffmem.models.conditioning import Conditioning, as_conditioning, encode, is_sdxl
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
+from diffmem.models.families import PIXART, family, network
 from diffmem.registry import NOT_VERIFIED
 
 
@@ -56,9 +61,9 @@ class EmbeddingConfig(OptimisationConfig):
 
 class FirstStep:
     """The first DDIM step of `generations` initial noises: scores `L(e)` = mean over generations of
-    `|| eps(x_T, e) - eps(x_T, e_0) ||_2` for a conditioning `e`; `eps(x_T, e_0)` is computed once. The noises
-    and their first-step input are detection's (`Denoiser.first_input`), so `L` of the prompt's own embedding is
-    its first-step detection score."""
+    `|| eps(x_T, e) - eps(x_T, e_0) ||_2` for a conditioning `e` (flow models: the velocity, `to_score`);
+    `eps(x_T, e_0)` is computed once. The noises and their first-step input are detection's
+    (`Denoiser.first_input`), so `L` of the prompt's own embedding is its first-step detection score."""
 
     def __init__(self, pipe, generations: int = 1, seed: int = 0, num_inference_steps: int = 50) -> None:
         self.pipe = pipe
@@ -69,11 +74,11 @@ class FirstStep:
         self.t = self.scheduler.timesteps[0]
         self.model_in = self.denoiser.first_input(initial_noise(pipe, generations, seed), self.scheduler)
         self.uncond = self.denoiser.empty()
-        self.eps_u = self.param.to_epsilon(self.denoiser.shared_uncond(self.model_in, self.t), self.model_in, self.t)
+        self.eps_u = self.param.to_score(self.denoiser.shared_uncond(self.model_in, self.t), self.model_in, self.t)
 
     def _eps(self, embedding: Conditioning | torch.Tensor) -> torch.Tensor:
         e = as_conditioning(self.pipe, embedding).to(self.denoiser.dtype).expand(self.generations)
-        return self.param.to_epsilon(self.denoiser.predict(self.model_in, self.t, e), self.model_in, self.t)
+        return self.param.to_score(self.denoiser.predict(self.model_in, self.t, e), self.model_in, self.t)
 
     def loss(self, embedding: Conditioning | torch.Tensor) -> torch.Tensor:
         """`L(e)` for a one-row conditioning ((1, 77, D) for SD), differentiable with respect to it when grad is
@@ -101,7 +106,8 @@ def mitigate_embedding(
     sampling settings. Cost: `k + 1` conditional forward passes and `k` backward passes of the denoiser over
     `generations` rows for `k` steps, plus one unconditional forward. Gradients go to the embedding only: the
     denoiser's parameters never accumulate any. For SDXL the pooled text embedding is optimised with the
-    cross-attention states: it conditions the UNet on the prompt too.
+    cross-attention states: it conditions the UNet on the prompt too. SD3: its joint `prompt_embeds` but the
+    first (CLIP's BOS), its pooled projection fixed; PixArt: every T5 position (T5 has no BOS).
 
         >>> from diffmem import load_pipeline
         >>> from diffmem.testbed.recipe import shipped_recipe
@@ -120,9 +126,11 @@ def mitigate_embedding(
     step = FirstStep(pipe, generations, seed, num_inference_steps)
     with torch.no_grad():
         cond = encode(pipe, [prompt]).to(torch.float32)
-    bos = cond.prompt_embeds[:, :1]
-    rest = cond.prompt_embeds[:, 1:].clone().requires_grad_(True)
-    pooled = None if cond.pooled_embeds is None else cond.pooled_embeds.clone().requires_grad_(True)
+    fixed = 0 if family(pipe) == PIXART else 1  # the BOS position of a CLIP-first sequence stays
+    bos = cond.prompt_embeds[:, :fixed]
+    rest = cond.prompt_embeds[:, fixed:].clone().requires_grad_(True)
+    sdxl_pooled = cond.pooled_embeds if is_sdxl(pipe) else None  # SD3's pooled projection stays fixed
+    pooled = None if sdxl_pooled is None else sdxl_pooled.clone().requires_grad_(True)
     params = [rest] if pooled is None else [rest, pooled]
     optimizer = torch.optim.AdamW(params, lr=lr)
 
@@ -141,7 +149,7 @@ def mitigate_embedding(
             param.grad = grad
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    final = current().map(lambda t: t.detach()).to(pipe.unet.dtype)
+    final = current().map(lambda t: t.detach()).to(network(pipe).dtype)
     return EmbeddingResult(final.prompt_embeds, losses, len(losses) - 1, losses[-1] <= target_loss, target_loss,
                            final)
 

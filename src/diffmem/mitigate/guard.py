@@ -34,6 +34,7 @@ from diffmem.mitigate.base import (
     prompt_seed,
 )
 from diffmem.models.defaults import ModelDefaults
+from diffmem.models.families import network
 
 __all__ = ["Decision", "GuardResult", "generate", "guarded_generate", "iter_generate", "prompt_seed"]
 
@@ -105,16 +106,17 @@ def iter_generate(
         False False (1, 32, 32, 3)
     """
     kind = MITIGATIONS.lookup(method, "--method")
+    values = dict(zip(KEYWORDS, (target_loss, iters, lr, k, sigma), strict=True))
+    mitigation = kind(pipe, kind.configure(values, method_options))  # first: it refuses a model it cannot run on
     defaults = ModelDefaults.of(pipe)
     generation = GenerationConfig(threshold=threshold, generations=generations, seed=seed,
                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                   output_type=output_type).resolved(defaults)
-    values = dict(zip(KEYWORDS, (target_loss, iters, lr, k, sigma), strict=True))
-    mitigation = kind(pipe, kind.configure(values, method_options))
     mitigation.prepare(prompts)
-    noise = initial_noise(pipe, generations, seed).to(pipe.unet.device, pipe.unet.dtype)
+    net = network(pipe)
+    noise = initial_noise(pipe, generations, seed).to(net.device, net.dtype)
     sampler = Sampler(pipe, generation, noise)
-    sync = torch.cuda.synchronize if pipe.unet.device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if net.device.type == "cuda" else (lambda: None)
     abort_at = None if kind.plain else (-math.inf if threshold is None else threshold)
     for prompt in prompts:
         start = time.perf_counter()

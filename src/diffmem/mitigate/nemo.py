@@ -268,6 +268,7 @@ class NemoMitigation(Mitigation):
     """NeMo: the prompt's memorization neurons found (`localize`) and switched off for an ordinary generation."""
 
     name = "nemo"
+    reads_unet = True
     Config = NemoOptions
     config: NemoOptions
     paper = "Hintersdorf et al., NeurIPS 2024"

@@ -29,6 +29,7 @@ from diffmem.mitigate.base import Calibrating, Mitigation, OptimisationConfig, O
 from diffmem.models.conditioning import Conditioning, empty, encode
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
+from diffmem.models.families import network
 from diffmem.registry import NOT_VERIFIED
 
 SAIL_WEIGHT = 0.05
@@ -114,7 +115,7 @@ def sail(pipe: Any, prompt: str, *, generations: int = 1, seed: int = 0, thresho
     threshold = ModelDefaults.of(pipe).resolve_sail_threshold(config.sail_threshold)  # the model's, else the authors'
     with torch.no_grad():
         loss_fn = SailLoss(pipe, encode(pipe, [prompt]), empty(pipe), weight, num_inference_steps)
-    start = initial_noise(pipe, generations, seed).to(pipe.unet.device, torch.float32)
+    start = initial_noise(pipe, generations, seed).to(network(pipe).device, torch.float32)
     return descend_noise(loss_fn, start, threshold=threshold, iters=iters, lr=lr)
 
 
@@ -178,7 +179,7 @@ class SailMitigation(Mitigation):
         """The threshold: the median SAIL loss of the non-memorized prompts' own initial noises."""
         context.log(f"calibration: SAIL loss of {len(context.normal)} non-memorized prompts")
         pipe, g = context.pipe, context.generation
-        noise = initial_noise(pipe, g.generations, g.seed).to(pipe.unet.device, torch.float32)
+        noise = initial_noise(pipe, g.generations, g.seed).to(network(pipe).device, torch.float32)
         losses: list[float] = []
         with torch.no_grad():
             uncond = empty(pipe)

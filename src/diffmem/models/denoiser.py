@@ -271,15 +271,23 @@ class Denoiser:
         classifier-free guidance `guidance_scale`, as the family's pipeline takes them: Flux guides by true CFG
         (`true_cfg_scale`; its distilled guidance input stays the pipeline's default), PixArt without resolution
         binning (the latents fix the size), the transformer families at this denoiser's image size."""
-        kwargs = cond.pipe_kwargs(negative)
-        if self.family == UNET:
-            return {**kwargs, "guidance_scale": guidance_scale}
-        kwargs.update(height=self.height, width=self.width)
+        kwargs = {**cond.pipe_kwargs(negative), **self.call_options(embeddings=True)}
         if self.family == FLUX:
             return {**kwargs, "true_cfg_scale": guidance_scale}
-        if self.family == PIXART:  # its negative_prompt defaults to "", which it refuses beside negative embeddings
-            kwargs.update(use_resolution_binning=False, negative_prompt=None)
         return {**kwargs, "guidance_scale": guidance_scale}
+
+    def call_options(self, embeddings: bool) -> dict[str, Any]:
+        """The family's arguments of a plain `pipe(...)` call from latents besides its text and guidance: none for
+        the UNet family; the transformer families' image size, PixArt without resolution binning (the latents
+        fix the size) and, beside `embeddings`, without its default negative prompt "" (it refuses both)."""
+        if self.family == UNET:
+            return {}
+        options: dict[str, Any] = {"height": self.height, "width": self.width}
+        if self.family == PIXART:
+            options["use_resolution_binning"] = False
+            if embeddings:
+                options["negative_prompt"] = None
+        return options
 
     def predict(self, sample: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The raw output for input rows `sample` and conditioning rows `cond` (one each) at `t` (the scheduler's
