@@ -612,20 +612,21 @@ def test_a_scheduler_that_does_not_match_the_prediction_is_one_line(flow_dirs: d
 # ------------------------------------------------------------------------------------ generation and mitigation
 
 
-@pytest.fixture(params=("sd3", "pixart"))
-def cfg_kind(request: pytest.FixtureRequest) -> str:
-    """The families whose pipelines batch both CFG branches: those the mitigations sample."""
-    return str(request.param)
+def _run_guidance(kind: str) -> float | None:
+    """The `guidance_scale` of a generation run: the model's own, or for Flux a true-CFG scale above 1."""
+    return FLUX_TRUE_CFG if kind == "flux" else None
 
 
-def test_guard_passes_unflagged_prompts_bit_identical(flow_pipes: dict[str, Any], cfg_kind: str) -> None:
-    pipe = flow_pipes[cfg_kind]
-    settings: dict[str, Any] = dict(generations=2, num_inference_steps=STEPS, output_type="latent")
+def test_guard_passes_unflagged_prompts_bit_identical(flow_pipes: dict[str, Any], kind: str) -> None:
+    """Plain sampling is the family's plain call (Flux: true CFG against ""), bit for bit; the guard keeps the
+    unflagged prompt's images and mitigates the flagged one."""
+    pipe = flow_pipes[kind]
+    settings: dict[str, Any] = dict(generations=2, num_inference_steps=STEPS, output_type="latent",
+                                    guidance_scale=_run_guidance(kind))
     plain = generate(pipe, PROMPTS, "none", **settings)
     noise = initial_noise(pipe, 2, 0)
     for images, prompt in zip(plain.images, PROMPTS, strict=True):
-        by_hand = _call(pipe, cfg_kind, [prompt], noise, ModelDefaults.of(pipe).guidance_scale,
-                        num_images_per_prompt=2)
+        by_hand = _call(pipe, kind, [prompt], noise, _guidance(pipe, kind), num_images_per_prompt=2)
         assert torch.equal(images, by_hand)
     scores = [d.score for d in plain.decisions]
     assert None not in scores and scores[0] != scores[1]
@@ -638,40 +639,69 @@ def test_guard_passes_unflagged_prompts_bit_identical(flow_pipes: dict[str, Any]
     assert not torch.equal(guarded.images[1 - low], plain.images[1 - low])
 
 
-def test_embedding_mitigation_optimises_the_text_states(flow_pipes: dict[str, Any], cfg_kind: str) -> None:
-    """The first-step loss (velocity for SD3, epsilon for PixArt) falls; the images are the optimised
-    conditioning's, sampled against the empty prompt by a hand call; SD3's pooled projection and BOS stay."""
-    pipe, prompt = flow_pipes[cfg_kind], PROMPTS[0]
-    settings: dict[str, Any] = dict(generations=2, num_inference_steps=STEPS, target_loss=0.0, iters=3, lr=0.05)
+def test_embedding_mitigation_optimises_the_text_states(flow_pipes: dict[str, Any], kind: str) -> None:
+    """The first-step loss (velocity for SD3 and Flux, epsilon for PixArt) falls; the images are the optimised
+    conditioning's, sampled against the empty prompt by a hand call (Flux: true CFG); SD3's and Flux's pooled
+    embeddings stay, and SD3's BOS."""
+    pipe, prompt = flow_pipes[kind], PROMPTS[0]
+    settings: dict[str, Any] = dict(generations=2, num_inference_steps=STEPS, target_loss=0.0, iters=3, lr=0.05,
+                                    guidance_scale=_run_guidance(kind))
     res = mitigate_embedding(pipe, prompt, **settings)
     detected = MagnitudeDetector(pipe, generations=2, num_inference_steps=STEPS).score([prompt])[0].score
     assert res.initial_loss == pytest.approx(detected, rel=1e-4)
     assert res.iters == 3 and res.final_loss < res.initial_loss and not res.reached
     cond, own = res.conditioning, encode(pipe, [prompt])
     assert cond is not None and not torch.equal(cond.prompt_embeds, own.prompt_embeds)
-    if cfg_kind == "sd3":
+    if kind in ("sd3", "flux"):
         assert cond.pooled_embeds is not None and torch.equal(cond.pooled_embeds, own.pooled_embeds)
+    if kind == "sd3":
         assert torch.equal(cond.prompt_embeds[:, 0], own.prompt_embeds[:, 0])
+    else:  # T5 has no BOS: every position moves
+        assert not torch.equal(cond.prompt_embeds[:, 0], own.prompt_embeds[:, 0])
     done = generate(pipe, [prompt], "embedding", output_type="latent", **settings)
     decision = done.decisions[0]
     assert (decision.mitigated, decision.iters, decision.final_loss) == (True, 3, pytest.approx(res.final_loss))
     denoiser = Denoiser(pipe)
     with torch.no_grad():
-        by_hand = pipe(**denoiser.call_kwargs(cond.expand(2), empty(pipe).expand(2),
-                                              ModelDefaults.of(pipe).guidance_scale),
+        by_hand = pipe(**denoiser.call_kwargs(cond.expand(2), empty(pipe).expand(2), _guidance(pipe, kind)),
                        latents=initial_noise(pipe, 2, 0), num_inference_steps=STEPS, output_type="latent").images
     assert torch.equal(done.images[0], by_hand)
 
 
+@pytest.mark.parametrize("kind", ("sd3", "flux"))
+@pytest.mark.parametrize("method", ("rta", "rna", "cwr"))
+def test_text_baselines_sample_the_edited_prompt(flow_pipes: dict[str, Any], kind: str, method: str) -> None:
+    """A text baseline samples its edited prompt as plain sampling would (Flux: by true CFG), from the same noise."""
+    pipe = flow_pipes[kind]
+    settings: dict[str, Any] = dict(num_inference_steps=STEPS, output_type="latent", guidance_scale=_run_guidance(kind))
+    text = generate(pipe, PROMPTS[:1], method, k=2, **settings)
+    edited = text.decisions[0].text
+    assert len(edited.split()) == len(PROMPTS[0].split()) + 2 and text.images[0].shape[0] == 1
+    assert torch.equal(text.images[0], generate(pipe, [edited], "none", **settings).images[0])
+
+
 def test_mitigations_that_need_a_unet_or_a_cfg_batch_refuse(flow_pipes: dict[str, Any]) -> None:
-    text = generate(flow_pipes["sd3"], PROMPTS[:1], "cwr", k=2, num_inference_steps=STEPS)
-    assert len(text.decisions[0].text.split()) == len(PROMPTS[0].split()) + 2 and text.images[0].shape[0] == 1
     for kind, method, needle in (("sd3", "attention", "joint attention has no cross-attention map"),
                                  ("pixart", "nemo", "reads UNet cross-attention maps"),
-                                 ("flux", "none", "Flux guides without one")):
+                                 ("flux", "attention", "joint attention has no cross-attention map"),
+                                 ("flux", "gni", "not adapted to Flux's true CFG"),
+                                 ("flux", "delayed-guidance", "one of embedding, rta, rna, cwr, none"),
+                                 ("flux", "none", "true-CFG scale above 1"),
+                                 ("flux", "embedding", "give --guidance above 1")):
         with pytest.raises(UnsupportedModelError) as info:
             generate(flow_pipes[kind], PROMPTS[:1], method, num_inference_steps=STEPS)
         assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_flux_run_without_true_cfg_is_one_line(flow_dirs: dict[str, Path], tmp_path: Path, cli: Callable) -> None:
+    """`diffmem generate` on Flux at its own scale (true CFG off) exits 2 with one line saying what to give."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(PROMPTS[0] + "\n")
+    result = cli("generate", "--model", flow_dirs["flux"], "--prompts", prompts, "--out", tmp_path / "out",
+                 "--num-inference-steps", STEPS)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "give --guidance above 1" in lines[0], lines
 
 
 def test_generate_and_mitigate_commands_on_sd3(flow_dirs: dict[str, Path], tmp_path: Path, cli: Callable) -> None:

@@ -362,27 +362,39 @@ class Service:
 
         return [asdict(s) for s in suggest_edits(self.pipe, attr, self.threshold.value)]
 
-    def _embedding_score(self, embedding: torch.Tensor) -> float:
-        """The detection score of a conditioning embedding (as for a prompt, without its text)."""
+    def _embedding_score(self, cond: Any) -> float:
+        """The detection score of a conditioning (as for a prompt, without its text; any model family)."""
         from diffmem.detectors.magnitude import MagnitudeDetector
+        from diffmem.models.denoiser import Denoiser
 
         s = self.settings
         det = MagnitudeDetector(self.pipe, steps=s.steps, **s.detection_kwargs())
-        mags, _ = det.magnitudes(embedding.to(self.pipe.unet.device, self.pipe.unet.dtype))
+        denoiser = Denoiser(self.pipe)
+        mags, _ = det.magnitudes(cond.to(denoiser.device, denoiser.dtype))
         return float(mags.double().mean())
 
     @torch.no_grad()
-    def _sample(self, **embedding: Any) -> np.ndarray:
+    def _sample(self, prompt: str | None = None, cond: Any = None) -> np.ndarray:
+        """One image of `prompt` by a plain pipeline call, or of the conditioning `cond` against the empty prompt,
+        from the seed's noise, with the family's call arguments (`Denoiser.call_kwargs`)."""
         from diffmem.detectors.base import initial_noise
+        from diffmem.models.denoiser import Denoiser
 
         s = self.settings
+        assert s.guidance_scale is not None  # resolved in __init__
+        denoiser = Denoiser(self.pipe)
+        if cond is None:
+            kwargs = {"prompt": prompt, **denoiser.call_options(embeddings=False),
+                      **denoiser.guidance(s.guidance_scale, embeddings=False)}
+        else:
+            kwargs = denoiser.call_kwargs(cond, denoiser.empty(), s.guidance_scale)
         out = self.pipe(latents=initial_noise(self.pipe, 1, s.seed), num_inference_steps=s.generate_steps,
-                        guidance_scale=s.guidance_scale, output_type="np", **embedding)
+                        output_type="np", **kwargs)
         return np.asarray(out.images[0], dtype=np.float32)
 
     def _generate(self, prompt: str) -> dict[str, Any]:
-        from diffmem.detectors.base import encode_text
         from diffmem.mitigate import mitigate_embedding
+        from diffmem.models.conditioning import as_conditioning
         from diffmem.runs.generation import finite_images
 
         s = self.settings
@@ -392,9 +404,9 @@ class Service:
         result = mitigate_embedding(self.pipe, prompt, generations=s.generations, seed=s.seed,
                                     target_loss=target, iters=s.mitigate_iters,
                                     guidance_scale=s.guidance_scale, num_inference_steps=s.num_inference_steps)
-        with torch.no_grad():
-            uncond = encode_text(self.pipe, [""])
-        mitigated = self._sample(prompt_embeds=result.embedding, negative_prompt_embeds=uncond)
+        cond = result.conditioning if result.conditioning is not None else as_conditioning(self.pipe,
+                                                                                          result.embedding)
+        mitigated = self._sample(cond=cond)
         plain, plain_error = finite_images(plain)  # NaN/inf pixels: black and said, as in `diffmem generate`'s rows
         mitigated, mitigated_error = finite_images(mitigated)
         out: dict[str, Any] = {
@@ -404,7 +416,7 @@ class Service:
             "plain": plain,
             "mitigated": mitigated,
             "mitigation": {
-                "score": self._embedding_score(result.embedding),
+                "score": self._embedding_score(cond),
                 "initial_loss": float(result.losses[0]),
                 "final_loss": float(result.final_loss),
                 "iters": int(result.iters),

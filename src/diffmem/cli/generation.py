@@ -123,7 +123,7 @@ def _settings(model: str, method: str, generation: dict[str, Any], keywords: dic
     """The run's settings, as its rows record them, every value checked before the model loads: the generation
     (`GenerationConfig`), `generate`'s keyword options and the method's other options (`method_options`, for a
     method that has any; one it does not take is an error); the guidance scale and target loss are the model's own
-    unless given (`ModelDefaults`, read from its folder)."""
+    unless given (`ModelDefaults`, read from its folder; a scale of 1 or less, Flux's own, is refused)."""
     from diffmem.mitigate.base import KEYWORDS, MITIGATIONS, GenerationConfig, keyword_settings
     from diffmem.models.defaults import ModelDefaults
 
@@ -131,7 +131,7 @@ def _settings(model: str, method: str, generation: dict[str, Any], keywords: dic
     GenerationConfig(**generation)
     kind.configure(keywords, options)
     defaults = ModelDefaults.for_model(model)
-    settings = {**generation, "guidance_scale": defaults.resolve_guidance(generation["guidance_scale"]),
+    settings = {**generation, "guidance_scale": defaults.resolve_guided(generation["guidance_scale"], "generation"),
                 **keyword_settings(keywords)}
     settings["target_loss"] = defaults.resolve_target_loss(settings["target_loss"])
     settings = {k: v for k, v in settings.items() if k in generation or k in keywords}

@@ -1,4 +1,5 @@
-"""`diffmem train`: fine-tune a pipeline's UNet on images and captions, optionally with the magnitude filter."""
+"""`diffmem train`: fine-tune a pipeline's denoiser (a UNet, or SD3's transformer) on images and captions,
+optionally with the magnitude filter."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def train(
     ] = 2000,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
-    """Fine-tune the UNet of a pipeline on images and captions, optionally filtering memorizing samples."""
+    """Fine-tune the UNet (or SD3's transformer) of a pipeline on images and captions, optionally filtering
+    memorizing samples."""
     from diffmem.models.loading import quiet_diffusers
     from diffmem.training.finetune import FinetuneSettings, calibration_lines, finetune, interrupted_message
     from diffmem.training.finetune import calibrate as run_calibration

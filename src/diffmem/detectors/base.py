@@ -28,7 +28,7 @@ from diffmem.io.files import check_prompts
 from diffmem.models.conditioning import Conditioning, encode, text_window
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
-from diffmem.models.families import FAMILIES, NAMES, unet_only
+from diffmem.models.families import unet_only
 from diffmem.registry import MethodRegistry
 
 Steps = str | int  # "first", "all" or a number k of leading steps
@@ -118,14 +118,8 @@ class GuidedConfig(DetectorConfig):
     guidance_scale: float | None = setting(None, option="--guidance", gt=1, says="above 1 (classifier-free guidance)")
 
     def resolved(self, defaults: ModelDefaults) -> GuidedConfig:
-        scale = defaults.resolve_guidance(self.guidance_scale)
-        if scale <= 1:  # a guidance-distilled model's own scale (Flux: 1, its true CFG off); the option is above 1
-            family = FAMILIES.get(defaults.pipeline or "", "")
-            raise UnsupportedModelError(
-                f"this detector reads the classifier-free guidance branches, which {NAMES.get(family, 'the model')} "
-                f"runs only with a true-CFG scale above 1 (its default, {scale:g}, samples the distilled model "
-                "alone): give --guidance above 1")
-        return self.replace(guidance_scale=scale)
+        # a guidance-distilled model's own scale (Flux: 1, its true CFG off) is refused; the option is above 1
+        return self.replace(guidance_scale=defaults.resolve_guided(self.guidance_scale, "this detector"))
 
 
 @dataclass(frozen=True)

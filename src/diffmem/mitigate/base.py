@@ -43,8 +43,9 @@ class GenerationConfig(SamplingConfig):
     output_type: str = setting("np", option="output_type", choices=("np", "pil", "pt", "latent"))
 
     def resolved(self, defaults: ModelDefaults) -> GenerationConfig:
-        """These settings with the guidance scale left to the model taken from `defaults`."""
-        return self.replace(guidance_scale=defaults.resolve_guidance(self.guidance_scale))
+        """These settings with the guidance scale left to the model taken from `defaults`; one of 1 or less (Flux's
+        own: true CFG off) is refused, as the first-step score reads both guidance branches."""
+        return self.replace(guidance_scale=defaults.resolve_guided(self.guidance_scale, "generation"))
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ class Flagged(Exception):
 
 class Sampler:
     """One pipeline call per use, from the run's initial noise, with the first-step score read off its CFG batch
-    (`Monitor`); the empty prompt's conditioning is encoded once, when a method first needs it."""
+    (`Monitor`; Flux: its true-CFG calls against the empty prompt, `Denoiser.guidance`); the empty prompt's
+    conditioning is encoded once, when a method first needs it."""
 
     def __init__(self, pipe: Any, generation: GenerationConfig, noise: torch.Tensor) -> None:
         self.pipe, self.generation, self.noise = pipe, generation, noise
@@ -126,11 +128,12 @@ class Sampler:
                             for k, v in conditioning.items()}
             per_prompt = 1
         g = self.generation
+        assert g.guidance_scale is not None  # resolved
         with monitor:
             out = self.pipe(**conditioning, **self.denoiser.call_options(embeds is not None),
+                            **self.denoiser.guidance(g.guidance_scale, embeds is not None),
                             num_images_per_prompt=per_prompt, latents=noise,
-                            num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
-                            output_type=g.output_type)
+                            num_inference_steps=g.num_inference_steps, output_type=g.output_type)
         return out.images, first[0]
 
 
@@ -191,6 +194,8 @@ class Mitigation:
     of every method (`table_methods`)."""
     reads_unet: ClassVar[bool] = False
     """Whether it reads or edits UNet cross-attention layers, which SD3, PixArt and Flux do not have."""
+    runs_on_flux: ClassVar[bool] = False
+    """Whether it runs on Flux: it samples only through the `Sampler`'s true-CFG calls (and the `Denoiser`)."""
     config: NoOptions
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -212,13 +217,15 @@ class Mitigation:
 
     @classmethod
     def unsupported(cls, pipe: Any) -> str | None:
-        """Why this method cannot run on `pipe`'s model, in one line, else None: every method samples through the
-        CFG batch a plain call computes, which Flux (guidance-distilled, true CFG in two calls) does not batch."""
+        """Why this method cannot run on `pipe`'s model, in one line, else None: a method that reads UNet layers
+        needs a UNet; on Flux (guidance-distilled, true CFG in two calls, no CFG batch to rewrite) only the methods
+        that sample through the `Sampler` alone run (`runs_on_flux`)."""
         if cls.reads_unet and (reason := unet_only(pipe, f"the {cls.name} mitigation")):
             return reason
-        if family(pipe) == FLUX:
-            return (f"the {cls.name} mitigation samples through the pipeline's CFG batch; Flux guides without one "
-                    "(true CFG in two calls): use an SD, SDXL, SD3 or PixArt model")
+        if family(pipe) == FLUX and not cls.runs_on_flux:
+            able = ", ".join(name for name, kind in MITIGATIONS.items() if kind.runs_on_flux)
+            return (f"the {cls.name} mitigation is not adapted to Flux's true CFG (two calls, no CFG batch to read or "
+                    f"rewrite): use an SD, SDXL, SD3 or PixArt model, or on Flux one of {able}")
         return None
 
     def prepare(self, prompts: Sequence[str]) -> None:
@@ -265,6 +272,7 @@ class PlainSampling(Mitigation):
     rank = 60
     plain = True
     in_paper_table = True
+    runs_on_flux = True
 
     def apply(self, prompt: str, sampler: Sampler) -> Outcome:
         images, score = sampler(prompt=prompt)

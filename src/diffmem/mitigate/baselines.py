@@ -146,6 +146,7 @@ class TextEdit(Mitigation):
     published = NOT_VERIFIED + ": " + SOMEPALLI
     cost = "none (one generation of the edited prompt)"
     in_paper_table = True
+    runs_on_flux = True
     edit: ClassVar[Any]
     """(prompt, tokenizer, k, seed) -> the edited prompt."""
 

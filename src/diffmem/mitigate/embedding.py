@@ -1,9 +1,10 @@
 """Wen et al.'s inference-time mitigation (METHOD.md section 3): optimise the conditional text embedding at the
 first step until its text-conditional noise magnitude falls to a target, then sample from the same `x_T`.
 
-On SD3 and PixArt (METHOD.md section 8) the same loss is taken in the score space of the model (`to_score`: the
-velocity for SD3, whose noise prediction at `s = 1` is its input for every prompt) over the tokens the denoiser
-attends to: SD3's joint `prompt_embeds` (CLIP pair and T5) with its pooled projection kept fixed, PixArt's T5 states.
+On SD3, PixArt and Flux (METHOD.md section 8) the same loss is taken in the score space of the model (`to_score`:
+the velocity for SD3 and Flux, whose noise prediction at `s = 1` is its input for every prompt) over the tokens the
+denoiser attends to: SD3's joint `prompt_embeds` (CLIP pair and T5) with its pooled projection kept fixed, PixArt's
+T5 states, Flux's T5 states with its pooled CLIP embedding kept fixed (sampled by true CFG against the empty prompt).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from diffmem.mitigate.base import Calibrating, Mitigation, OptimisationConfig, O
 from diffmem.models.conditioning import Conditioning, as_conditioning, encode, is_sdxl
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
-from diffmem.models.families import PIXART, family, network
+from diffmem.models.families import FLUX, PIXART, family, network
 from diffmem.registry import NOT_VERIFIED
 
 
@@ -107,7 +108,9 @@ def mitigate_embedding(
     `generations` rows for `k` steps, plus one unconditional forward. Gradients go to the embedding only: the
     denoiser's parameters never accumulate any. For SDXL the pooled text embedding is optimised with the
     cross-attention states: it conditions the UNet on the prompt too. SD3: its joint `prompt_embeds` but the
-    first (CLIP's BOS), its pooled projection fixed; PixArt: every T5 position (T5 has no BOS).
+    first (CLIP's BOS), its pooled projection fixed; PixArt: every T5 position (T5 has no BOS); Flux: every T5
+    position, its pooled CLIP embedding fixed (it carries the prompt too, but the T5 states are what the joint
+    attention reads token by token: the method's embedding is those).
 
         >>> from diffmem import load_pipeline
         >>> from diffmem.testbed.recipe import shipped_recipe
@@ -126,7 +129,7 @@ def mitigate_embedding(
     step = FirstStep(pipe, generations, seed, num_inference_steps)
     with torch.no_grad():
         cond = encode(pipe, [prompt]).to(torch.float32)
-    fixed = 0 if family(pipe) == PIXART else 1  # the BOS position of a CLIP-first sequence stays
+    fixed = 0 if family(pipe) in (PIXART, FLUX) else 1  # the BOS position of a CLIP-first sequence stays
     bos = cond.prompt_embeds[:, :fixed]
     rest = cond.prompt_embeds[:, fixed:].clone().requires_grad_(True)
     sdxl_pooled = cond.pooled_embeds if is_sdxl(pipe) else None  # SD3's pooled projection stays fixed
@@ -156,7 +159,7 @@ def mitigate_embedding(
 
 class EmbeddingMitigation(Mitigation):
     """Wen et al.'s mitigation: the prompt's conditioning optimised at the first step (`mitigate_embedding`), then
-    sampled from the same noise with the empty prompt as the negative one."""
+    sampled from the same noise with the empty prompt as the negative one (Flux: by true CFG)."""
 
     name = "embedding"
     Config = EmbeddingConfig
@@ -166,6 +169,7 @@ class EmbeddingMitigation(Mitigation):
     cost = "at most --iters forward + backward passes over the generations, then a generation"
     rank = 10
     in_paper_table = True
+    runs_on_flux = True
 
     def apply(self, prompt: str, sampler: Sampler) -> Outcome:
         g = sampler.generation

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from diffmem.errors import ModelLoadError
+from diffmem.errors import ModelLoadError, UnsupportedModelError
 from diffmem.io.durable import replace_file
+from diffmem.models.families import FAMILIES, NAMES
 from diffmem.models.folders import read_metadata, resolve_model
 
 DEFAULTS_FILE = "diffmem.json"
@@ -213,6 +214,17 @@ class ModelDefaults:
     def resolve_guidance(self, value: float | None) -> float:
         """`value` when given, else the model's guidance scale."""
         return self.guidance_scale if value is None else float(value)
+
+    def resolve_guided(self, value: float | None, reader: str) -> float:
+        """`resolve_guidance` for `reader`, which reads the classifier-free guidance branches: a scale of 1 or less
+        (a guidance-distilled model's own, Flux's true CFG off) has none, refused in one line."""
+        scale = self.resolve_guidance(value)
+        if scale <= 1:
+            name = NAMES.get(FAMILIES.get(self.pipeline or "", ""), "the model")
+            raise UnsupportedModelError(
+                f"{reader} reads the classifier-free guidance branches, which {name} runs only with a true-CFG "
+                f"scale above 1 (its default, {scale:g}, samples the distilled model alone): give --guidance above 1")
+        return scale
 
     def resolve_target_loss(self, value: float | None) -> float:
         """`value` when given, else the model's mitigation target loss."""

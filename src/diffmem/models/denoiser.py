@@ -271,10 +271,17 @@ class Denoiser:
         classifier-free guidance `guidance_scale`, as the family's pipeline takes them: Flux guides by true CFG
         (`true_cfg_scale`; its distilled guidance input stays the pipeline's default), PixArt without resolution
         binning (the latents fix the size), the transformer families at this denoiser's image size."""
-        kwargs = {**cond.pipe_kwargs(negative), **self.call_options(embeddings=True)}
-        if self.family == FLUX:
-            return {**kwargs, "true_cfg_scale": guidance_scale}
-        return {**kwargs, "guidance_scale": guidance_scale}
+        return {**cond.pipe_kwargs(negative), **self.call_options(embeddings=True),
+                **self.guidance(guidance_scale, embeddings=True)}
+
+    def guidance(self, guidance_scale: float, embeddings: bool) -> dict[str, Any]:
+        """The guidance arguments of a plain `pipe(...)` call against the empty prompt: `guidance_scale` for the
+        families that batch both branches; Flux's true CFG (`true_cfg_scale`, and beside a text prompt rather than
+        `embeddings` its `negative_prompt=""`: it has no negative prompt by default), its distilled guidance input
+        left at the pipeline's default."""
+        if self.family != FLUX:
+            return {"guidance_scale": guidance_scale}
+        return {"true_cfg_scale": guidance_scale, **({} if embeddings else {"negative_prompt": ""})}
 
     def call_options(self, embeddings: bool) -> dict[str, Any]:
         """The family's arguments of a plain `pipe(...)` call from latents besides its text and guidance: none for
@@ -289,28 +296,31 @@ class Denoiser:
                 options["negative_prompt"] = None
         return options
 
-    def predict(self, sample: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def predict(self, sample: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                model: Any = None) -> torch.Tensor:
         """The raw output for input rows `sample` and conditioning rows `cond` (one each) at `t` (the scheduler's
-        timestep), called as the family's pipeline calls it; PixArt's is its epsilon half (`prediction`)."""
+        timestep), called as the family's pipeline calls it; PixArt's is its epsilon half (`prediction`). `model`
+        replaces the pipeline's network (e.g. the same one wrapped for data-parallel training)."""
+        net = self.model if model is None else model
         if self.family == UNET:
-            return self.model(sample, t, **cond.unet_kwargs(), return_dict=False)[0]
+            return net(sample, t, **cond.unet_kwargs(), return_dict=False)[0]
         rows = sample.shape[0]
         steps = torch.as_tensor(t, device=sample.device).reshape(-1)
         steps = steps.expand(rows) if steps.numel() == 1 else steps
         if self.family == SD3:
-            return self.model(hidden_states=sample, timestep=steps, encoder_hidden_states=cond.prompt_embeds,
-                              pooled_projections=cond.pooled_embeds, return_dict=False)[0]
+            return net(hidden_states=sample, timestep=steps, encoder_hidden_states=cond.prompt_embeds,
+                       pooled_projections=cond.pooled_embeds, return_dict=False)[0]
         if self.family == PIXART:
-            out = self.model(sample, encoder_hidden_states=cond.prompt_embeds,
-                             encoder_attention_mask=cond.attention_mask, timestep=steps,
-                             added_cond_kwargs=self._micro_conditions(rows), return_dict=False)[0]
+            out = net(sample, encoder_hidden_states=cond.prompt_embeds,
+                      encoder_attention_mask=cond.attention_mask, timestep=steps,
+                      added_cond_kwargs=self._micro_conditions(rows), return_dict=False)[0]
             return self.prediction(out)
-        return self.model(hidden_states=sample, timestep=steps.to(sample.dtype) / 1000,
-                          guidance=self._distilled_guidance(rows), pooled_projections=cond.pooled_embeds,
-                          encoder_hidden_states=cond.prompt_embeds,
-                          txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3, device=sample.device,
-                                              dtype=cond.prompt_embeds.dtype),
-                          img_ids=self._image_ids(sample, cond.prompt_embeds.dtype), return_dict=False)[0]
+        return net(hidden_states=sample, timestep=steps.to(sample.dtype) / 1000,
+                   guidance=self._distilled_guidance(rows), pooled_projections=cond.pooled_embeds,
+                   encoder_hidden_states=cond.prompt_embeds,
+                   txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3, device=sample.device,
+                                       dtype=cond.prompt_embeds.dtype),
+                   img_ids=self._image_ids(sample, cond.prompt_embeds.dtype), return_dict=False)[0]
 
     def prediction(self, output: torch.Tensor) -> torch.Tensor:
         """The prediction in a raw network output: PixArt's first `in_channels` channels when it also predicts

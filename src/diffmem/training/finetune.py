@@ -1,9 +1,11 @@
-"""Fine-tune the UNet of a diffusers pipeline on a folder of images and captions (`diffmem train`).
+"""Fine-tune the denoiser of a diffusers pipeline on a folder of images and captions (`diffmem train`): the UNet
+of SD 1.x/2.x/XL, or SD3's transformer by rectified flow (`FlowObjective`; its text encoders stay frozen).
 
 The data: `NAME.png`/`NAME.jpg` (also .jpeg, .webp, .bmp) with its caption in `NAME.txt` beside it, or an image
 folder with a `metadata.jsonl` (the Hugging Face imagefolder layout: `file_name` and a `text`, `caption` or
 `prompt` column). Unusable files are skipped and listed. Images whose size is not the model's resolution
-(`unet.config.sample_size * vae_scale_factor`) are resized (shorter side) and center-cropped, and counted.
+(`default_size`: the denoiser's sample size times the VAE factor) are resized (shorter side) and center-cropped,
+and counted.
 Every image is encoded once by the pipeline's VAE into a latent cache in `--out`; batches are a function of
 (seed, step) alone, so a resumed run is exact. Training is `diffmem.training.loop.train`, the loop the testbed recipe
 uses, with the magnitude filter of METHOD.md section 4 when a threshold is given.
@@ -27,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from diffmem.errors import InputError, ModelLoadError
+from diffmem.errors import InputError, ModelLoadError, UnsupportedModelError
 from diffmem.io.durable import exclusive, write_atomic
 from diffmem.io.files import (
     MAX_PROMPT_FILE_BYTES,
@@ -36,10 +38,13 @@ from diffmem.io.files import (
     read_json_object,
     read_user_bytes,
 )
+from diffmem.models.denoiser import default_size
+from diffmem.models.families import NAMES, SD3, UNET, family
 from diffmem.registry import model_id
 from diffmem.training.loop import (
     FILTER_AT,
     BatchFn,
+    FlowObjective,
     TrainConfig,
     checkpoint_dir,
     checkpoint_step,
@@ -56,6 +61,7 @@ RTA_TOKENS = 4
 CALIBRATION_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 SUGGESTED_PERCENTILE = 99.0
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+"""The parts of a UNet pipeline folder training needs (an SD3 folder has `transformer/` in place of `unet/`)."""
 
 Notice = Callable[[str], None]
 
@@ -188,8 +194,8 @@ def _from_metadata(root: Path, metadata: Path, images: list[Path]) -> ImageCapti
 
 
 def model_resolution(pipe: Any) -> int:
-    """The image size the pipeline's denoiser is built for: `unet.config.sample_size * vae_scale_factor`."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    """The image size the pipeline's denoiser is built for: its `sample_size` times `vae_scale_factor`."""
+    return default_size(pipe)
 
 
 def _load_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
@@ -382,22 +388,45 @@ def check_model_folder(model: str) -> None:
     path = Path(model).expanduser()
     if is_named_model(model) or not path.is_dir():
         return
-    missing = [part for part in PIPELINE_PARTS if not (path / part).is_dir()]
+    parts = tuple("transformer" if p == "unet" and (path / "transformer").is_dir() else p for p in PIPELINE_PARTS)
+    missing = [part for part in parts if not (path / part).is_dir()]
     if missing:
         raise ModelLoadError(f"{model} has no {', '.join(p + '/' for p in missing)}: diffmem train fine-tunes "
-                             "the UNet of a full diffusers pipeline folder (" + ", ".join(PIPELINE_PARTS) + ")")
+                             "the denoiser of a full diffusers pipeline folder (" + ", ".join(parts) + ")")
 
 
 def load_for_training(model: str, device: torch.device, allow_pickle: bool = False) -> Any:
-    """The pipeline in float32 (mixed precision is accelerate's business), its text encoder and VAE frozen."""
+    """The pipeline in float32 (mixed precision is accelerate's business), its text encoders and VAE frozen; a
+    family `diffmem train` cannot train is one line (`training_objective`)."""
     from diffmem.models.loading import load_pipeline, quiet_diffusers
 
     check_model_folder(model)
     quiet_diffusers()
     pipe: Any = load_pipeline(model, device=device, dtype=torch.float32, allow_pickle=allow_pickle)
+    training_objective(pipe)
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False)
     return pipe
+
+
+def training_objective(pipe: Any) -> tuple[Any, FlowObjective | None]:
+    """The network `diffmem train` trains and what it learns: the UNet (None: `train`'s default objective), or
+    SD3's transformer by rectified flow; other families are refused with one line."""
+    kind = family(pipe)
+    if kind == UNET:
+        return pipe.unet, None
+    if kind == SD3:
+        return pipe.transformer, FlowObjective(pipe)
+    raise UnsupportedModelError(f"diffmem train fine-tunes Stable Diffusion UNet models and SD3, not {NAMES[kind]}")
+
+
+def _filter_timestep(pipe: Any, objective: FlowObjective | None, filter_at: str) -> int | None:
+    """`filter_timestep` of the model: a flow model's first step is read off its own schedule (`Denoiser`)."""
+    if objective is None or filter_at != "first-step":
+        return filter_timestep(pipe.scheduler, filter_at)
+    return objective.first_timestep()
 
 
 def _check_out(out: Path, data: str) -> None:
@@ -485,18 +514,19 @@ def _finetune(settings: FinetuneSettings, out: Path, acc: Any, resume: bool, che
         write_atomic(out / "finetune.json", json.dumps(asdict(settings), indent=2))
     report_data(data, Path(settings.data), out, cached, say)
     augment = _rta_augment(pipe.tokenizer, settings) if settings.caption_aug == "rta" else None
+    net, objective = training_objective(pipe)
     batch_fn = epoch_batches(data, settings.batch_size, settings.seed, augment)
     cfg = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
                       warmup=min(100, max(1, settings.steps // 10)), seed=settings.seed,
                       filter_threshold=settings.filter_threshold,
-                      filter_timestep=filter_timestep(pipe.scheduler, settings.filter_at),
+                      filter_timestep=_filter_timestep(pipe, objective, settings.filter_at),
                       filter_persist=settings.filter_persist,
                       checkpoint_every=checkpoint_every,
                       log_every=log_every)
-    pipe.unet.train()
-    stats = train(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch_fn, cfg, out,
-                  accelerator=acc, progress=progress if acc.is_main_process else None)
-    pipe.unet.eval()
+    net.train()
+    stats = train(net, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch_fn, cfg, out,
+                  accelerator=acc, progress=progress if acc.is_main_process else None, objective=objective)
+    net.eval()
     final = out / "pipeline"
     if acc.is_main_process:
         save_pipeline(pipe, final)
@@ -583,9 +613,10 @@ def calibrate(
     n = len(data.captions)
     gen = torch.Generator().manual_seed(settings.seed + 7)
     order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(measurements / n))])[:measurements]
-    values = measure_magnitudes(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, data.latents,
+    net, objective = training_objective(pipe)
+    values = measure_magnitudes(net, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, data.latents,
                                 data.captions, order, gen, batch_size, progress,
-                                timestep=filter_timestep(pipe.scheduler, settings.filter_at))
+                                timestep=_filter_timestep(pipe, objective, settings.filter_at), objective=objective)
     result = calibration_summary(values, order, data, settings)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "calibration.json", json.dumps(result, indent=2))

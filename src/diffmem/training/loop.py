@@ -9,6 +9,11 @@ dropped from the loss, d measured at each sample's training timestep (the paper'
 batch the filter leaves empty skips its optimizer update; with `filter_persist` a flagged caption stays out of
 the loss for the rest of the run (its set is kept in the checkpoint). Ctrl-C (or SIGTERM)
 ends the current step, writes a checkpoint and raises KeyboardInterrupt.
+
+What the network learns is an `Objective`: `UNetObjective` (the default: DDPM noising, epsilon or v targets, a
+CLIP text encoder) or `FlowObjective` (SD3: rectified flow, METHOD.md section 8). The filter's d is the
+text-conditional difference of `Parameterization.to_score`, the detector's score (epsilon, or a flow model's
+velocity).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +40,8 @@ from safetensors.torch import load_file, save_file
 from diffmem.errors import InputError
 from diffmem.io.durable import write_atomic
 from diffmem.io.files import MAX_PROMPT_FILE_BYTES, json_problem, read_json_object, read_user_bytes
-from diffmem.models.denoiser import Parameterization
+from diffmem.models.conditioning import Conditioning, empty, encode
+from diffmem.models.denoiser import Denoiser, Parameterization
 
 BatchFn = Callable[[int], tuple[torch.Tensor, list[str]]]
 
@@ -79,6 +86,88 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: to
     return scheduler.get_velocity(latents, noise, t)
 
 
+class UNetObjective:
+    """The diffusion objective of the UNet family: `x_t = scheduler.add_noise(x0, eps, t)` at a uniform integer
+    timestep, the target `training_target`, the text of `text_encoder` (trainable with `train_text_encoder`)."""
+
+    def __init__(self, text_encoder, tokenizer, scheduler) -> None:
+        self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
+        self._empty: torch.Tensor | None = None
+
+    def timesteps(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=gen)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, t)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return training_target(self.scheduler, latents, noise, t)
+
+    def encode(self, captions: list[str], device, grad: bool = False) -> torch.Tensor:
+        ids = _tokens(self.tokenizer, captions, device)
+        with torch.set_grad_enabled(grad):
+            return self.text_encoder(ids)[0]
+
+    def predict(self, net, noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        return net(noisy, t, encoder_hidden_states=cond).sample
+
+    def magnitudes(self, net, noisy: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        if self._empty is None:
+            self._empty = _tokens(self.tokenizer, [""], noisy.device)
+        return sample_magnitudes(net, self.text_encoder, self.scheduler, noisy, t, pred, self._empty.to(noisy.device))
+
+
+class FlowObjective:
+    """Rectified flow for SD3 (METHOD.md section 8), as diffusers' train_dreambooth_sd3 trains it: `x_t = (1 - s)
+    x0 + s eps`, target `v = eps - x0`, the timestep one of the scheduler's (shifted) training timesteps picked by
+    `u ~ logit-normal(0, 1)` (its default `weighting_scheme`, unit loss weights); drawn here from the step's seeded
+    generator. The text encoders stay frozen; the network is called through `Denoiser.predict`."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe, self.denoiser = pipe, Denoiser(pipe)
+        self.scheduler = pipe.scheduler
+        self.param = Parameterization.of(self.scheduler)
+        if self.param.kind != "flow":
+            raise InputError(f"{type(self.scheduler).__name__} is not a flow-matching scheduler")
+        self.train_timesteps = type(self.scheduler).from_config(self.scheduler.config).timesteps.float()
+        self._empty: Conditioning | None = None
+
+    def first_timestep(self, num_inference_steps: int = 50) -> int:
+        """The first step of a plain call's schedule (`s = 1` for SD3: `x_T` is the noise, whatever the image)."""
+        return int(self.denoiser.schedule(num_inference_steps).timesteps[0])
+
+    def timesteps(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        u = torch.sigmoid(torch.randn(n, generator=gen))  # logit-normal, mean 0, std 1
+        idx = (u * self.train_timesteps.numel()).long().clamp(max=self.train_timesteps.numel() - 1)
+        return self.train_timesteps[idx]
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = self.param.sigma(t, latents).to(latents.dtype)
+        return (1 - s) * latents + s * noise
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise - latents
+
+    @torch.no_grad()
+    def encode(self, captions: list[str], device, grad: bool = False) -> Conditioning:
+        return encode(self.pipe, captions).to(device)
+
+    def predict(self, net, noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        return self.denoiser.predict(noisy, t, cond, model=net)
+
+    @torch.no_grad()
+    def magnitudes(self, net, noisy: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Per sample `|| v(x_t, prompt) - v(x_t, '') ||_2` (`to_score`): the detector's measure."""
+        if self._empty is None:
+            self._empty = empty(self.pipe).to(noisy.device)
+        pred_u = self.predict(net, noisy, t, self._empty.expand(noisy.shape[0]))
+        diff = self.param.to_score(pred.detach(), noisy, t) - self.param.to_score(pred_u, noisy, t)
+        return diff.flatten(1).float().norm(dim=1)
+
+
+Objective = UNetObjective | FlowObjective
+
+
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < cfg.warmup:
@@ -97,8 +186,11 @@ def train(
     out: Path,
     accelerator: Accelerator | None = None,
     progress: Callable[[int, dict], None] | None = None,
+    objective: Objective | None = None,
 ) -> dict:
     """Train `unet` (and `text_encoder` if `cfg.train_text_encoder`) for `cfg.steps`, resuming from `out`.
+    `unet` is the denoiser network; `objective` what it learns (`UNetObjective` of the other arguments unless
+    given: `FlowObjective(pipe)` trains an SD3 transformer).
 
     Two steps on the bundled testbed's generations of four captions:
 
@@ -117,6 +209,9 @@ def train(
         (2, 2, 2)
     """
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    obj = objective or UNetObjective(text_encoder, tokenizer, scheduler)
+    if cfg.train_text_encoder and not isinstance(obj, UNetObjective):
+        raise InputError("train_text_encoder trains a UNet model's CLIP encoder; a flow model's encoders stay frozen")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
@@ -137,7 +232,6 @@ def train(
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         dropped = set(state.get("dropped", []))
-    empty = _tokens(tokenizer, [""], acc.device)
     log_path = out / "log.jsonl"
     if acc.is_main_process:
         _trim_log(log_path, start)
@@ -152,23 +246,21 @@ def train(
             drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
             noise = torch.randn(latents.shape, generator=gen)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),), generator=gen)
+            t = obj.timesteps(len(captions), gen)
             rows = slice(acc.process_index, None, acc.num_processes)  # this process's share of the global batch
             latents, noise, t = latents[rows].to(acc.device), noise[rows].to(acc.device), t[rows].to(acc.device)
-            ids = _tokens(tokenizer, captions[rows], acc.device)
 
-            noisy = scheduler.add_noise(latents, noise, t)
-            with torch.set_grad_enabled(cfg.train_text_encoder):
-                cond = text_encoder(ids)[0]
-            pred = unet(noisy, t, encoder_hidden_states=cond).sample
-            target = training_target(scheduler, latents, noise, t)
+            noisy = obj.noisy(latents, noise, t)
+            cond = obj.encode(captions[rows], acc.device, grad=cfg.train_text_encoder)
+            pred = obj.predict(unet, noisy, t, cond)
+            target = obj.target(latents, noise, t)
             per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
             keep = torch.ones_like(per_sample, dtype=torch.bool)
             kept = None  # how many samples of the global batch stay in the loss (counted only when filtering)
             if cfg.filter_threshold is not None:
-                keep = filter_magnitudes(unet, text_encoder, scheduler, cfg.filter_timestep, latents, noisy, t, pred,
-                                         cond, empty, gen, rows, len(captions)) < cfg.filter_threshold
+                keep = _filter(obj, unet, cfg.filter_timestep, latents, noisy, t, pred, cond, gen, rows,
+                               len(captions)) < cfg.filter_threshold
                 if cfg.filter_persist:  # this step's flags join the set, then every caption in it stays out
                     mine = originals[rows]
                     dropped.update(_gather_strings(acc, [c for c, k in zip(mine, keep.tolist(), strict=True) if not k]))
@@ -260,13 +352,22 @@ def filter_magnitudes(unet, text_encoder, scheduler, timestep: int | None, laten
                       gen: torch.Generator, rows: slice, global_batch: int) -> torch.Tensor:
     """The filter's d of this process's samples: at their training timestep `t` (reusing `pred`), or at the fixed
     `timestep` with fresh noise drawn from `gen` for the global batch (the same draws under any process count)."""
+    obj = UNetObjective(text_encoder, None, scheduler)
+    obj._empty = empty_ids
+    return _filter(obj, unet, timestep, latents, noisy, t, pred, cond, gen, rows, global_batch)
+
+
+@torch.no_grad()
+def _filter(obj: Objective, net, timestep: int | None, latents, noisy, t, pred, cond, gen: torch.Generator,
+            rows: slice, global_batch: int) -> torch.Tensor:
+    """`filter_magnitudes` for any objective."""
     if timestep is None:
-        return sample_magnitudes(unet, text_encoder, scheduler, noisy, t, pred, empty_ids)
+        return obj.magnitudes(net, noisy, t, pred)
     noise = torch.randn((global_batch, *latents.shape[1:]), generator=gen)[rows].to(latents.device)
     tf = torch.full_like(t, timestep)
-    noisy_f = scheduler.add_noise(latents, noise, tf)
-    pred_f = unet(noisy_f, tf, encoder_hidden_states=cond.detach()).sample
-    return sample_magnitudes(unet, text_encoder, scheduler, noisy_f, tf, pred_f, empty_ids)
+    noisy_f = obj.noisy(latents, noise, tf)
+    pred_f = obj.predict(net, noisy_f, tf, cond.detach() if isinstance(cond, torch.Tensor) else cond)
+    return obj.magnitudes(net, noisy_f, tf, pred_f)
 
 
 def first_sampling_timestep(scheduler, num_inference_steps: int = 50) -> int:
@@ -291,25 +392,25 @@ def filter_timestep(scheduler, filter_at: str) -> int | None:
 def measure_magnitudes(unet, text_encoder, tokenizer, scheduler, latents: torch.Tensor, captions: list[str],
                        order: torch.Tensor, gen: torch.Generator, batch_size: int = 16,
                        progress: Callable[[int, int], None] | None = None,
-                       timestep: int | None = None) -> torch.Tensor:
+                       timestep: int | None = None, objective: Objective | None = None) -> torch.Tensor:
     """`sample_magnitudes` of items `order` (indices into latents/captions), each at a random training timestep
     drawn from `gen` (or at `timestep`), as the filter would see them: the measure behind a calibrated
-    `filter_threshold`."""
+    `filter_threshold` (`objective` as `train`'s)."""
+    obj = objective or UNetObjective(text_encoder, tokenizer, scheduler)
     device = next(unet.parameters()).device
-    empty = _tokens(tokenizer, [""], device)
     values = torch.empty(len(order))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        t = obj.timesteps(len(idx), gen)
         if timestep is not None:
             t = torch.full_like(t, timestep)
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-        noisy = scheduler.add_noise(x0, noise, t)
-        cond = text_encoder(_tokens(tokenizer, [captions[i] for i in idx.tolist()], device))[0]
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        values[start : start + len(idx)] = sample_magnitudes(unet, text_encoder, scheduler, noisy, t, pred, empty).cpu()
+        noisy = obj.noisy(x0, noise, t)
+        cond = obj.encode([captions[i] for i in idx.tolist()], device)
+        pred = obj.predict(unet, noisy, t, cond)
+        values[start : start + len(idx)] = obj.magnitudes(unet, noisy, t, pred).cpu()
         if progress is not None:
             progress(start + len(idx), len(order))
     return values
