@@ -185,6 +185,19 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+def config_of(owner: type, config: Config | None, settings: Mapping[str, Any]) -> Any:
+    """A method's settings: `config` (default: its class `owner.Config` built from `settings`) with `settings` on
+    top, checked as built; a config of another class is a TypeError (a caller's bug, not a user's value)."""
+    kind: type[Config] = owner.Config  # type: ignore[attr-defined]
+    if config is None:
+        config = kind(**settings)
+    elif settings:
+        config = config.replace(**settings)
+    if not isinstance(config, kind):
+        raise TypeError(f"{owner.__name__} takes a {kind.__name__}, not {type(config).__name__}")
+    return config
+
+
 def generations_setting(default: int = 1, least: int = 1, why: str = "") -> Any:
     """The `--generations` setting of a method that needs at least `least` of them (`why`: the reason, said in
     its error line)."""

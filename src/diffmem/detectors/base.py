@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffmem.config import SamplingConfig, and_join, setting
+from diffmem.config import SamplingConfig, and_join, config_of, setting
 from diffmem.errors import InputError, UnsupportedModelError
 from diffmem.io.files import check_prompts
 from diffmem.models.conditioning import Conditioning, encode, text_window
@@ -182,12 +182,7 @@ class Detector:
             DETECTORS.add(cls)
 
     def __init__(self, pipe, config: DetectorConfig | None = None, **settings: Any) -> None:
-        if config is None:
-            config = self.Config(**settings)
-        elif settings:
-            config = config.replace(**settings)
-        if not isinstance(config, self.Config):
-            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, not {type(config).__name__}")
+        config = config_of(type(self), config, settings)
         if reason := self.unsupported(pipe):
             raise UnsupportedModelError(reason)
         self.pipe = pipe

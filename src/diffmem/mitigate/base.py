@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffmem.config import Config, SamplingConfig, setting
+from diffmem.config import Config, SamplingConfig, config_of, setting
 from diffmem.detectors.monitor import Monitor
 from diffmem.errors import InputError, UnsupportedModelError
 from diffmem.models.conditioning import Conditioning, empty
@@ -204,12 +204,7 @@ class Mitigation:
             MITIGATIONS.add(cls)
 
     def __init__(self, pipe: Any, config: NoOptions | None = None, **options: Any) -> None:
-        if config is None:
-            config = self.Config(**options)
-        elif options:
-            config = config.replace(**options)
-        if not isinstance(config, self.Config):
-            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, not {type(config).__name__}")
+        config = config_of(type(self), config, options)
         if reason := self.unsupported(pipe):
             raise UnsupportedModelError(reason)
         self.pipe = pipe
