@@ -365,6 +365,7 @@ def summary(tally: Tally, seconds: float, server_log: str, token: str, max_growt
         "seconds": round(seconds, 1),
         "served": served,
         "served_by_kind": dict(tally.served) | {"slow detect": tally.slow_done},
+        "slow_answered": tally.slow_done + tally.slow_refused,
         "rejected": {str(k): v for k, v in tally.rejected.items()},
         "bad_requests_answered_as_documented": sum(tally.bad.values()),
         "throughput_per_s": round(served / seconds, 2),
