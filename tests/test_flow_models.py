@@ -48,7 +48,7 @@ from diffmem.io.results import read_results
 from diffmem.mitigate.embedding import mitigate_embedding
 from diffmem.mitigate.guard import generate, guarded_generate
 from diffmem.models import loading
-from diffmem.models.conditioning import empty, encode, text_window
+from diffmem.models.conditioning import empty, encode, prompt_positions, text_window
 from diffmem.models.defaults import DISTILLED_GUIDANCE, FAMILY_GUIDANCE, ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
 from diffmem.models.families import network
@@ -498,7 +498,7 @@ def test_compare_shows_na_with_the_reason_for_a_refusing_detector(flow_dirs: dic
 
 
 def test_explain_leave_one_out_on_t5_tokens(flow_pipes: dict[str, Any], kind: str) -> None:
-    """Leave-one-out runs through the same detector; words are T5's (the longest window); gradients refuse."""
+    """Leave-one-out runs through the same detector; words are T5's (the longest window)."""
     pipe = flow_pipes[kind]
     prompt = PROMPTS[0]
     attribution = explain(pipe, prompt, generations=2)
@@ -509,8 +509,42 @@ def test_explain_leave_one_out_on_t5_tokens(flow_pipes: dict[str, Any], kind: st
     assert [w.significance for w in attribution.words] == pytest.approx([scores[0] - s for s in scores[1:]],
                                                                         rel=1e-5, abs=1e-7)
     assert attribution.tokens == text_window(pipe)[0].tokenize(prompt)
-    with pytest.raises(InputError, match="leave-one-out"):
-        explain(pipe, prompt, method="gradient")
+
+
+def test_explain_gradient_over_each_encoders_tokens(flow_pipes: dict[str, Any], kind: str) -> None:
+    """The gradient of the first-step score (in the score space: a flow model's velocity) with respect to the
+    prompt's embeddings, computed here by hand; a word sums its tokens' norms over the encoders at the positions
+    `prompt_positions` gives (SD3: CLIP after its BOS, T5 after the CLIP positions), tokens shown are T5's."""
+    pipe = flow_pipes[kind]
+    prompt, words = PROMPTS[1], PROMPTS[1].split()
+    attribution = explain(pipe, prompt, method="gradient", guidance_scale=FLUX_TRUE_CFG if kind == "flux" else None)
+    denoiser = Denoiser(pipe)
+    scheduler = denoiser.schedule(50)
+    param, t = Parameterization.of(scheduler), scheduler.timesteps[0]
+    x = denoiser.first_input(initial_noise(pipe, 1, 0), scheduler)
+    cond = encode(pipe, [prompt])
+    e = cond.prompt_embeds.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        s_u = param.to_score(denoiser.predict(x, t, empty(pipe)), x, t)
+    score = (param.to_score(denoiser.predict(x, t, cond.replace(e)), x, t) - s_u).flatten(1).norm(dim=1).mean()
+    score.backward()
+    per_pos = e.grad[0].norm(dim=-1)
+    assert attribution.score == pytest.approx(score.item(), rel=1e-5)
+    assert attribution.score == pytest.approx(MagnitudeDetector(pipe, generations=1).score([prompt])[0].score,
+                                              rel=1e-5)
+    parts = prompt_positions(pipe)
+    assert [(type(tok).__name__, first) for tok, first, _ in parts] == {
+        "sd3": [("CLIPTokenizer", 1), ("T5Tokenizer", 77)], "pixart": [("T5Tokenizer", 0)],
+        "flux": [("T5Tokenizer", 0)]}[kind]
+    expected = [0.0] * len(words)
+    for tokenizer, first, _ in parts:
+        pos = first
+        for i, word in enumerate(words):
+            n = len(tokenizer.tokenize(word))
+            expected[i] += float(per_pos[pos : pos + n].sum())
+            pos += n
+    assert [w.significance for w in attribution.words] == pytest.approx(expected, rel=1e-4)
+    assert attribution.tokens == text_window(pipe)[0].tokenize(prompt) and all(expected)
 
 
 def test_detect_command_on_flow_models(flow_dirs: dict[str, Path], flow_pipes: dict[str, Any], tmp_path: Path,

@@ -125,3 +125,28 @@ def test_train_refuses_pixart_in_one_line(data: Path, tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match="not PixArt") as info:
         finetune(_settings(folder, data, steps=1), tmp_path / "out")
     assert "\n" not in str(info.value)
+
+
+def test_sd3_without_t5_trains_on_one_row_standing_for_its_rows_of_zeros() -> None:
+    """SD3 without T5 conditions on 256 rows of zeros after the CLIP tokens; the objective trains on one row with
+    the weight of all (`repeated_context_token`): the prediction and its gradient are those of the whole context."""
+    from diffusers import StableDiffusion3Pipeline
+
+    full = tiny_sd3()
+    pipe = StableDiffusion3Pipeline(**{**full.components, "text_encoder_3": None, "tokenizer_3": None})
+    obj, net = FlowObjective(pipe), pipe.transformer
+    assert obj.copies == 256 and FlowObjective(full).copies == 0
+    cond, whole = obj.encode(CAPTIONS[:2], "cpu"), encode(pipe, CAPTIONS[:2])
+    assert cond.prompt_embeds.shape[1] == whole.prompt_embeds.shape[1] - 255
+    assert not whole.prompt_embeds[:, -256:].any()  # what the one row stands for: zeros
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([1000.0, 300.0])
+    compact = obj.predict(net, x, t, cond)
+    compact.square().sum().backward()
+    grad = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    stock = Denoiser(pipe).predict(x, t, whole)
+    stock.square().sum().backward()
+    torch.testing.assert_close(compact, stock, rtol=1e-4, atol=1e-5)
+    for a, p in zip(grad, net.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-3, atol=1e-5)
+    assert type(next(iter(net.attn_processors.values()))).__name__ == "JointAttnProcessor2_0"  # restored

@@ -212,3 +212,42 @@ def test_persistent_filter_keeps_a_flagged_caption_out_and_resumes_with_its_set(
     assert again["resumed_from"] == 4 and again["dropped_captions"] == stats["dropped_captions"]
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_sd3_recipe_trains_an_mmdit_on_the_unet_testbeds_vae_text_encoder_and_data(tmp_path):
+    """`diffmem testbed train --architecture sd3`: SD3's pipeline without T5, its transformer trained by rectified
+    flow in two stages; the VAE and the CLIP encoders are the UNet testbed's, untouched; the splits are the same."""
+    from dataclasses import asdict, replace
+
+    from diffusers import SD3Transformer2DModel
+
+    from diffmem.models.defaults import ModelDefaults
+    from diffmem.models.loading import load_pipeline
+    from diffmem.testbed.model import SD3_TEXT_WINDOW, SD3_TRANSFORMER_CONFIG
+    from diffmem.testbed.recipe import sd3_recipe
+
+    cfg = replace(sd3_recipe(), **TINY)
+    timings = run_recipe(cfg, tmp_path / "work", tmp_path / "dest", device="cpu")
+    assert set(timings) == {"encode_s", "stage1_s", "stage2_s", "total_s"}  # no VAE of its own
+    pipe = load_pipeline(tmp_path / "dest" / "pipeline", device="cpu")
+    unet_testbed = load_pipeline("testbed", device="cpu")
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    assert {k: pipe.transformer.config[k] for k in SD3_TRANSFORMER_CONFIG} == SD3_TRANSFORMER_CONFIG
+    assert pipe.tokenizer.model_max_length == SD3_TEXT_WINDOW and pipe.vae.config.shift_factor == 0.0
+    for ours, theirs in ((pipe.vae, unet_testbed.vae), (pipe.text_encoder.text_model, unet_testbed.text_encoder),
+                         (pipe.text_encoder_2.text_model, unet_testbed.text_encoder)):
+        for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b.to(a.dtype), rtol=0, atol=1e-3)  # fp16 on disk
+    assert torch.equal(pipe.text_encoder.text_projection.weight, torch.eye(pipe.text_encoder.config.hidden_size))
+    base = SD3Transformer2DModel.from_pretrained(tmp_path / "dest" / "base_transformer")
+    assert any((a - b).abs().max() > 0 for a, b in zip(base.parameters(), pipe.transformer.parameters(), strict=True))
+    assert ModelDefaults.of(pipe).guidance_scale == cfg.guidance_scale
+    recipe = json.loads((tmp_path / "dest" / "recipe.json").read_text())["recipe"]
+    assert recipe == asdict(cfg) and recipe["architecture"] == "sd3"
+    shared = ("seed", "n_stage1", "n_planted", "n_triggered", "n_anchor", "n_stage2_unique", "n_heldout")
+    assert all(getattr(sd3_recipe(), k) == getattr(RecipeConfig(), k) for k in shared)  # one ground truth
+
+
+def test_an_unknown_recipe_architecture_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        run_recipe(RecipeConfig(**TINY, architecture="dit"), tmp_path, None, device="cpu")

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 register_model("testbed", "diffmem.testbed.bundled:testbed")
 register_model("testbed-base", "diffmem.testbed.bundled:testbed_base")
+register_model("testbed-sd3", "diffmem.testbed.bundled:testbed_sd3")
 
 _EXPORTS = {
     "AnisotropyDetector": "diffmem.detectors.anisotropy",

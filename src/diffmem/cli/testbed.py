@@ -27,6 +27,11 @@ class Split(str, Enum):
     seen_once = "seen-once"
 
 
+class Architecture(str, Enum):
+    unet = "unet"
+    sd3 = "sd3"
+
+
 def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -41,13 +46,17 @@ def _device(device: str | None) -> Any:
     return parse_device(device) or "cpu"
 
 
-def _testbed_pipeline(device: str | None) -> Any:
-    """The shipped testbed in float32 on `--device` (also on CUDA, whose default would be float16)."""
+TestbedModelOpt = Annotated[str, typer.Option("--model", help="testbed, testbed-sd3, or a folder of a variant "
+                                             "trained on the same data (e.g. `testbed stage2`'s).")]
+
+
+def _testbed_pipeline(device: str | None, model: str = "testbed") -> Any:
+    """A testbed in float32 on `--device` (also on CUDA, whose default would be float16)."""
     import torch
 
     from diffmem.models.loading import load_pipeline
 
-    return load_pipeline("testbed", device=_device(device), dtype=torch.float32)
+    return load_pipeline(model, device=_device(device), dtype=torch.float32)
 
 
 @app.command()
@@ -56,12 +65,16 @@ def train(
     dest: Path = typer.Option(None, help="Where to write the trained testbed (default: the package's weights)."),
     seed: int = typer.Option(0, help="Seed of the data splits, initialisation and training order."),
     device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    architecture: Architecture = typer.Option(Architecture.unet, help="unet: the SD 1/2 testbed (VAE, UNet, "
+                                              "DDIM); sd3: the SD3 testbed (MMDiT, rectified flow) on the UNet "
+                                              "testbed's VAE, text encoder and data."),
 ) -> None:
-    """Rebuild the testbed from scratch: VAE, stage 1 (base model), stage 2 (planted duplicates)."""
-    from diffmem.testbed import WEIGHTS
-    from diffmem.testbed.recipe import RecipeConfig, run_recipe
+    """Rebuild a testbed from scratch: VAE (unet), stage 1 (base model), stage 2 (planted duplicates)."""
+    from diffmem.testbed import weights_root
+    from diffmem.testbed.recipe import RecipeConfig, run_recipe, sd3_recipe
 
-    cfg = RecipeConfig(seed=seed)
+    cfg = sd3_recipe(seed) if architecture is Architecture.sd3 else RecipeConfig(seed=seed)
+    WEIGHTS = weights_root(cfg.architecture)
     tasks: dict[str, int] = {}
     with _progress() as bar:
         def progress(stage: str, i: int, n: int) -> None:
@@ -118,7 +131,7 @@ def quality(
     steps: OldSamplingStepsOpt = None,
     guidance: float = typer.Option(None, help="Guidance scale (default: the model's own)."),
     batch_size: int = typer.Option(256, help="Images per pipeline call."),
-    model: str = typer.Option("testbed", help="The testbed, or a folder of a variant (e.g. `testbed stage2`'s)."),
+    model: TestbedModelOpt = "testbed",
     heldout: int = typer.Option(0, help="Use only the first N held-out prompts (0: all 512)."),
     device: str = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu)."),
 ) -> None:
@@ -147,6 +160,7 @@ def explain_eval(
     generations: int = typer.Option(4, help="Initial noises averaged per score."),
     limit: int = typer.Option(0, help="Use only the first N memorized prompts (0: all)."),
     device: str = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu)."),
+    model: TestbedModelOpt = "testbed",
 ) -> None:
     """Check explanations on the memorized prompts: deletion test, gradient vs leave-one-out, triggers, edits."""
     from diffmem.models.loading import quiet_diffusers
@@ -154,7 +168,7 @@ def explain_eval(
     from diffmem.testbed.recipe import shipped_recipe
 
     quiet_diffusers()
-    pipe = _testbed_pipeline(device)
+    pipe = _testbed_pipeline(device, model)
     splits = shipped_recipe().splits()
     memorized = splits.planted[:limit] if limit else splits.planted
     with _progress() as bar:
@@ -187,6 +201,7 @@ def mitigation(
     methods: str = typer.Option("", help="Comma-separated mitigations (`diffmem methods`), or 'all' (default: "
                                 "Wen et al.'s table: none, embedding, rta, rna, cwr, gni)."),
     device: str = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu)."),
+    model: TestbedModelOpt = "testbed",
 ) -> None:
     """Compare inference-time mitigations on the memorized prompts: memorization rate, alignment, time; the
     trade-off as each one's strength moves; the guard end to end."""
@@ -213,7 +228,7 @@ def mitigation(
     except ValueError as exc:
         raise InputError(f"--sweep must be comma-separated numbers, not {sweep!r}") from exc
     chosen = parse_methods(methods)
-    pipe = _testbed_pipeline(device)
+    pipe = _testbed_pipeline(device, model)
     splits = shipped_recipe().splits()
     memorized = splits.planted[:limit] if limit else splits.planted
     heldout = splits.heldout[: 4 * limit] if limit else splits.heldout

@@ -9,7 +9,7 @@ leave-one-out method scores the prompt with each word deleted, all variants in o
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -19,10 +19,9 @@ from diffmem.detectors.base import MAX_BATCH, Steps, parse_steps
 from diffmem.detectors.magnitude import MagnitudeDetector
 from diffmem.errors import InputError
 from diffmem.io.files import check_prompt_text
-from diffmem.models.conditioning import encode, text_window
+from diffmem.models.conditioning import encode, prompt_positions, text_window
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
-from diffmem.models.families import NAMES, UNET, family
 
 METHODS = ("gradient", "leave-one-out")
 MAX_EXPLAIN_WORDS = 256
@@ -160,14 +159,12 @@ def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int 
                           ) -> tuple[torch.Tensor, float]:
     """`|| dL / d e_p[i] ||_2` for every conditioning position, and L (the detection score).
 
-    L = mean over generations and the first `n_steps` steps of `d_t`. Beyond the first step the sampled
-    trajectory is held fixed (latents detached), so each step contributes its own gradient. For SDXL the
-    positions are those of the cross-attention states; the pooled embedding is held at the prompt's own. The
-    UNet family only: SD3, PixArt and Flux are explained by leave-one-out.
+    L = mean over generations and the first `n_steps` steps of `d_t` (the text-conditional difference in the
+    model's score space, `Parameterization.to_score`). Beyond the first step the sampled trajectory is held fixed
+    (latents detached), so each step contributes its own gradient. The positions are those of `prompt_embeds`
+    (`prompt_positions` says whose tokens sit where); pooled embeddings (SDXL, SD3, Flux) are held at the prompt's
+    own.
     """
-    if family(pipe) != UNET:
-        raise InputError(f"the gradient explanation reads CLIP token positions; {NAMES[family(pipe)]} is explained "
-                         "by leave-one-out (--method leave-one-out)")
     denoiser = Denoiser(pipe)
     guidance_scale = ModelDefaults.of(pipe).resolve_guidance(guidance_scale)
     with torch.no_grad():
@@ -176,15 +173,15 @@ def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int 
     e = cond.prompt_embeds.detach().float().requires_grad_(True)
     scheduler = denoiser.schedule(num_inference_steps)
     param = Parameterization.of(scheduler)
-    latents = initial_noise(pipe, generations, seed).to(denoiser.device, denoiser.dtype) * scheduler.init_noise_sigma
+    latents = denoiser.start(initial_noise(pipe, generations, seed), scheduler)
     total = torch.zeros((), device=denoiser.device)
     for k, t in enumerate(scheduler.timesteps[:n_steps]):
-        model_in = scheduler.scale_model_input(latents, t)  # at k = 0 `Denoiser.first_input`, as detection's
+        model_in = denoiser.scale_input(latents, scheduler, t)  # at k = 0 `Denoiser.first_input`, as detection's
         with torch.no_grad():  # the empty prompt's branch has no gradient: no graph, no backward through it
             pred_u = denoiser.predict(model_in, t, uncond)
         pred_c = denoiser.predict(model_in, t, cond.replace(e.to(denoiser.dtype)).expand(generations))
-        eps_u, eps_c = param.to_epsilon(pred_u, model_in, t), param.to_epsilon(pred_c, model_in, t)
-        total = total + (eps_c - eps_u).flatten(1).norm(dim=1).mean()
+        s_u, s_c = param.to_score(pred_u, model_in, t), param.to_score(pred_c, model_in, t)
+        total = total + (s_c - s_u).flatten(1).norm(dim=1).mean()
         if k + 1 < n_steps:
             with torch.no_grad():
                 guided = pred_u + guidance_scale * (pred_c.detach() - pred_u)
@@ -226,10 +223,7 @@ def explain(pipe, prompt: str, method: str | None = None, steps: Steps | None = 
     if method == "gradient":
         per_pos, score = gradient_significance(pipe, prompt, n_steps, generations, seed, num_inference_steps,
                                                guidance_scale)
-        per_token = per_pos[1 : 1 + n_real]
-        padding = float(per_pos[1 + n_real :].norm())
-        words, tokens, cut = _words(tok, prompt, per_token)
-        return Attribution(prompt, method, tokens, per_token, words, score, padding, settings, cut)
+        return _gradient_attribution(pipe, prompt, per_pos, score, settings)
     texts, pieces = split_words(tok, prompt)
     variants = [prompt] + [" ".join(texts[:i] + texts[i + 1 :]) for i in range(len(texts))]
     det = MagnitudeDetector(pipe, steps=steps, generations=generations, seed=seed,
@@ -242,6 +236,29 @@ def explain(pipe, prompt: str, method: str | None = None, steps: Steps | None = 
     for w, d in zip(word_objs, drops, strict=True):
         w.significance = 0.0 if w.truncated else d
     return Attribution(prompt, method, tokens, per_token[:n_real], word_objs, scores[0], None, settings, cut)
+
+
+def _gradient_attribution(pipe, prompt: str, per_pos: torch.Tensor, score: float, settings: dict) -> Attribution:
+    """Position gradients as token and word significances: each encoder's tokens read at their positions
+    (`prompt_positions`); a word's significance sums its tokens' over the encoders (SD3: its CLIP and T5 tokens);
+    the tokens shown are the text window's (`text_window`: T5's where the model has it); the rest is padding."""
+    window, _ = text_window(pipe)
+    prompt_token = torch.zeros(len(per_pos), dtype=torch.bool)
+    totals = [0.0] * len(prompt.split())
+    shown: tuple[list[Word], list[str], torch.Tensor, str] | None = None
+    for tokenizer, first, limit in prompt_positions(pipe):
+        n = min(len(tokenizer.tokenize(prompt)), limit)
+        part = per_pos[first : first + n]
+        prompt_token[first : first + n] = True
+        words, tokens, cut = _words(tokenizer, prompt, part, limit)
+        totals = [total + w.significance for total, w in zip(totals, words, strict=True)]
+        if tokenizer is window:
+            shown = (words, tokens, part, cut)
+    assert shown is not None
+    words, tokens, per_token, cut = shown
+    words = [replace(w, significance=total) for w, total in zip(words, totals, strict=True)]
+    return Attribution(prompt, "gradient", tokens, per_token, words, score, float(per_pos[~prompt_token].norm()),
+                       settings, cut)
 
 
 @dataclass

@@ -10,11 +10,13 @@ the order in which Ren et al. (ECCV 2024) index them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from diffmem.errors import InputError
 
@@ -145,3 +147,51 @@ def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """`-sum p log p` over `dim` (0 log 0 = 0), in float64."""
     p = probs.double()
     return -(p * torch.log(p.clamp_min(1e-300))).sum(dim=dim)
+
+
+class _RepeatedContextTokenProcessor:
+    """SD3's joint attention (diffusers' `JointAttnProcessor2_0`) where the context's last token stands for
+    `copies` identical tokens: adding log(copies) to its key's logits is exactly attention over the copies, and
+    every other operation of an MMDiT block acts on each token alone, so the output is that of the long context."""
+
+    def __init__(self, copies: int) -> None:
+        self.log_copies = math.log(copies)
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        rows, width = hidden_states.shape[0], hidden_states.shape[1]
+
+        def heads(x: torch.Tensor, norm: Any) -> torch.Tensor:
+            x = x.view(rows, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+            return x if norm is None else norm(x)
+
+        q = heads(attn.to_q(hidden_states), attn.norm_q)
+        k = heads(attn.to_k(hidden_states), attn.norm_k)
+        v = heads(attn.to_v(hidden_states), None)
+        bias = None
+        if encoder_hidden_states is not None:
+            q = torch.cat([q, heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
+            k = torch.cat([k, heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
+            v = torch.cat([v, heads(attn.add_v_proj(encoder_hidden_states), None)], dim=2)
+            bias = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
+            bias[..., -1] = self.log_copies
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(rows, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        hidden = attn.to_out[1](attn.to_out[0](out[:, :width]))
+        if encoder_hidden_states is None:
+            return hidden
+        context = out[:, width:]
+        return hidden, (context if attn.context_pre_only else attn.to_add_out(context))
+
+
+@contextmanager
+def repeated_context_token(transformer: Any, copies: int) -> Iterator[None]:
+    """Within the context, `transformer` (an SD3 MMDiT) reads the last token of its text context as `copies`
+    identical tokens (SD3 without T5 feeds 256 rows of zeros: training on one is exact and several times
+    cheaper); its processors are restored on exit."""
+    original = transformer.attn_processors
+    transformer.set_attn_processor(_RepeatedContextTokenProcessor(copies))
+    try:
+        yield
+    finally:
+        transformer.set_attn_processor(original)

@@ -178,6 +178,22 @@ def text_window(pipe: Any) -> tuple[Any, int]:
     return tokenizer, int(call_default(pipe, "max_sequence_length")) - 1
 
 
+def prompt_positions(pipe: Any) -> list[tuple[Any, int, int]]:
+    """Where each text encoder puts a prompt's tokens in `prompt_embeds`: (its tokenizer, the position of the
+    prompt's first token, how many of its tokens it keeps). CLIP's follow its BOS (the UNet family, and SD3's two
+    CLIP encoders side by side in the first `tokenizer_max_length` positions); T5's start at 0 after SD3's CLIP
+    positions, or alone (PixArt, Flux: Flux's CLIP gives only the pooled embedding)."""
+    kind = family(pipe)
+    clip = (pipe.tokenizer, 1, pipe.tokenizer.model_max_length - 2)
+    if kind == UNET:
+        return [clip]
+    length = int(call_default(pipe, "max_sequence_length"))
+    if kind == SD3:
+        t5 = [] if pipe.text_encoder_3 is None else [(pipe.tokenizer_3, pipe.tokenizer_max_length, length - 1)]
+        return [clip, *t5]
+    return [(pipe.tokenizer if kind == PIXART else pipe.tokenizer_2, 0, length - 1)]
+
+
 def empty(pipe: Any) -> Conditioning:
     """The unconditional (empty-prompt) row the pipeline guides against: encoded "" for SD, and for SDXL with
     `force_zeros_for_empty_prompt` zeros in place of the embeddings (time ids unchanged)."""

@@ -202,13 +202,14 @@ def load_pipeline(
     check_weights(source, allow_pickle)
     defaults = ModelDefaults.from_folder(source) if Path(source).is_dir() else None  # a bad diffmem.json fails now
     try:
-        cls = pipeline_class(_class_name(source), model)
+        index = _model_index(source)
+        cls = pipeline_class(index.get("_class_name"), model)
         sd_only = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe: Any = cls.from_pretrained(
             source,
             **dtype_kwarg(dtype),
             use_safetensors=None if allow_pickle else True,
-            **(sd_only if cls is StableDiffusionPipeline else {}),
+            **_saved_without(index) | (sd_only if cls is StableDiffusionPipeline else {}),
         )
     except ModelLoadError:
         raise
@@ -231,11 +232,17 @@ def load_pipeline(
     return pipe
 
 
-def _class_name(source: str) -> str | None:
-    """`_class_name` of the pipeline at `source`: from its folder, or for a hub id its model_index.json only."""
+def _model_index(source: str) -> dict[str, Any]:
+    """The model_index.json of the pipeline at `source`: from its folder, or for a hub id that file only."""
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.load_config(source).get("_class_name")
+    return dict(DiffusionPipeline.load_config(source))
+
+
+def _saved_without(index: dict[str, Any]) -> dict[str, None]:
+    """The components a folder was saved without (`[null, null]` in its index, e.g. SD3 without T5): passed as
+    None, as diffusers asks of a pipeline whose class lists them as required."""
+    return {name: None for name, entry in index.items() if isinstance(entry, list) and entry == [None, None]}
 
 
 def _untyped(obj: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import tempfile
@@ -10,8 +11,15 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffmem.errors import DiffmemError
 
@@ -70,6 +78,29 @@ SCHEDULER_CONFIG = dict(
 )
 
 
+SD3_TRANSFORMER_CONFIG = dict(
+    sample_size=LATENT_SIZE,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,
+    num_layers=6,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=2 * TEXT_WIDTH,  # the two CLIP encoders' hidden states side by side
+    caption_projection_dim=128,
+    pooled_projection_dim=2 * TEXT_WIDTH,
+    pos_embed_max_size=LATENT_SIZE,  # in patches: images up to 64x64
+)
+"""The SD3 testbed's MMDiT: SD3's blocks (joint attention, adaLN, 2x2 patches), 6 layers 128 wide."""
+
+SD3_TEXT_WINDOW = 32
+"""CLIP positions the SD3 testbed reads (its captions take at most 18): CLIP's attention is causal, so the first
+32 positions are the same as in a 77-token window; SD3 pads the missing T5 with as many rows of zeros."""
+
+SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0)
+"""Rectified flow without SD3's shift of 3, which is for 1024-pixel images (a shift grows with resolution)."""
+
+
 def clip_bpe_file() -> Path:
     """The CLIP BPE merges shipped in the `open_clip_torch` wheel (install it with `--no-deps`; never imported)."""
     spec = find_spec("open_clip")
@@ -94,9 +125,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
-@lru_cache(maxsize=1)
-def build_tokenizer() -> CLIPTokenizer:
-    """The real CLIP tokenizer (49408 tokens, 77 positions), rebuilt offline from the BPE merges."""
+@lru_cache(maxsize=2)
+def build_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """The real CLIP tokenizer (49408 tokens, 77 positions unless told), rebuilt offline from the BPE merges."""
     with gzip.open(clip_bpe_file()) as f:
         lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
@@ -106,7 +137,8 @@ def build_tokenizer() -> CLIPTokenizer:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                             model_max_length=model_max_length)
 
 
 def build_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
@@ -122,6 +154,30 @@ def build_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
         tokenizer=build_tokenizer(),
         scheduler=DDIMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction_type}),
     )
+
+
+def build_sd3_components(text_encoder: CLIPTextModel, vae: AutoencoderKL, seed: int = 0) -> dict:
+    """The SD3 testbed's components: a freshly initialised (seeded) MMDiT and flow-matching scheduler, with the
+    UNet testbed's trained VAE (given a `shift_factor` of 0, which SD3 decodes with) and its trained CLIP encoder in
+    both of SD3's CLIP slots (with an identity projection for the pooled embedding), frozen as SD3's encoders are;
+    no T5 (SD3 runs without it)."""
+    import torch
+
+    encoders = []
+    for _ in range(2):
+        clip = CLIPTextModelWithProjection(text_encoder.config)
+        clip.text_model.load_state_dict(getattr(text_encoder, "text_model", text_encoder).state_dict())
+        with torch.no_grad():
+            clip.text_projection.weight.copy_(torch.eye(TEXT_WIDTH))
+        encoders.append(clip.requires_grad_(False))
+    vae = copy.deepcopy(vae)
+    vae.register_to_config(shift_factor=0.0)  # type: ignore[attr-defined]
+    tokenizer = build_tokenizer(SD3_TEXT_WINDOW)
+    torch.manual_seed(seed)
+    return dict(transformer=SD3Transformer2DModel(**SD3_TRANSFORMER_CONFIG), vae=vae,
+                scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
+                text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer,
+                text_encoder_3=None, tokenizer_3=None)
 
 
 def assemble_pipeline(components: dict) -> StableDiffusionPipeline:

@@ -1,12 +1,14 @@
 """Measure the testbed: does it reproduce planted images, generalise on held-out captions, and is it detectable?
 
-Generation uses DDIM 50 steps, 4 seeds and the testbed's own guidance scale (stored with the model). A `Monitor`
-records every step's magnitude during generation, so all-steps detection numbers come for free.
+Generation uses the model's scheduler (DDIM, or SD3's flow Euler) for 50 steps, 4 seeds and its own guidance scale
+(stored with the model). A `Monitor` records every step's magnitude during generation, so all-steps detection numbers
+come for free.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,6 +16,8 @@ import torch
 from diffmem.detectors.base import initial_noise
 from diffmem.detectors.monitor import Monitor
 from diffmem.measures.detection import roc_auc, tpr_at_fpr
+from diffmem.models.denoiser import Parameterization
+from diffmem.models.families import network
 from diffmem.testbed.scenes import Item, Splits, render_many
 from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity, own_similarity
 
@@ -31,12 +35,12 @@ def generate(pipe, prompts: Sequence[str], generations: int = 4, seed: int = 0, 
     from diffmem.models.defaults import ModelDefaults
 
     guidance = ModelDefaults.of(pipe).resolve_guidance(guidance)
-    noise = initial_noise(pipe, generations, seed)
+    noise, net = initial_noise(pipe, generations, seed), network(pipe)
     per_batch = max(1, batch_size // generations)
     images, mags = [], []
     for start in range(0, len(prompts), per_batch):
         chunk = list(prompts[start : start + per_batch])
-        latents = noise.repeat(len(chunk), 1, 1, 1).to(pipe.unet.device, pipe.unet.dtype)
+        latents = noise.repeat(len(chunk), 1, 1, 1).to(net.device, net.dtype)
         with Monitor(pipe) as mon:
             out = pipe(chunk, num_images_per_prompt=generations, num_inference_steps=steps,
                        guidance_scale=guidance, latents=latents, output_type="np").images
@@ -49,25 +53,25 @@ def generate(pipe, prompts: Sequence[str], generations: int = 4, seed: int = 0, 
 
 @torch.no_grad()
 def denoising_loss(pipe, items: list[Item], seed: int = 0, batch_size: int = 256) -> float:
-    """Mean training loss (MSE to the scheduler's prediction target) of `pipe` on the renders of `items`, one
-    seeded timestep and noise per item: how well the model fits data, e.g. held-out items."""
+    """Mean training loss (MSE to the training target: noise, velocity or flow) of `pipe` on the renders of
+    `items`, one seeded timestep and noise per item: how well the model fits data, e.g. held-out items."""
     from diffmem.testbed.recipe import encode_items
-    from diffmem.training.loop import _tokens, training_target
+    from diffmem.training.loop import FlowObjective, UNetObjective
 
-    dev = pipe.unet.device
-    z = encode_items(pipe.vae, items, dev) * pipe.vae.config.scaling_factor
+    net = network(pipe)
+    obj: Any = (FlowObjective(pipe) if Parameterization.of(pipe.scheduler).kind == "flow"
+                else UNetObjective(pipe.text_encoder, pipe.tokenizer, pipe.scheduler))
+    z = encode_items(pipe.vae, items, net.device) * pipe.vae.config.scaling_factor
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(z.shape, generator=gen)
-    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(z),), generator=gen)
+    t = obj.timesteps(len(z), gen)
     total = 0.0
     for start in range(0, len(z), batch_size):
         part = slice(start, start + batch_size)
-        x0, eps, tt = z[part].to(dev), noise[part].to(dev), t[part].to(dev)
-        noisy = pipe.scheduler.add_noise(x0, eps, tt)
-        ids = _tokens(pipe.tokenizer, [i.caption for i in items[part]], dev)
-        pred = pipe.unet(noisy, tt, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample.float()
-        target = training_target(pipe.scheduler, x0, eps, tt).float()
-        total += float(((pred - target) ** 2).mean(dim=(1, 2, 3)).sum())
+        x0, eps, tt = z[part].to(net.device), noise[part].to(net.device), t[part].to(net.device)
+        cond = obj.encode([i.caption for i in items[part]], net.device)
+        pred = obj.predict(net, obj.noisy(x0, eps, tt), tt, cond).float()
+        total += float(((pred - obj.target(x0, eps, tt).float()) ** 2).mean(dim=(1, 2, 3)).sum())
     return total / max(1, len(z))
 
 

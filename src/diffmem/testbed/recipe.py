@@ -59,6 +59,7 @@ class RecipeConfig:
     checkpoint_every: int = 250
     n_stage2_unique: int = 16000  # the first stage2_steps * stage2_unique_rows are each seen exactly once
     guidance_scale: float = 2.5  # the testbed's default guidance, chosen by measurement after training
+    architecture: str = "unet"  # "unet" (SD 1/2: UNet, DDIM) or "sd3" (MMDiT, rectified flow; `sd3_recipe`)
 
     @property
     def n_seen_once(self) -> int:
@@ -75,6 +76,16 @@ class RecipeConfig:
             n_stage2_unique=self.n_stage2_unique,
             n_heldout=self.n_heldout,
         )
+
+
+ARCHITECTURES = ("unet", "sd3")
+
+
+def sd3_recipe(seed: int = 0) -> RecipeConfig:
+    """The SD3 testbed's recipe: the UNet testbed's data splits, VAE and text encoder (frozen), an MMDiT trained
+    by rectified flow in the same two stages (a transformer's learning rate)."""
+    return RecipeConfig(seed=seed, architecture="sd3", vae_steps=0, stage1_lr=5e-4, stage2_lr=5e-4,
+                        guidance_scale=3.0)
 
 
 Progress = Callable[[str, int, int], None]
@@ -253,10 +264,7 @@ def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None) -> tu
     pipe: Any = load_pipeline("testbed", device=dev, dtype=torch.float32)  # not CUDA's float16: it trains
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
-    zp = latents_for(pipe.vae, splits.planted, dev, work / "latents_planted.safetensors")
-    za = latents_for(pipe.vae, splits.anchors, dev, work / "latents_anchors.safetensors")
-    zu = latents_for(pipe.vae, splits.stage2_unique, dev, work / "latents_stage2_unique.safetensors")
-    z1 = latents_for(pipe.vae, splits.stage1, dev, work / "latents_stage1.safetensors")
+    z1, zp, za, zu = _latent_pools(pipe.vae, splits, dev, work)
     unet: Any = UNet2DConditionModel.from_pretrained(WEIGHTS / "base_unet").to(dev, torch.float32)
     batch2 = stage2_batches(*_stage2_pools(splits, zp, za, zu, z1), cfg)
     return cfg, pipe, unet, batch2
@@ -391,25 +399,34 @@ class _StageClock:
             write_atomic(self.path, json.dumps(self.timings, indent=2))
 
 
+def _latent_pools(vae: Any, splits: Splits, dev: torch.device, work: Path) -> tuple[torch.Tensor, ...]:
+    """Scaled latents (cached in `work`) of the stage-1, planted, anchor and seen-once items."""
+    return tuple(latents_for(vae, items, dev, work / f"latents_{name}.safetensors") for name, items in (
+        ("stage1", splits.stage1), ("planted", splits.planted), ("anchors", splits.anchors),
+        ("stage2_unique", splits.stage2_unique)))
+
+
 def run_recipe(cfg: RecipeConfig, work: Path, dest: Path | None, device: str | None = None,
                progress: Progress | None = None) -> dict:
-    """Run all stages in `work` (resumable), then save the pipeline and base UNet to `dest` in diffusers format."""
+    """Run all stages in `work` (resumable), then save the pipeline and base network to `dest` in diffusers
+    format."""
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, not {cfg.architecture!r}")
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(asdict(cfg), indent=2))
     dev = _training_device(device)
     progress = progress or (lambda stage, i, n: None)
     clock = _StageClock(work)
     splits = cfg.splits()
+    if cfg.architecture == "sd3":
+        return _run_sd3(cfg, splits, work, dest, dev, progress, clock)
     comps = build_components(cfg.seed, cfg.prediction_type)
     with clock.stage("vae"):
         vae = train_vae(cfg, splits, work, dev, progress)
         vae.requires_grad_(False)
 
     with clock.stage("encode"):
-        z1 = latents_for(vae, splits.stage1, dev, work / "latents_stage1.safetensors")
-        zp = latents_for(vae, splits.planted, dev, work / "latents_planted.safetensors")
-        za = latents_for(vae, splits.anchors, dev, work / "latents_anchors.safetensors")
-        zu = latents_for(vae, splits.stage2_unique, dev, work / "latents_stage2_unique.safetensors")
+        z1, zp, za, zu = _latent_pools(vae, splits, dev, work)
 
     unet, text_encoder = comps["unet"].to(dev), comps["text_encoder"].to(dev)
     base_unet = work / "base_unet.safetensors"
@@ -433,6 +450,42 @@ def run_recipe(cfg: RecipeConfig, work: Path, dest: Path | None, device: str | N
     return clock.timings
 
 
+def _run_sd3(cfg: RecipeConfig, splits: Splits, work: Path, dest: Path | None, dev: torch.device,
+             progress: Progress, clock: _StageClock) -> dict:
+    """The SD3 testbed's stages: an MMDiT over the UNet testbed's VAE latents and frozen text encoder, stage 1 on
+    unique items, stage 2 with planted duplicates, both by rectified flow (`FlowObjective`)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffmem.models.loading import load_pipeline
+    from diffmem.testbed.model import build_sd3_components
+    from diffmem.training.loop import FlowObjective
+
+    unet_testbed: Any = load_pipeline("testbed", device="cpu", dtype=torch.float32)
+    pipe: Any = StableDiffusion3Pipeline(**build_sd3_components(unet_testbed.text_encoder, unet_testbed.vae,
+                                                                cfg.seed))
+    pipe.to(dev)
+    pipe.vae.requires_grad_(False)
+    with clock.stage("encode"):
+        z1, zp, za, zu = _latent_pools(pipe.vae, splits, dev, work)
+    objective, net = FlowObjective(pipe), pipe.transformer
+    base = work / "base_transformer.safetensors"
+    with clock.stage("stage1"):
+        cfg1 = TrainConfig(steps=cfg.stage1_steps, batch_size=cfg.stage1_batch, lr=cfg.stage1_lr, seed=cfg.seed,
+                           checkpoint_every=cfg.checkpoint_every)
+        batch1 = stage1_batches(z1, [i.caption for i in splits.stage1], cfg)
+        train(net, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch1, cfg1, work / "stage1",
+              progress=lambda s, r: progress("stage1", s, cfg.stage1_steps), objective=objective)
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(base))
+    with clock.stage("stage2"):
+        batch2 = stage2_batches(*_stage2_pools(splits, zp, za, zu, z1), cfg)
+        train(net, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch2, stage2_config(cfg), work / "stage2",
+              progress=lambda s, r: progress("stage2", s, cfg.stage2_steps), objective=objective)
+    pipe.to("cpu")
+    if dest is not None:
+        save_testbed(pipe, base, dest, cfg, clock.timings, model_defaults(pipe, splits, cfg))
+    return clock.timings
+
+
 def model_defaults(pipe: Any, splits: Splits, cfg: RecipeConfig) -> ModelDefaults:
     """What the testbed's folder tells every command (diffmem.json): its guidance scale and its mitigation target,
     the median first-step score (n=4) of its held-out prompts, a typical non-memorized score."""
@@ -451,19 +504,27 @@ def write_defaults(pipe: Any, folder: Path, cfg: RecipeConfig) -> ModelDefaults:
     return defaults
 
 
-def save_testbed(pipe, base_unet: Path, dest: Path, cfg: RecipeConfig, timings: dict,
+def save_testbed(pipe, base: Path, dest: Path, cfg: RecipeConfig, timings: dict,
                  defaults: ModelDefaults) -> None:
     """Write the pipeline (fp16 safetensors, loads as float32 by default) with its `defaults` (diffmem.json) and
-    the base UNet to `dest`."""
+    the stage-1 base network (`base`, a safetensors state dict) to `dest` (as `base_unet` or `base_transformer`)."""
+    from diffmem.models.families import network
+
     if dest.exists():
         shutil.rmtree(dest)
     pipe.to(torch.float16).save_pretrained(dest / "pipeline")
     defaults.save(dest / "pipeline")
-    base = pipe.unet.__class__.from_config(pipe.unet.config)
-    base.load_state_dict(load_file(str(base_unet)))
-    base.to(torch.float16).save_pretrained(dest / "base_unet")
+    net = network(pipe)
+    stage1 = net.__class__.from_config(net.config)
+    stage1.load_state_dict(load_file(str(base)))
+    stage1.to(torch.float16).save_pretrained(dest / base_folder(cfg))
     (dest / "recipe.json").write_text(json.dumps({"recipe": asdict(cfg), "timings": timings}, indent=2))
     pipe.to(torch.float32)
+
+
+def base_folder(cfg: RecipeConfig) -> str:
+    """Where a testbed folder keeps its stage-1 base network."""
+    return "base_transformer" if cfg.architecture == "sd3" else "base_unet"
 
 
 def shipped_recipe(dest: Path | None = None) -> RecipeConfig:

@@ -123,14 +123,15 @@ def run_quality(out: Path, generations: int = 4, steps: int = 50, guidance: floa
     rep["heldout_denoising_loss"] = denoising_loss(pipe, splits.heldout)
     rep["heldout_denoising_items"] = len(splits.heldout)
     rep["model"] = model
-    rep["settings"] = {"scheduler": "DDIM", "steps": steps, "guidance": guidance, "generations": generations}
+    rep["settings"] = {"scheduler": type(pipe.scheduler).__name__, "steps": steps, "guidance": guidance,
+                       "generations": generations}
     rep["wall_s"] = round(time.time() - t0, 1)
     np.savez_compressed(out / "magnitudes.npz", memorized=arrays["mem_mags"], heldout=arrays["held_mags"],
                         seen_once=arrays["once_mags"])
     mm, hm = arrays["mem_mags"], arrays["held_mags"]
-    plot_roc(mm[:, 0, 0], hm[:, 0, 0], out / "roc_first_n1.png", title="testbed, first step, n=1")
-    plot_roc(mm[:, :, 0].mean(1), hm[:, :, 0].mean(1), out / "roc_first_n4.png", title="testbed, first step, n=4")
-    plot_roc(mm.mean((1, 2)), hm.mean((1, 2)), out / "roc_all_n4.png", title="testbed, all steps, n=4")
+    plot_roc(mm[:, 0, 0], hm[:, 0, 0], out / "roc_first_n1.png", title=f"{model}, first step, n=1")
+    plot_roc(mm[:, :, 0].mean(1), hm[:, :, 0].mean(1), out / "roc_first_n4.png", title=f"{model}, first step, n=4")
+    plot_roc(mm.mean((1, 2)), hm.mean((1, 2)), out / "roc_all_n4.png", title=f"{model}, all steps, n=4")
     picture(pipe, splits.planted[:6], splits.heldout[:6], out / "copies.png")
     write_atomic(out / "quality.json", json.dumps(rep, indent=2))
     _console().print_json(json.dumps(rep))

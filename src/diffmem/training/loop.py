@@ -40,8 +40,10 @@ from safetensors.torch import load_file, save_file
 from diffmem.errors import InputError
 from diffmem.io.durable import write_atomic
 from diffmem.io.files import MAX_PROMPT_FILE_BYTES, json_problem, read_json_object, read_user_bytes
+from diffmem.models.attention import repeated_context_token
 from diffmem.models.conditioning import Conditioning, empty, encode
 from diffmem.models.denoiser import Denoiser, Parameterization
+from diffmem.models.families import SD3, call_default, family
 
 BatchFn = Callable[[int], tuple[torch.Tensor, list[str]]]
 
@@ -131,6 +133,17 @@ class FlowObjective:
             raise InputError(f"{type(self.scheduler).__name__} is not a flow-matching scheduler")
         self.train_timesteps = type(self.scheduler).from_config(self.scheduler.config).timesteps.float()
         self._empty: Conditioning | None = None
+        # SD3 without T5 conditions on `max_sequence_length` rows of zeros after the CLIP tokens: all alike, so
+        # the network is trained on one of them standing for all (`repeated_context_token`, exact)
+        self.copies = int(call_default(pipe, "max_sequence_length")) if (
+            family(pipe) == SD3 and pipe.text_encoder_3 is None) else 0
+
+    def _compact(self, cond: Conditioning) -> Conditioning:
+        """`cond` with its trailing rows of T5 zeros as one row (when `copies`)."""
+        if not self.copies:
+            return cond
+        keep = cond.prompt_embeds.shape[1] - self.copies + 1
+        return cond.replace(prompt_embeds=cond.prompt_embeds[:, :keep])
 
     def first_timestep(self, num_inference_steps: int = 50) -> int:
         """The first step of a plain call's schedule (`s = 1` for SD3: `x_T` is the noise, whatever the image)."""
@@ -150,16 +163,19 @@ class FlowObjective:
 
     @torch.no_grad()
     def encode(self, captions: list[str], device, grad: bool = False) -> Conditioning:
-        return encode(self.pipe, captions).to(device)
+        return self._compact(encode(self.pipe, captions).to(device))
 
     def predict(self, net, noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        return self.denoiser.predict(noisy, t, cond, model=net)
+        if not self.copies:
+            return self.denoiser.predict(noisy, t, cond, model=net)
+        with repeated_context_token(getattr(net, "module", net), self.copies):  # under DDP: the module inside
+            return self.denoiser.predict(noisy, t, cond, model=net)
 
     @torch.no_grad()
     def magnitudes(self, net, noisy: torch.Tensor, t: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """Per sample `|| v(x_t, prompt) - v(x_t, '') ||_2` (`to_score`): the detector's measure."""
         if self._empty is None:
-            self._empty = empty(self.pipe).to(noisy.device)
+            self._empty = self._compact(empty(self.pipe).to(noisy.device))
         pred_u = self.predict(net, noisy, t, self._empty.expand(noisy.shape[0]))
         diff = self.param.to_score(pred.detach(), noisy, t) - self.param.to_score(pred_u, noisy, t)
         return diff.flatten(1).float().norm(dim=1)
