@@ -14,6 +14,9 @@
     Ending, NeMo, step-norm, Carlini) over Wen's first-step detection, one batch of prompts, one generation (two
     for NeMo and Carlini, which compare generations), its authors' settings (50 steps where it reads a whole
     generation), on the testbed pipeline (informative: no target);
+(h) (a) and (b) on the SD3 testbed (`testbed-sd3`: MMDiT, rectified flow, two CLIP encoders, no T5): first-step
+    detection of one batch over one bare CFG transformer call, and a `pipe(...)` call with the Monitor over one
+    without (informative: the SD3 architecture at the testbed's size, not SD3's);
 (g) first-step detection rate (n=1) in prompts per second on the SD v1.4 and SDXL architectures (random weights,
     fp16 on CUDA) next to the per-prompt loop, its time over a bare batched denoiser call on the same conditional
     rows, and model FLOPs per second (counted with `torch.utils.flop_counter.FlopCounterMode` on a meta-device copy)
@@ -51,6 +54,7 @@ from diffmem.detectors.monitor import Monitor  # noqa: E402
 from diffmem.explanation.attribution import explain  # noqa: E402
 from diffmem.mitigate import guarded_generate  # noqa: E402
 from diffmem.models.conditioning import Conditioning, empty, encode  # noqa: E402
+from diffmem.models.denoiser import Denoiser  # noqa: E402
 from diffmem.models.loading import load_pipeline, quiet_diffusers  # noqa: E402
 
 TARGETS = {"a_sd14": ("<=", 1.15), "b": ("<=", 1.02), "c": (">=", 5.0), "d_unflagged": ("<=", 1.02),
@@ -219,16 +223,18 @@ def interleaved(variants: Variants, repeats: int, device: torch.device) -> dict[
 
 @torch.no_grad()
 def first_step_overhead(pipe, batch: int, repeats: int, device: torch.device) -> dict:
-    """(a) `MagnitudeDetector._score_batch` on one batch over one bare CFG UNet call of the same batch."""
+    """(a), (h) `MagnitudeDetector._score_batch` on one batch over one bare CFG call of the denoiser network
+    (`Denoiser.predict`, the UNet or the transformer) on the same rows, their text encoded beforehand."""
     detector = MagnitudeDetector(pipe, batch_size=batch)
     batch_prompts = prompts(batch)
-    x = initial_noise(pipe, 1, 0).to(device, pipe.unet.dtype).repeat(batch, 1, 1, 1)
+    denoiser = Denoiser(pipe)
+    scheduler = denoiser.schedule(50)
+    t = scheduler.timesteps[0]
+    x = denoiser.first_input(initial_noise(pipe, 1, 0).repeat(batch, 1, 1, 1), scheduler)
     x2 = torch.cat([x, x])
-    width = pipe.unet.config.cross_attention_dim
-    embeds = torch.randn(2 * batch, 77, width, device=device, dtype=pipe.unet.dtype)
-    t = torch.tensor(981, device=device)
+    rows = Conditioning.cat([encode(pipe, batch_prompts), empty(pipe).expand(batch)])
     variants = {
-        "bare": lambda: pipe.unet(x2, t, encoder_hidden_states=embeds, return_dict=False),
+        "bare": lambda: denoiser.predict(x2, t, rows),
         "detect": lambda: detector._score_batch(batch_prompts),
     }
     for fn in variants.values():  # warm-up; also fills the detector's cached empty-prompt embedding and noise
@@ -478,6 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sd-latent", type=int, default=64, help="latent side (64 = 512 px, SD v1.4's)")
     parser.add_argument("--sd-repeats", type=int, default=None, help="default: 3 on CPU, 10 on CUDA")
     parser.add_argument("--skip-sd", action="store_true", help="leave out the SD1.4-architecture model")
+    parser.add_argument("--skip-sd3", action="store_true", help="leave out the SD3 testbed (h)")
     parser.add_argument("--monitor-prompts", type=int, default=8)
     parser.add_argument("--monitor-steps", type=int, default=20)
     parser.add_argument("--sd-monitor-steps", type=int, default=0,
@@ -554,6 +561,13 @@ def main(argv: list[str] | None = None) -> dict:
             print("(b) SD1.4 architecture ...", flush=True)
             report["b_sd14"] = monitor_overhead(sd, 1, args.sd_monitor_steps, sd_repeats, device)
         del sd
+    if not args.skip_sd3 and not args.guard_only:
+        print(f"(h) SD3 testbed, batch {args.tiny_batch} ...", flush=True)
+        sd3 = load_pipeline("testbed-sd3", device=device, dtype=dtype)
+        report["h_detect"] = first_step_overhead(sd3, args.tiny_batch, args.tiny_repeats, device)
+        report["h_monitor"] = monitor_overhead(sd3, args.monitor_prompts, args.monitor_steps, args.tiny_repeats,
+                                               device)
+        del sd3
     if not args.skip_rates and not args.guard_only:
         report.update(rate_rows(args, device, dtype))
 
@@ -566,6 +580,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("(d) guarded / plain generation, unflagged prompt, testbed", "d_unflagged", "d_unflagged"),
         ("(d) guarded / plain generation, flagged prompt, testbed", "d_flagged", "d_flagged"),
         ("(e) gradient explanation / first-step detection, testbed", "e", "e"),
+        ("(h) first-step detection / bare CFG transformer call, SD3 testbed", "h_detect", None),
+        ("(h) pipe() with Monitor / without, SD3 testbed", "h_monitor", "b"),
     ] + [(f"(f) {name} detector{' (n=2)' if name in MIN_GENERATIONS else ''} / Wen first-step detection, testbed",
           f"f_{name}", None) for name in DETECTORS if name != "wen"]
     print(f"\n{'measurement':60} {'ratio':>8}  target")

@@ -289,17 +289,22 @@ def stage2(
                                    "stage-2 batches and suggest a TAU (as `diffmem train --calibrate`)."),
     separation: bool = typer.Option(False, "--separation", help="Do not train: measure where d separates "
                                     "planted from ordinary samples on the shipped UNet (each rule, timesteps)."),
+    architecture: Architecture = typer.Option(Architecture.unet, help="Which shipped testbed: unet (`testbed`) "
+                                              "or sd3 (`testbed-sd3`)."),
 ) -> None:
-    """Rerun stage 2 (the memorizing fine-tune) from the shipped base UNet, optionally with a mitigation."""
+    """Rerun stage 2 (the memorizing fine-tune) from a shipped testbed's base network, optionally with a
+    mitigation."""
+    from diffmem.testbed import weights_root
     from diffmem.testbed.recipe import calibrate_stage2, rerun_stage2, shipped_recipe, stage2_separation
 
     steps = renamed(train_steps, steps, "--steps", "--train-steps")
+    arch = architecture.value
     if separation:
-        typer.echo(json.dumps(stage2_separation(work, device=device), indent=2))
+        typer.echo(json.dumps(stage2_separation(work, device=device, architecture=arch), indent=2))
         typer.echo(f"wrote {work / 'separation.json'}")
         return
     if calibrate:
-        result = calibrate_stage2(work, device=device, filter_at=filter_at)
+        result = calibrate_stage2(work, device=device, filter_at=filter_at, architecture=arch)
         typer.echo(json.dumps(result, indent=2))
         typer.echo(f"suggested --filter-threshold {result['suggested_tau']:.4g}; wrote {work / 'calibration.json'}")
         return
@@ -308,11 +313,11 @@ def stage2(
 
         raise InputError("--dest is required (where the fine-tuned pipeline goes), unless --calibrate or "
                          "--separation")
-    total = steps or shipped_recipe().stage2_steps
+    total = steps or shipped_recipe(weights_root(arch)).stage2_steps
     with _progress() as bar:
         task = bar.add_task("stage2", total=total)
         summary = rerun_stage2(work, dest, filter_threshold, caption_aug, rta_tokens, device,
                                progress=lambda stage, i, n: bar.update(task, completed=i), steps=steps,
-                               filter_at=filter_at, filter_persist=filter_persist)
+                               filter_at=filter_at, filter_persist=filter_persist, architecture=arch)
     typer.echo(json.dumps(summary))
     typer.echo(f"pipeline written to {dest}; measure it with `diffmem testbed quality --model {dest}`")

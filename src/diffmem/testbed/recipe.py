@@ -26,9 +26,10 @@ from safetensors.torch import load_file, save_file
 from diffmem.io.durable import write_atomic
 from diffmem.io.files import read_json_object
 from diffmem.models.defaults import ModelDefaults
+from diffmem.models.families import network
 from diffmem.testbed.model import VAE_CONFIG, assemble_pipeline, build_components
 from diffmem.testbed.scenes import Splits, build_splits, render_many
-from diffmem.training.loop import TrainConfig, filter_timestep, train
+from diffmem.training.loop import TrainConfig, train
 
 
 @dataclass
@@ -246,28 +247,60 @@ def _training_device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None) -> tuple[RecipeConfig, Any, Any, Callable]:
-    """The shipped recipe (`steps` overrides its stage-2 length), the shipped pipeline (frozen), its base UNet
-    and stage 2's batch function."""
+@dataclass
+class _Stage2:
+    """What a rerun of a shipped testbed's stage 2 starts from: its recipe, its pipeline (frozen), its stage-1
+    base network, stage 2's batch function and the objective (None: the UNet's; SD3's rectified flow)."""
+
+    cfg: RecipeConfig
+    pipe: Any
+    base: Any
+    batch: Callable
+    objective: Any
+
+    def timestep(self, filter_at: str) -> int | None:
+        """Where the filter measures d (`--filter-at`) on this model."""
+        from diffmem.training.finetune import model_filter_timestep
+
+        return model_filter_timestep(self.pipe, self.objective, filter_at)
+
+    def magnitudes(self, net: Any, latents: torch.Tensor, captions: list[str], timestep: int | None) -> Any:
+        """The filter's d of every sample under `net` (at `timestep`, else at random training timesteps), from
+        noise seeded by the recipe's seed: the same draws for every network measured."""
+        from diffmem.training.loop import measure_magnitudes
+
+        gen = torch.Generator().manual_seed(self.cfg.seed + 7)
+        pipe = self.pipe
+        return measure_magnitudes(net.eval(), pipe.text_encoder, pipe.tokenizer, pipe.scheduler, latents, captions,
+                                  torch.arange(len(captions)), gen, timestep=timestep,
+                                  objective=self.objective).double().numpy()
+
+
+def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None, architecture: str = "unet") -> _Stage2:
+    """The shipped testbed of `architecture` (`steps` overrides its stage-2 length) ready to rerun stage 2."""
     from dataclasses import replace
 
-    from diffusers import UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
     from diffmem.models.loading import load_pipeline
-    from diffmem.testbed import WEIGHTS
+    from diffmem.testbed import weights_dir, weights_root
+    from diffmem.training.loop import FlowObjective
 
-    cfg = shipped_recipe()
+    cfg = shipped_recipe(weights_root(architecture))
     if steps is not None:
         cfg = replace(cfg, stage2_steps=steps)
     work.mkdir(parents=True, exist_ok=True)
     splits = cfg.splits()
-    pipe: Any = load_pipeline("testbed", device=dev, dtype=torch.float32)  # not CUDA's float16: it trains
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    name = "testbed-sd3" if architecture == "sd3" else "testbed"
+    pipe: Any = load_pipeline(name, device=dev, dtype=torch.float32)  # not CUDA's float16: it trains
+    for part in ("vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, part, None) is not None:
+            getattr(pipe, part).requires_grad_(False)
     z1, zp, za, zu = _latent_pools(pipe.vae, splits, dev, work)
-    unet: Any = UNet2DConditionModel.from_pretrained(WEIGHTS / "base_unet").to(dev, torch.float32)
+    cls: Any = SD3Transformer2DModel if architecture == "sd3" else UNet2DConditionModel
+    base = cls.from_pretrained(weights_dir(base=True, architecture=architecture)).to(dev, torch.float32)
     batch2 = stage2_batches(*_stage2_pools(splits, zp, za, zu, z1), cfg)
-    return cfg, pipe, unet, batch2
+    return _Stage2(cfg, pipe, base, batch2, FlowObjective(pipe) if architecture == "sd3" else None)
 
 
 def _stage2_sample(batch2: Callable, batches: int) -> tuple[torch.Tensor, list[str]]:
@@ -276,30 +309,19 @@ def _stage2_sample(batch2: Callable, batches: int) -> tuple[torch.Tensor, list[s
     return torch.cat([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
 
-def _stage2_magnitudes(unet: Any, pipe: Any, latents: torch.Tensor, captions: list[str], seed: int,
-                       timestep: int | None) -> Any:
-    """The filter's d of every sample under `unet` (at `timestep`, else at random training timesteps), from
-    noise seeded by the recipe's seed: the same draws for every UNet measured."""
-    from diffmem.training.loop import measure_magnitudes
-
-    gen = torch.Generator().manual_seed(seed + 7)
-    return measure_magnitudes(unet.eval(), pipe.text_encoder, pipe.tokenizer, pipe.scheduler, latents, captions,
-                              torch.arange(len(captions)), gen, timestep=timestep).double().numpy()
-
-
-def calibrate_stage2(work: Path, batches: int = 32, device: str | None = None, filter_at: str = "first-step") -> dict:
+def calibrate_stage2(work: Path, batches: int = 32, device: str | None = None, filter_at: str = "first-step",
+                     architecture: str = "unet") -> dict:
     """TAU for the testbed's stage 2 as `diffmem train --calibrate` chooses it for a folder: magnitudes of the
     base model on the first `batches` stage-2 batches (the data as the fine-tune sees it) where the filter
     measures them (`filter_at`)."""
     from diffmem.training.finetune import magnitude_summary
 
-    dev = _training_device(device)
-    cfg, pipe, unet, batch2 = _stage2_setup(work, dev)
-    timestep = filter_timestep(pipe.scheduler, filter_at)
-    latents, captions = _stage2_sample(batch2, batches)
-    d = _stage2_magnitudes(unet, pipe, latents, captions, cfg.seed, timestep)
-    result = {"model": "testbed base UNet", "filter_at": filter_at, "timestep": timestep, "measurements": len(d),
-              **magnitude_summary(d)}
+    run = _stage2_setup(work, _training_device(device), architecture=architecture)
+    timestep = run.timestep(filter_at)
+    latents, captions = _stage2_sample(run.batch, batches)
+    d = run.magnitudes(run.base, latents, captions, timestep)
+    result = {"model": f"testbed base {'transformer' if architecture == 'sd3' else 'UNet'}", "filter_at": filter_at,
+              "timestep": timestep, "measurements": len(d), **magnitude_summary(d)}
     (work / "calibration.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -313,7 +335,7 @@ def stage2_row_kinds(cfg: RecipeConfig) -> list[str]:
 
 
 def stage2_separation(work: Path, batches: int = 16, device: str | None = None,
-                      probe_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)) -> dict:
+                      probe_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900), architecture: str = "unet") -> dict:
     """Where the filter's d separates planted samples from ordinary ones (seen-once and replayed stage-1 items) on
     the shipped, memorizing UNet: AUC and the shares at or above each rule's calibrated TAU (the base UNet's
     p99), for d at each sample's training timestep (the paper's rule) and at the first sampling step, and the
@@ -323,19 +345,19 @@ def stage2_separation(work: Path, batches: int = 16, device: str | None = None,
     from diffmem.measures.detection import roc_auc
     from diffmem.training.loop import FILTER_AT
 
-    dev = _training_device(device)
-    cfg, pipe, base, batch2 = _stage2_setup(work, dev)
-    latents, captions = _stage2_sample(batch2, batches)
+    run = _stage2_setup(work, _training_device(device), architecture=architecture)
+    cfg, pipe, base = run.cfg, run.pipe, run.base
+    latents, captions = _stage2_sample(run.batch, batches)
     kinds = np.array(stage2_row_kinds(cfg) * batches)
     planted, ordinary = kinds == "planted", np.isin(kinds, ("unique", "replay"))
 
-    def d(unet: Any, timestep: int | None) -> np.ndarray:  # the same noise and timesteps for both UNets
-        return _stage2_magnitudes(unet, pipe, latents, captions, cfg.seed, timestep)
+    def d(net: Any, timestep: int | None) -> np.ndarray:  # the same noise and timesteps for both networks
+        return run.magnitudes(net, latents, captions, timestep)
 
     result: dict[str, Any] = {"samples": len(captions), "planted": int(planted.sum()), "ordinary": int(ordinary.sum())}
     for rule in FILTER_AT:
-        timestep = filter_timestep(pipe.scheduler, rule)
-        before, after = d(base, timestep), d(pipe.unet, timestep)
+        timestep = run.timestep(rule)
+        before, after = d(base, timestep), d(network(pipe), timestep)
         tau = float(np.percentile(before, 99))
         result[rule] = {"timestep": timestep, "tau_base_p99": tau,
                         "auc_base_unet": roc_auc(before[planted], before[ordinary]),
@@ -344,7 +366,7 @@ def stage2_separation(work: Path, batches: int = 16, device: str | None = None,
                         "ordinary_at_or_above_tau": float((after[ordinary] >= tau).mean())}
     result["auc_shipped_unet_at_timestep"] = {}
     for t in probe_timesteps:
-        after = d(pipe.unet, t)
+        after = d(network(pipe), t)
         result["auc_shipped_unet_at_timestep"][str(t)] = roc_auc(after[planted], after[ordinary])
     (work / "separation.json").write_text(json.dumps(result, indent=2))
     return result
@@ -352,7 +374,8 @@ def stage2_separation(work: Path, batches: int = 16, device: str | None = None,
 
 def rerun_stage2(work: Path, dest: Path, filter_threshold: float | None = None, caption_aug: str | None = None,
                  rta_tokens: int = 4, device: str | None = None, progress: Progress | None = None,
-                 steps: int | None = None, filter_at: str = "first-step", filter_persist: bool = False) -> dict:
+                 steps: int | None = None, filter_at: str = "first-step", filter_persist: bool = False,
+                 architecture: str = "unet") -> dict:
     """Stage 2 of the shipped recipe again, from the shipped base UNet, with a training-time mitigation (the
     magnitude filter and/or random token addition to captions); saves the pipeline to `dest`."""
     if caption_aug not in (None, "rta"):
@@ -362,14 +385,15 @@ def rerun_stage2(work: Path, dest: Path, filter_threshold: float | None = None, 
     dev = _training_device(device)
     progress = progress or (lambda stage, i, n: None)
     t0 = time.time()
-    cfg, pipe, unet, batch2 = _stage2_setup(work, dev, steps)
-    timestep = filter_timestep(pipe.scheduler, filter_at)
+    run = _stage2_setup(work, dev, steps, architecture)
+    cfg, pipe, net, batch2 = run.cfg, run.pipe, run.base, run.batch
+    timestep = run.timestep(filter_at)
     if caption_aug == "rta":
         batch2 = with_rta(batch2, pipe.tokenizer, rta_tokens, cfg.seed)
-    result = train(unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch2,
+    result = train(net, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, batch2,
                    stage2_config(cfg, filter_threshold, timestep, filter_persist), work / "stage2",
-                   progress=lambda s, r: progress("stage2", s, cfg.stage2_steps))
-    pipe.register_modules(unet=unet)
+                   progress=lambda s, r: progress("stage2", s, cfg.stage2_steps), objective=run.objective)
+    pipe.register_modules(**{"transformer" if architecture == "sd3" else "unet": net})
     pipe.save_pretrained(dest)
     write_defaults(pipe, dest, cfg)  # the shipped model's guidance, its own target loss
     summary = {"filter_threshold": filter_threshold, "filter_at": filter_at if filter_threshold is not None else None,

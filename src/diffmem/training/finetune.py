@@ -422,7 +422,7 @@ def training_objective(pipe: Any) -> tuple[Any, FlowObjective | None]:
     raise UnsupportedModelError(f"diffmem train fine-tunes Stable Diffusion UNet models and SD3, not {NAMES[kind]}")
 
 
-def _filter_timestep(pipe: Any, objective: FlowObjective | None, filter_at: str) -> int | None:
+def model_filter_timestep(pipe: Any, objective: FlowObjective | None, filter_at: str) -> int | None:
     """`filter_timestep` of the model: a flow model's first step is read off its own schedule (`Denoiser`)."""
     if objective is None or filter_at != "first-step":
         return filter_timestep(pipe.scheduler, filter_at)
@@ -519,7 +519,7 @@ def _finetune(settings: FinetuneSettings, out: Path, acc: Any, resume: bool, che
     cfg = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
                       warmup=min(100, max(1, settings.steps // 10)), seed=settings.seed,
                       filter_threshold=settings.filter_threshold,
-                      filter_timestep=_filter_timestep(pipe, objective, settings.filter_at),
+                      filter_timestep=model_filter_timestep(pipe, objective, settings.filter_at),
                       filter_persist=settings.filter_persist,
                       checkpoint_every=checkpoint_every,
                       log_every=log_every)
@@ -616,7 +616,8 @@ def calibrate(
     net, objective = training_objective(pipe)
     values = measure_magnitudes(net, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, data.latents,
                                 data.captions, order, gen, batch_size, progress,
-                                timestep=_filter_timestep(pipe, objective, settings.filter_at), objective=objective)
+                                timestep=model_filter_timestep(pipe, objective, settings.filter_at),
+                                objective=objective)
     result = calibration_summary(values, order, data, settings)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "calibration.json", json.dumps(result, indent=2))
