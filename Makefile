@@ -10,7 +10,7 @@ export MALLOC_TRIM_THRESHOLD_ := 4294967296
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test bench lint docs release-check train-testbed quality clean kill-test soak fuzz
+.PHONY: setup demo test bench lint docs release-check train-testbed train-testbed-sd3 quality quality-sd3 clean kill-test soak fuzz
 
 $(VENV)/.installed: pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,13 @@ train-testbed: setup
 
 quality: setup
 	$(VENV)/bin/diffmem testbed quality --out out/quality
+
+# The SD3 testbed (MMDiT, rectified flow): rebuild it, and measure it as `quality` measures the UNet testbed.
+train-testbed-sd3: setup
+	$(VENV)/bin/diffmem testbed train --architecture sd3 --work runs/testbed-sd3
+
+quality-sd3: setup
+	$(VENV)/bin/diffmem testbed quality --model testbed-sd3 --out out/quality-sd3
 
 clean:
 	rm -rf $(VENV) out site dist

@@ -485,6 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sd-repeats", type=int, default=None, help="default: 3 on CPU, 10 on CUDA")
     parser.add_argument("--skip-sd", action="store_true", help="leave out the SD1.4-architecture model")
     parser.add_argument("--skip-sd3", action="store_true", help="leave out the SD3 testbed (h)")
+    parser.add_argument("--sd3-only", action="store_true", help="run only the SD3 testbed's rows (h)")
     parser.add_argument("--monitor-prompts", type=int, default=8)
     parser.add_argument("--monitor-steps", type=int, default=20)
     parser.add_argument("--sd-monitor-steps", type=int, default=0,
@@ -526,6 +527,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{env['torch_threads']} torch threads ({env['cpu_count']} CPUs)", flush=True)
 
     report: dict = {"environment": env}
+    if args.sd3_only:
+        sd3_rows(report, args, device, dtype)
+        return write_report(report, args.out)
     if args.rate_only:
         report.update(rate_rows(args, device, dtype))
         print_rates(report, device)
@@ -562,12 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["b_sd14"] = monitor_overhead(sd, 1, args.sd_monitor_steps, sd_repeats, device)
         del sd
     if not args.skip_sd3 and not args.guard_only:
-        print(f"(h) SD3 testbed, batch {args.tiny_batch} ...", flush=True)
-        sd3 = load_pipeline("testbed-sd3", device=device, dtype=dtype)
-        report["h_detect"] = first_step_overhead(sd3, args.tiny_batch, args.tiny_repeats, device)
-        report["h_monitor"] = monitor_overhead(sd3, args.monitor_prompts, args.monitor_steps, args.tiny_repeats,
-                                               device)
-        del sd3
+        sd3_rows(report, args, device, dtype)
     if not args.skip_rates and not args.guard_only:
         report.update(rate_rows(args, device, dtype))
 
@@ -605,6 +604,17 @@ def main(argv: list[str] | None = None) -> dict:
     print("; ".join(details))
     print_rates(report, device)
     return write_report(report, args.out)
+
+
+def sd3_rows(report: dict, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    """(h) on the SD3 testbed: detection over a bare CFG transformer call, and the monitor's overhead."""
+    print(f"(h) SD3 testbed, batch {args.tiny_batch} ...", flush=True)
+    sd3 = load_pipeline("testbed-sd3", device=device, dtype=dtype)
+    report["h_detect"] = first_step_overhead(sd3, args.tiny_batch, args.tiny_repeats, device)
+    report["h_monitor"] = monitor_overhead(sd3, args.monitor_prompts, args.monitor_steps, args.tiny_repeats, device)
+    for key, label in (("h_detect", "first-step detection / bare CFG transformer call"),
+                       ("h_monitor", "pipe() with Monitor / without")):
+        print(f"(h) {label}, SD3 testbed: {report[key]['ratio']:.3f}")
 
 
 def write_report(report: dict, out: Path) -> dict:

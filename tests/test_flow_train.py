@@ -150,3 +150,40 @@ def test_sd3_without_t5_trains_on_one_row_standing_for_its_rows_of_zeros() -> No
     for a, p in zip(grad, net.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-3, atol=1e-5)
     assert type(next(iter(net.attn_processors.values()))).__name__ == "JointAttnProcessor2_0"  # restored
+
+
+def test_collapsed_t5_rows_gives_the_pipelines_scores_and_images_faster() -> None:
+    """The testbed's evaluations run SD3 without T5 with its rows of zeros as one (exact): the detector's scores
+    and a plain call's images match the pipeline's own; a pipeline with T5 is left as it is; all is restored."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffmem.detectors.magnitude import MagnitudeDetector
+    from diffmem.detectors.monitor import Monitor
+    from diffmem.models.attention import collapsed_t5_rows
+    from diffmem.models.denoiser import initial_noise
+
+    full = tiny_sd3()
+    pipe = StableDiffusion3Pipeline(**{**full.components, "text_encoder_3": None, "tokenizer_3": None})
+    pipe.set_progress_bar_config(disable=True)
+
+    def run() -> tuple[list[float], np.ndarray]:
+        scores = [r.score for r in MagnitudeDetector(pipe, generations=2, num_inference_steps=4, steps="all")
+                  .score(CAPTIONS[:2])]
+        images = pipe(CAPTIONS[:2], latents=initial_noise(pipe, 1, 0).repeat(2, 1, 1, 1), num_inference_steps=3,
+                      height=16, width=16, output_type="np").images
+        return scores, images
+
+    stock = run()
+    with collapsed_t5_rows(pipe) as collapsed:
+        assert collapsed and pipe.encode_prompt(CAPTIONS[:1], None, None)[0].shape[1] == 77 + 1
+        with Monitor(pipe) as monitor:  # a monitor inside puts back the wrapper it shadowed
+            pipe(CAPTIONS[0], num_inference_steps=2, height=16, width=16, num_images_per_prompt=2)
+        assert monitor.scores(steps="first").shape == (1,)  # it read n = 2 through the wrapper's signature
+        assert pipe.encode_prompt(CAPTIONS[:1], None, None)[0].shape[1] == 77 + 1
+        fast = run()
+    assert fast[0] == pytest.approx(stock[0], rel=1e-4)
+    np.testing.assert_allclose(fast[1], stock[1], atol=1e-4)
+    assert pipe.encode_prompt(CAPTIONS[:1], None, None)[0].shape[1] == 77 + 256  # restored
+    assert type(next(iter(pipe.transformer.attn_processors.values()))).__name__ == "JointAttnProcessor2_0"
+    with collapsed_t5_rows(full) as collapsed:
+        assert not collapsed and "encode_prompt" not in vars(full)

@@ -59,6 +59,7 @@ class Monitor:
         self._last_input: torch.Tensor | None = None
         self.unguided_calls = 0
         self._encode: Callable[..., Any] | None = None
+        self._shadowed: Callable[..., Any] | None = None  # an instance wrapper the monitor's own shadows
         self._last_n: int | None = None
         self._last_cfg: bool | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # Flux: the prompt's output and its input
@@ -81,8 +82,11 @@ class Monitor:
             self._handle.remove()
             self._handle = None
         if self._encode is not None and vars(self.pipe).get("encode_prompt") is self._encode:
-            del self.pipe.encode_prompt  # the class's method again
-        self._encode = None
+            if self._shadowed is not None:  # another wrapper was there before: it again
+                self.pipe.encode_prompt = self._shadowed
+            else:
+                del self.pipe.encode_prompt  # the class's method again
+        self._encode = self._shadowed = None
 
     def _watch_encode_prompt(self) -> None:
         """Shadow `pipe.encode_prompt` with a wrapper that notes its `num_images_per_prompt` (diffusers' SD and
@@ -107,7 +111,7 @@ class Monitor:
             self._last_cfg = cfg if isinstance(cfg, bool) else None  # PixArt keeps its CFG flag in a local
             return original(*args, **kwargs)
 
-        self._encode = encode_prompt
+        self._encode, self._shadowed = encode_prompt, vars(self.pipe).get("encode_prompt")
         self.pipe.encode_prompt = encode_prompt
 
     def reset(self) -> None:

@@ -10,6 +10,7 @@ the order in which Ren et al. (ECCV 2024) index them.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -154,12 +155,15 @@ class _RepeatedContextTokenProcessor:
     `copies` identical tokens: adding log(copies) to its key's logits is exactly attention over the copies, and
     every other operation of an MMDiT block acts on each token alone, so the output is that of the long context."""
 
-    def __init__(self, copies: int) -> None:
+    def __init__(self, copies: int, context_rows: int | None = None) -> None:
         self.log_copies = math.log(copies)
+        self.context_rows = context_rows
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         rows, width = hidden_states.shape[0], hidden_states.shape[1]
+        collapsed = encoder_hidden_states is not None and (
+            self.context_rows is None or encoder_hidden_states.shape[1] == self.context_rows)
 
         def heads(x: torch.Tensor, norm: Any) -> torch.Tensor:
             x = x.view(rows, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
@@ -173,8 +177,9 @@ class _RepeatedContextTokenProcessor:
             q = torch.cat([q, heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
             k = torch.cat([k, heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
             v = torch.cat([v, heads(attn.add_v_proj(encoder_hidden_states), None)], dim=2)
-            bias = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
-            bias[..., -1] = self.log_copies
+            if collapsed:
+                bias = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
+                bias[..., -1] = self.log_copies
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(rows, -1, attn.heads * q.shape[-1]).to(q.dtype)
         hidden = attn.to_out[1](attn.to_out[0](out[:, :width]))
@@ -185,13 +190,48 @@ class _RepeatedContextTokenProcessor:
 
 
 @contextmanager
-def repeated_context_token(transformer: Any, copies: int) -> Iterator[None]:
+def repeated_context_token(transformer: Any, copies: int, context_rows: int | None = None) -> Iterator[None]:
     """Within the context, `transformer` (an SD3 MMDiT) reads the last token of its text context as `copies`
     identical tokens (SD3 without T5 feeds 256 rows of zeros: training on one is exact and several times
-    cheaper); its processors are restored on exit."""
+    cheaper); with `context_rows`, only a context of that many rows (any other is read as it is). Its processors
+    are restored on exit."""
     original = transformer.attn_processors
-    transformer.set_attn_processor(_RepeatedContextTokenProcessor(copies))
+    transformer.set_attn_processor(_RepeatedContextTokenProcessor(copies, context_rows))
     try:
         yield
     finally:
         transformer.set_attn_processor(original)
+
+
+@contextmanager
+def collapsed_t5_rows(pipe: Any) -> Iterator[bool]:
+    """Within the context, an SD3 pipeline without T5 encodes its prompts with the 256 rows of zeros that stand
+    for T5 as one row, and its transformer reads that row as all of them (`repeated_context_token`): the same
+    predictions and images to float rounding, several times faster; embeddings given to it at full length are
+    read as they are. Any other pipeline is left as it is (yields False). The testbed's evaluations use it."""
+    from diffmem.models.families import SD3, call_default, family
+
+    if family(pipe) != SD3 or pipe.text_encoder_3 is not None:
+        yield False
+        return
+    copies = int(call_default(pipe, "max_sequence_length"))
+    full, rows = pipe.tokenizer_max_length + copies, pipe.tokenizer_max_length + 1
+    encode_prompt, shadowed = pipe.encode_prompt, vars(pipe).get("encode_prompt")
+
+    @functools.wraps(encode_prompt)  # its signature, which the Monitor reads
+    def collapsed(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("max_sequence_length", copies) != copies:
+            raise ValueError(f"collapsed_t5_rows reads {copies} rows of zeros, not {kwargs['max_sequence_length']}")
+        out = encode_prompt(*args, **kwargs)
+        trimmed = [e[:, :rows] if e is not None and e.dim() == 3 and e.shape[1] == full else e for e in out[:2]]
+        return (*trimmed, *out[2:])
+
+    pipe.encode_prompt = collapsed
+    try:
+        with repeated_context_token(pipe.transformer, copies, rows):
+            yield True
+    finally:
+        if shadowed is not None:
+            pipe.encode_prompt = shadowed
+        else:
+            del pipe.encode_prompt

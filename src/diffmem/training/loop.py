@@ -137,13 +137,13 @@ class FlowObjective:
         # the network is trained on one of them standing for all (`repeated_context_token`, exact)
         self.copies = int(call_default(pipe, "max_sequence_length")) if (
             family(pipe) == SD3 and pipe.text_encoder_3 is None) else 0
+        self.rows = pipe.tokenizer_max_length + 1 if self.copies else 0  # the CLIP tokens and one row of zeros
 
     def _compact(self, cond: Conditioning) -> Conditioning:
         """`cond` with its trailing rows of T5 zeros as one row (when `copies`)."""
-        if not self.copies:
+        if not self.copies or cond.prompt_embeds.shape[1] == self.rows:  # already (`collapsed_t5_rows`)
             return cond
-        keep = cond.prompt_embeds.shape[1] - self.copies + 1
-        return cond.replace(prompt_embeds=cond.prompt_embeds[:, :keep])
+        return cond.replace(prompt_embeds=cond.prompt_embeds[:, : self.rows])
 
     def first_timestep(self, num_inference_steps: int = 50) -> int:
         """The first step of a plain call's schedule (`s = 1` for SD3: `x_T` is the noise, whatever the image)."""
@@ -168,7 +168,7 @@ class FlowObjective:
     def predict(self, net, noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         if not self.copies:
             return self.denoiser.predict(noisy, t, cond, model=net)
-        with repeated_context_token(getattr(net, "module", net), self.copies):  # under DDP: the module inside
+        with repeated_context_token(getattr(net, "module", net), self.copies, self.rows):  # DDP: the module inside
             return self.denoiser.predict(noisy, t, cond, model=net)
 
     @torch.no_grad()
