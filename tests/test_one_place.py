@@ -91,7 +91,7 @@ def violations(source: str, module: str) -> list[str]:
                     (module, functions.get(id(node))) != EVALUATE):
                 flag(node, "calibrates a detection threshold itself (use detectors.calibration)")
             for kw in node.keywords:
-                if _setting(kw.arg) and _number(kw.value):
+                if _setting(kw.arg) and _number(kw.value) and (module, kw.arg) not in CHOSEN:
                     flag(kw.value, f"hard-codes {kw.arg}")
         elif isinstance(node, ast.Assign | ast.AnnAssign):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
