@@ -53,3 +53,25 @@ def test_planted_prompts_reproduce_and_score_above_heldout(sd3_testbed):
     pos = [r.score for r in det.score([i.caption for i in splits.planted[:32]])]
     neg = [r.score for r in det.score([i.caption for i in splits.heldout[:64]])]
     assert roc_auc(pos, neg) > 0.8  # `make quality-sd3` measures the full figure (docs/results.md)
+
+
+def test_embedding_mitigation_moves_only_what_the_clip_encoders_write(sd3_testbed):
+    """SD3 without T5 feeds zeros in T5's positions: the embedding mitigation optimises the CLIP positions (but BOS)
+    and leaves the zeros, which training never saw otherwise."""
+    import math
+
+    import torch
+
+    from diffmem.mitigate.embedding import mitigate_embedding
+    from diffmem.models.conditioning import encode, prompt_mask
+
+    pipe, splits = sd3_testbed
+    prompt = splits.planted[0].caption
+    own = encode(pipe, [prompt]).prompt_embeds
+    mask = prompt_mask(pipe, own)
+    clip = pipe.tokenizer_max_length
+    assert mask[:clip].all() and not mask[clip:].any() and own[0, clip:].abs().sum() == 0
+    res = mitigate_embedding(pipe, prompt, generations=1, target_loss=-math.inf, iters=2)
+    moved = (res.embedding[0] != own[0]).any(dim=-1)
+    assert moved[1:clip].all() and not moved[0] and not moved[clip:].any()
+    assert torch.equal(res.embedding[0, clip:], torch.zeros_like(res.embedding[0, clip:]))

@@ -18,7 +18,7 @@ import torch
 
 from diffmem.config import SamplingConfig, setting
 from diffmem.mitigate.base import Calibrating, Mitigation, OptimisationConfig, Outcome, Sampler
-from diffmem.models.conditioning import Conditioning, as_conditioning, encode, is_sdxl
+from diffmem.models.conditioning import Conditioning, as_conditioning, encode, is_sdxl, prompt_mask
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
 from diffmem.models.families import FLUX, PIXART, family, network
@@ -108,9 +108,10 @@ def mitigate_embedding(
     `generations` rows for `k` steps, plus one unconditional forward. Gradients go to the embedding only: the
     denoiser's parameters never accumulate any. For SDXL the pooled text embedding is optimised with the
     cross-attention states: it conditions the UNet on the prompt too. SD3: its joint `prompt_embeds` but the
-    first (CLIP's BOS), its pooled projection fixed; PixArt: every T5 position (T5 has no BOS); Flux: every T5
-    position, its pooled CLIP embedding fixed (it carries the prompt too, but the T5 states are what the joint
-    attention reads token by token: the method's embedding is those).
+    first (CLIP's BOS) and the zero padding (`prompt_mask`: T5's rows when it has no T5), its pooled projection
+    fixed; PixArt: every T5 position (T5 has no BOS); Flux: every T5 position, its pooled CLIP embedding fixed
+    (it carries the prompt too, but the T5 states are what the joint attention reads token by token: the
+    method's embedding is those).
 
         >>> from diffmem import load_pipeline
         >>> from diffmem.testbed.recipe import shipped_recipe
@@ -132,6 +133,8 @@ def mitigate_embedding(
     fixed = 0 if family(pipe) in (PIXART, FLUX) else 1  # the BOS position of a CLIP-first sequence stays
     bos = cond.prompt_embeds[:, :fixed]
     rest = cond.prompt_embeds[:, fixed:].clone().requires_grad_(True)
+    free = prompt_mask(pipe, cond.prompt_embeds)[fixed:]  # SD3's zero padding stays zero (AdamW moves any entry
+    # with a gradient by about lr a step, however small the gradient: 256 rows of T5 zeros would swamp CLIP's 77)
     sdxl_pooled = cond.pooled_embeds if is_sdxl(pipe) else None  # SD3's pooled projection stays fixed
     pooled = None if sdxl_pooled is None else sdxl_pooled.clone().requires_grad_(True)
     params = [rest] if pooled is None else [rest, pooled]
@@ -149,7 +152,7 @@ def mitigate_embedding(
         if losses[-1] <= target_loss or last:
             break
         for param, grad in zip(params, torch.autograd.grad(loss, params), strict=True):
-            param.grad = grad
+            param.grad = grad * free if param is rest else grad
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     final = current().map(lambda t: t.detach()).to(network(pipe).dtype)

@@ -194,6 +194,18 @@ def prompt_positions(pipe: Any) -> list[tuple[Any, int, int]]:
     return [(pipe.tokenizer if kind == PIXART else pipe.tokenizer_2, 0, length - 1)]
 
 
+def prompt_mask(pipe: Any, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    """Which entries of one row of `prompt_embeds` (positions x width, bool) a text encoder writes: all of them but
+    SD3's zero padding, the columns past its two CLIP encoders' widths in the CLIP positions and, without T5, every
+    T5 position. Training only ever saw zeros there, so what optimises a prompt's states leaves them."""
+    mask = torch.ones(prompt_embeds.shape[-2:], dtype=torch.bool, device=prompt_embeds.device)
+    if family(pipe) == SD3:
+        clip = pipe.tokenizer_max_length
+        mask[:clip, pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size:] = False
+        mask[clip:] = pipe.text_encoder_3 is not None
+    return mask
+
+
 def empty(pipe: Any) -> Conditioning:
     """The unconditional (empty-prompt) row the pipeline guides against: encoded "" for SD, and for SDXL with
     `force_zeros_for_empty_prompt` zeros in place of the embeddings (time ids unchanged)."""
