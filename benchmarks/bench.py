@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
-from diffmem.detectors import DETECTORS, MIN_GENERATIONS  # noqa: E402
+from diffmem.detectors import DETECTORS  # noqa: E402
 from diffmem.detectors.base import initial_noise  # noqa: E402
 from diffmem.detectors.magnitude import MagnitudeDetector
 from diffmem.detectors.monitor import Monitor  # noqa: E402
@@ -342,13 +342,14 @@ def peer_cost(pipe, batch: int, repeats: int, device: torch.device) -> dict:
     batch_prompts = prompts(batch)
     variants = {}
     for name, cls in DETECTORS.items():
-        n = MIN_GENERATIONS.get(name, 1)
+        n = cls.min_generations
         detector = cls(pipe, generations=n, batch_size=batch * n)
         variants[name] = lambda d=detector: d.score(batch_prompts)
     for fn in variants.values():  # warm-up; also fills each detector's shared empty-prompt predictions
         fn()
     med = interleaved(variants, repeats, device)
-    return {"batch": batch, "repeats": repeats, "seconds": med, "generations": dict(MIN_GENERATIONS),
+    generations = {name: cls.min_generations for name, cls in DETECTORS.items()}
+    return {"batch": batch, "repeats": repeats, "seconds": med, "generations": generations,
             **{f"ratio_{name}": med[name] / med["wen"] for name in DETECTORS if name != "wen"}}
 
 
@@ -581,8 +582,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("(e) gradient explanation / first-step detection, testbed", "e", "e"),
         ("(h) first-step detection / bare CFG transformer call, SD3 testbed", "h_detect", None),
         ("(h) pipe() with Monitor / without, SD3 testbed", "h_monitor", "b"),
-    ] + [(f"(f) {name} detector{' (n=2)' if name in MIN_GENERATIONS else ''} / Wen first-step detection, testbed",
-          f"f_{name}", None) for name in DETECTORS if name != "wen"]
+    ] + [(f"(f) {name} detector{f' (n={cls.min_generations})' if cls.min_generations > 1 else ''} / Wen first-step "
+          "detection, testbed", f"f_{name}", None) for name, cls in DETECTORS.items() if name != "wen"]
     print(f"\n{'measurement':60} {'ratio':>8}  target")
     for label, key, target in rows:
         if key in report:

@@ -30,6 +30,7 @@ TAU=$(python3 -c "import json;print(json.load(open('runs/sd3_filter/calibration.
 step filter "$D" testbed stage2 --architecture sd3 --work runs/sd3_filter --dest runs/sd3_filter/pipeline \
     --filter-threshold "$TAU" --filter-persist
 step filter_quality "$D" testbed quality --model runs/sd3_filter/pipeline --heldout 128 --out "$O/filter_quality"
+step shipped_quality "$D" testbed quality --model testbed-sd3 --heldout 128 --out "$O/shipped_quality"  # the same 128
 # 6. the peer detectors that carry over (and the ones that do not, as n/a), 64 memorized and 128 held-out
 "$D" testbed prompts --split memorized --out "$O/mem.jsonl" --force > /dev/null
 "$D" testbed prompts --split heldout --limit 128 --out "$O/held.jsonl" --force > /dev/null
