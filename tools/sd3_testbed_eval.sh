@@ -39,3 +39,7 @@ step compare "$D" compare --model testbed-sd3 --memorized "$O/mem.jsonl" --norma
     --methods none --mitigation-prompts 0 --batch-size 64
 # 7. cost on the SD3 architecture (make bench's row h)
 step bench .venv/bin/python benchmarks/bench.py --sd3-only --out "$O/bench.json"
+# 8. the embedding mitigation with room to reach its target: without T5 only CLIP's 77 positions move, and 10 steps
+#    at lr 0.05 reach the held-out median for few prompts (docs/results.md)
+step mitigation_iters50 "$D" testbed mitigation --model testbed-sd3 --limit 16 --methods none,embedding \
+    --no-strengths --iters 50 --sweep 11.9981 --out "$O/mitigation_iters50"

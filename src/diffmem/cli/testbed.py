@@ -196,6 +196,7 @@ def mitigation(
     guard: bool = typer.Option(True, "--guard/--no-guard", help="Also run the guard end to end (threshold at "
                                "1% FPR on the held-out prompts) on memorized and held-out prompts."),
     generations: int = typer.Option(4, help="Seeds per prompt."),
+    iters: int = typer.Option(10, help="The embedding method's (and the guard's) most optimiser steps a prompt."),
     num_inference_steps: SamplingStepsOpt = None,
     steps: OldSamplingStepsOpt = None,
     limit: int = typer.Option(0, help="Use only the first N memorized (and 4N held-out) prompts (0: all)."),
@@ -238,15 +239,16 @@ def mitigation(
     held = np.array(cal.scores)
     target = ModelDefaults.of(pipe).resolve_target_loss(target_loss)
     targets = targets or [float(np.quantile(held, q)) for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
-    parts = Parts(out, {"prompts": [i.caption for i in memorized], "heldout": len(heldout), "target_loss": target,
-                        "generations": generations, "steps": steps})  # a rerun resumes from these
+    stamp = {"prompts": [i.caption for i in memorized], "heldout": len(heldout), "target_loss": target,
+             "generations": generations, "steps": steps, **({"iters": iters} if iters != 10 else {})}
+    parts = Parts(out, stamp)  # a rerun resumes from these
     rep = mitigation_report(pipe, memorized, out, target, targets, methods=chosen, generations=generations,
-                            steps=steps, strengths=BASELINE_STRENGTHS if strengths else {}, progress=typer.echo,
-                            parts=parts)
+                            steps=steps, iters=iters, strengths=BASELINE_STRENGTHS if strengths else {},
+                            progress=typer.echo, parts=parts)
     rep["heldout_score_quantiles"] = {q: float(np.quantile(held, q)) for q in (0.1, 0.5, 0.9, 0.99)}
     if guard:
         rep["guard"] = guard_report(pipe, memorized, heldout, cal.threshold, target, generations=generations,
-                                    steps=steps, progress=typer.echo, parts=parts)
+                                    steps=steps, iters=iters, progress=typer.echo, parts=parts)
     from diffmem.io.durable import write_atomic
 
     write_atomic(out / "mitigation.json", json.dumps(rep, indent=2))
