@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from diffmem.testbed import WEIGHTS
 
@@ -257,3 +259,18 @@ def test_mitigation_command_runs_the_methods_it_is_given(cli, tmp_path, one_thre
     assert (tmp_path / "m" / "paraphrases.json").is_file()
     res = cli("testbed", "mitigation", "--out", str(tmp_path / "x"), "--methods", "none,nonsense")
     assert res.exit_code == 2 and "--methods must be one of" in res.stderr.strip().splitlines()[-1]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(iters=st.one_of(st.integers(max_value=-1), st.integers(min_value=10_001)))
+def test_mitigation_iters_out_of_range_is_one_line_before_loading(cli, monkeypatch, iters):
+    """`testbed mitigation --iters` is checked by the embedding method's config, before any model loads."""
+    import diffmem.cli.testbed as command
+
+    def never(*_a, **_k):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(command, "_testbed_pipeline", never)
+    res = cli("testbed", "mitigation", "--out", "unused", "--iters", str(iters))
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "--iters" in lines[0]

@@ -149,3 +149,7 @@ def renamed(value: Any, old_value: Any, old: str, new: str, default: Any = None)
         raise InputError(f"give {new} only ({old} is its deprecated spelling)")
     typer.echo(f"warning: {old} is deprecated and will be removed in the next release; use {new}", err=True)
     return old_value
+
+
+ItersOpt = Annotated[int | None, typer.Option("--iters", help="embedding, sail: at most this many optimisation "
+                                              "steps (10).")]

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from diffmem.cli.common import AllowPickleOpt, ModelOpt, deprecated_option, renamed
+from diffmem.cli.common import AllowPickleOpt, ItersOpt, ModelOpt, deprecated_option, renamed
 from diffmem.errors import InputError
 from diffmem.runs.generation import run as run_generation
 
@@ -38,8 +38,6 @@ TargetOpt = Annotated[
                  "(default: the model's own, a typical score of its non-memorized prompts; for a model without "
                  "one, Wen et al.'s SD v1.4 value: calibrate with `diffmem evaluate --json`, negatives_median)."),
 ]
-ItersOpt = Annotated[int | None, typer.Option("--iters", help="embedding, sail: at most this many optimisation "
-                                              "steps (10).")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="embedding, sail: learning rate of the optimisation "
                                              "(0.05).")]
 ColumnOpt = Annotated[

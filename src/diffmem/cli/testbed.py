@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from diffmem.cli.common import ForceOpt, deprecated_option, renamed
+from diffmem.cli.common import ForceOpt, ItersOpt, deprecated_option, renamed
 
 app = typer.Typer(help="The bundled testbed model: training, ground truth, quality figures, demo.",
                   no_args_is_help=True)
@@ -196,7 +196,7 @@ def mitigation(
     guard: bool = typer.Option(True, "--guard/--no-guard", help="Also run the guard end to end (threshold at "
                                "1% FPR on the held-out prompts) on memorized and held-out prompts."),
     generations: int = typer.Option(4, help="Seeds per prompt."),
-    iters: int = typer.Option(10, help="The embedding method's (and the guard's) most optimiser steps a prompt."),
+    iters: ItersOpt = None,
     num_inference_steps: SamplingStepsOpt = None,
     steps: OldSamplingStepsOpt = None,
     limit: int = typer.Option(0, help="Use only the first N memorized (and 4N held-out) prompts (0: all)."),
@@ -212,6 +212,7 @@ def mitigation(
     from diffmem.detectors.calibration import calibrate_detection
     from diffmem.detectors.magnitude import MagnitudeDetector
     from diffmem.errors import InputError
+    from diffmem.mitigate.embedding import EmbeddingConfig
     from diffmem.models.defaults import ModelDefaults
     from diffmem.models.loading import quiet_diffusers
     from diffmem.testbed.mitigation_eval import (
@@ -230,6 +231,7 @@ def mitigation(
     except ValueError as exc:
         raise InputError(f"--sweep must be comma-separated numbers, not {sweep!r}") from exc
     chosen = parse_methods(methods)
+    budget = EmbeddingConfig() if iters is None else EmbeddingConfig(iters=iters)  # checked before any run
     pipe = _testbed_pipeline(device, model)
     splits = shipped_recipe().splits()
     memorized = splits.planted[:limit] if limit else splits.planted
@@ -240,15 +242,15 @@ def mitigation(
     target = ModelDefaults.of(pipe).resolve_target_loss(target_loss)
     targets = targets or [float(np.quantile(held, q)) for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
     stamp = {"prompts": [i.caption for i in memorized], "heldout": len(heldout), "target_loss": target,
-             "generations": generations, "steps": steps, **({"iters": iters} if iters != 10 else {})}
+             "generations": generations, "steps": steps, **({} if iters is None else {"iters": iters})}
     parts = Parts(out, stamp)  # a rerun resumes from these
     rep = mitigation_report(pipe, memorized, out, target, targets, methods=chosen, generations=generations,
-                            steps=steps, iters=iters, strengths=BASELINE_STRENGTHS if strengths else {},
+                            steps=steps, iters=budget.iters, strengths=BASELINE_STRENGTHS if strengths else {},
                             progress=typer.echo, parts=parts)
     rep["heldout_score_quantiles"] = {q: float(np.quantile(held, q)) for q in (0.1, 0.5, 0.9, 0.99)}
     if guard:
         rep["guard"] = guard_report(pipe, memorized, heldout, cal.threshold, target, generations=generations,
-                                    steps=steps, iters=iters, progress=typer.echo, parts=parts)
+                                    steps=steps, iters=budget.iters, progress=typer.echo, parts=parts)
     from diffmem.io.durable import write_atomic
 
     write_atomic(out / "mitigation.json", json.dumps(rep, indent=2))
