@@ -17,6 +17,7 @@ raises it (the CLI prints one `error:` line), the others exit quietly with the s
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -77,6 +78,16 @@ class RowsRun:
         return f" on {len(self.per_process)} processes ({' + '.join(map(str, self.per_process))})"
 
 
+def _end_process_group() -> None:
+    """Destroy this process's process group before the interpreter tears down: left to the interpreter, gloo's
+    threads can be destroyed while joinable and the process aborts ("terminate called without an active
+    exception") after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def process_state(device: str | None) -> tuple[Any, Any]:
     """This process's accelerate `PartialState` and the torch device its work runs on: under `accelerate launch`
     with several processes the launcher's device (`--device` is then an error), else `--device` (None: default)."""
@@ -88,6 +99,7 @@ def process_state(device: str | None) -> tuple[Any, Any]:
 
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     if state.num_processes > 1:
+        atexit.register(_end_process_group)
         if device is not None:
             raise InputError("--device is chosen by `accelerate launch` when it starts several processes; leave it out")
         return state, state.device
