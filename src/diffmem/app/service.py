@@ -388,8 +388,8 @@ class Service:
                       **denoiser.guidance(s.guidance_scale, embeddings=False)}
         else:
             kwargs = denoiser.call_kwargs(cond, denoiser.empty(), s.guidance_scale)
-        out = self.pipe(latents=initial_noise(self.pipe, 1, s.seed), num_inference_steps=s.generate_steps,
-                        output_type="np", **kwargs)
+        with denoiser.starting_from(initial_noise(self.pipe, 1, s.seed), [s.seed]) as start:
+            out = self.pipe(**start, num_inference_steps=s.generate_steps, output_type="np", **kwargs)
         return np.asarray(out.images[0], dtype=np.float32)
 
     def _generate(self, prompt: str) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class MagnitudeDetector(Detector):
         """
         denoiser, n, guidance = self.denoiser, self.config.generations, self.config.guidance_scale
         assert guidance is not None  # resolved from the model's defaults
+        denoiser.check_steps(self.n_steps)
         cond = as_conditioning(self.pipe, cond)
         uncond = self._empty_embedding()
         rows = len(cond) * n
@@ -93,7 +94,7 @@ class MagnitudeDetector(Detector):
             timesteps.append(t)
             if len(out) < self.n_steps:
                 guided = pred_u + guidance * (pred_c - pred_u)
-                latents = scheduler.step(guided, t, latents, return_dict=False)[0]
+                latents = denoiser.step(scheduler, guided, t, latents)
         mags = torch.stack(out, dim=1).reshape(-1, n, len(out))
         return mags, [float(t) for t in torch.stack(timesteps).cpu()]
 

@@ -41,8 +41,6 @@ class SharpnessDetector(Detector):
 
     @torch.no_grad()
     def _measure(self, cond: Conditioning) -> tuple[torch.Tensor, list[float], torch.Tensor | None]:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         scheduler = self._schedule()
         t = scheduler.timesteps[0]
         rows = len(cond) * self.config.generations
@@ -57,7 +55,7 @@ class SharpnessDetector(Detector):
             pred_c, pred_u = self.denoiser.cfg(z, t, rows_c, rows_u)
             return (param.to_score(pred_u, z, t) - param.to_score(pred_c, z, t)) / sigma
 
-        with sdpa_kernel(SDPBackend.MATH):
+        with self.denoiser.forward_mode():
             direction = score_difference(x)
             hvp = torch.func.jvp(score_difference, (x,), (direction,))[1]
         mags = (direction * sigma).flatten(1).norm(dim=1).reshape(-1, self.config.generations, 1)

@@ -49,9 +49,10 @@ class TrajectoryDetector(Detector):
         monitor = Monitor(pipe, keep_differences=keep_differences)
         attention = nullcontext() if hook is None else cross_attention(pipe.unet, hook)
         assert self.config.guidance_scale is not None  # resolved: the model's own unless given
-        with torch.no_grad(), attention, monitor:
+        seeds = [self.config.seed + g for _ in range(len(cond)) for g in range(n)]  # as the noise rows
+        with torch.no_grad(), attention, monitor, denoiser.starting_from(noise, seeds) as start:
             out = pipe(**denoiser.call_kwargs(cond.repeat_interleave(n), negative, self.config.guidance_scale),
-                       latents=noise, num_inference_steps=self.config.num_inference_steps, output_type=output_type)
+                       **start, num_inference_steps=self.config.num_inference_steps, output_type=output_type)
         return out.images, monitor
 
     def _per_prompt(self, values: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,7 @@ def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int 
     own.
     """
     denoiser = Denoiser(pipe)
+    denoiser.check_steps(n_steps)
     guidance_scale = ModelDefaults.of(pipe).resolve_guidance(guidance_scale)
     with torch.no_grad():
         cond = encode(pipe, [prompt])
@@ -185,7 +186,7 @@ def gradient_significance(pipe, prompt: str, n_steps: int = 1, generations: int 
         if k + 1 < n_steps:
             with torch.no_grad():
                 guided = pred_u + guidance_scale * (pred_c.detach() - pred_u)
-                latents = scheduler.step(guided, t, latents, return_dict=False)[0]
+                latents = denoiser.step(scheduler, guided, t, latents)
     loss = total / n_steps
     (grad,) = torch.autograd.grad(loss, e)
     return grad[0].float().norm(dim=-1).cpu(), float(loss.detach())

@@ -176,7 +176,7 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
     _webster("webster-sdv2", "stabilityai/stable-diffusion-2-base", "sdv2_bb_edge_groundtruth.parquet"),
     _webster("webster-realistic-vision", "Realistic Vision (SD v1 fine-tune)",
              "realistic_vision_sdv1_edge_groundtruth.parquet"),
-    _webster("webster-deepfloyd-if", "DeepFloyd IF", "deep_if_sdv1_wb_groundtruth.parquet"),
+    _webster("webster-deepfloyd-if", "DeepFloyd/IF-I-XL-v1.0", "deep_if_sdv1_wb_groundtruth.parquet"),
     _ren("ren-sd1", "345 memorized SD1 prompts", "sd1_mem345.txt", "CompVis/stable-diffusion-v1-4",
          "70f370c4728aecd18e0db95dc58e9741b0f1a278dbfddb31d7d0754f69f8d069"),
     _ren("ren-sd2", "219 memorized SD2 prompts", "sd2_mem219.txt", "stabilityai/stable-diffusion-2",

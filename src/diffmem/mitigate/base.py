@@ -129,10 +129,11 @@ class Sampler:
             per_prompt = 1
         g = self.generation
         assert g.guidance_scale is not None  # resolved
-        with monitor:
+        seeds = range(g.seed, g.seed + noise.shape[0])  # IF's DDPM steps draw noise: seeded per generation
+        with monitor, self.denoiser.starting_from(noise, seeds) as start:
             out = self.pipe(**conditioning, **self.denoiser.call_options(embeds is not None),
                             **self.denoiser.guidance(g.guidance_scale, embeds is not None),
-                            num_images_per_prompt=per_prompt, latents=noise,
+                            num_images_per_prompt=per_prompt, **start,
                             num_inference_steps=g.num_inference_steps, output_type=g.output_type)
         return out.images, first[0]
 

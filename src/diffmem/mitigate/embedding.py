@@ -18,10 +18,10 @@ import torch
 
 from diffmem.config import SamplingConfig, setting
 from diffmem.mitigate.base import Calibrating, Mitigation, OptimisationConfig, Outcome, Sampler
-from diffmem.models.conditioning import Conditioning, as_conditioning, encode, is_sdxl, prompt_mask
+from diffmem.models.conditioning import Conditioning, as_conditioning, encode, is_sdxl, prompt_mask, prompt_positions
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser, Parameterization, initial_noise
-from diffmem.models.families import FLUX, PIXART, family, network
+from diffmem.models.families import network
 from diffmem.registry import NOT_VERIFIED
 
 
@@ -130,7 +130,7 @@ def mitigate_embedding(
     step = FirstStep(pipe, generations, seed, num_inference_steps)
     with torch.no_grad():
         cond = encode(pipe, [prompt]).to(torch.float32)
-    fixed = 0 if family(pipe) in (PIXART, FLUX) else 1  # the BOS position of a CLIP-first sequence stays
+    fixed = prompt_positions(pipe)[0][1]  # the BOS position of a CLIP-first sequence stays (T5 has none)
     bos = cond.prompt_embeds[:, :fixed]
     rest = cond.prompt_embeds[:, fixed:].clone().requires_grad_(True)
     free = prompt_mask(pipe, cond.prompt_embeds)[fixed:]  # SD3's zero padding stays zero (AdamW moves any entry

@@ -1,4 +1,4 @@
-"""What the denoiser is conditioned on, for Stable Diffusion 1.x/2.x, SDXL, SD3, PixArt and Flux alike.
+"""What the denoiser is conditioned on, for Stable Diffusion 1.x/2.x, SDXL, SD3, PixArt, Flux and DeepFloyd IF alike.
 
 Every scorer, explanation and mitigation in diffmem calls the UNet through one `Conditioning`: the cross-attention
 states (`prompt_embeds`) and, for SDXL, the pooled text embedding and the micro-conditioning time ids that the
@@ -7,8 +7,9 @@ before SDXL existed. The empty prompt follows the pipeline's own convention: SDX
 `force_zeros_for_empty_prompt` (the default) guides against all-zero embeddings, not against the encoded "".
 The transformer families are encoded by their pipeline's own `encode_prompt` at its `__call__` defaults (sequence
 length, caption cleaning): SD3's three encoders (CLIP pair side by side padded to T5's width, then T5's tokens)
-and pooled CLIP projections; PixArt's T5 states and attention mask; Flux's T5 states and pooled CLIP. Their
-empty prompt is the encoded "", the negative prompt their pipelines guide against by default.
+and pooled CLIP projections; PixArt's T5 states and attention mask; Flux's T5 states and pooled CLIP; DeepFloyd IF's
+T5 states (77 tokens). Their empty prompt is the encoded "", the negative prompt their pipelines guide against by
+default.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from typing import Any
 import torch
 
 from diffmem.errors import InputError
-from diffmem.models.families import FLUX, PIXART, SD3, UNET, call_default, family, network
+from diffmem.models.families import DEEPFLOYD, FLUX, PIXART, SD3, UNET, call_default, family, network
+
+IF_TOKENS = 77
+"""The T5 sequence length of DeepFloyd IF's `encode_prompt` (fixed there; its `__call__` takes none)."""
 
 
 def is_sdxl(pipe: Any) -> bool:
@@ -143,9 +147,15 @@ def encode(pipe: Any, prompts: Sequence[str]) -> Conditioning:
 
 
 def _encode_transformer(pipe: Any, prompts: Sequence[str]) -> Conditioning:
-    """`encode` for SD3, PixArt and Flux: the pipeline's own `encode_prompt` at its `__call__` defaults."""
+    """`encode` for SD3, PixArt, Flux and DeepFloyd IF: the pipeline's own `encode_prompt` at its `__call__`
+    defaults."""
     kind, net = family(pipe), network(pipe)
-    texts, length = list(prompts), call_default(pipe, "max_sequence_length")
+    texts = list(prompts)
+    if kind == DEEPFLOYD:
+        embeds, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=net.device,
+                                       clean_caption=_clean_caption(pipe))
+        return Conditioning(embeds.to(net.dtype))
+    length = call_default(pipe, "max_sequence_length")
     if kind == SD3:
         embeds, _, pooled, _ = pipe.encode_prompt(texts, None, None, device=net.device, clip_skip=None,
                                                   do_classifier_free_guidance=False, max_sequence_length=length)
@@ -160,7 +170,7 @@ def _encode_transformer(pipe: Any, prompts: Sequence[str]) -> Conditioning:
 
 
 def _clean_caption(pipe: Any) -> bool:
-    """PixArt's caption cleaning as a plain call does it: its default, off when bs4 or ftfy is missing."""
+    """PixArt's and IF's caption cleaning as a plain call does it: its default, off when bs4 or ftfy is missing."""
     from diffusers.utils import is_bs4_available, is_ftfy_available
 
     return bool(call_default(pipe, "clean_caption")) and is_bs4_available() and is_ftfy_available()
@@ -169,8 +179,11 @@ def _clean_caption(pipe: Any) -> bool:
 def text_window(pipe: Any) -> tuple[Any, int]:
     """The tokenizer whose window bounds what a prompt can say (the longest one the pipeline feeds its denoiser)
     and how many of a prompt's own tokens it keeps: CLIP's 77 less BOS and EOS for the UNet family, the T5
-    sequence length of the pipeline's `__call__` less EOS for SD3 (when it has T5), PixArt and Flux."""
+    sequence length of the pipeline's `__call__` less EOS for SD3 (when it has T5), PixArt and Flux (IF: its fixed
+    `IF_TOKENS`)."""
     kind = family(pipe)
+    if kind == DEEPFLOYD:
+        return pipe.tokenizer, IF_TOKENS - 1
     t5 = {SD3: "tokenizer_3", PIXART: "tokenizer", FLUX: "tokenizer_2"}.get(kind)
     tokenizer = getattr(pipe, t5, None) if t5 is not None else None
     if tokenizer is None or (kind == SD3 and pipe.text_encoder_3 is None):
@@ -182,8 +195,10 @@ def prompt_positions(pipe: Any) -> list[tuple[Any, int, int]]:
     """Where each text encoder puts a prompt's tokens in `prompt_embeds`: (its tokenizer, the position of the
     prompt's first token, how many of its tokens it keeps). CLIP's follow its BOS (the UNet family, and SD3's two
     CLIP encoders side by side in the first `tokenizer_max_length` positions); T5's start at 0 after SD3's CLIP
-    positions, or alone (PixArt, Flux: Flux's CLIP gives only the pooled embedding)."""
+    positions, or alone (PixArt, Flux: Flux's CLIP gives only the pooled embedding; DeepFloyd IF)."""
     kind = family(pipe)
+    if kind == DEEPFLOYD:
+        return [(pipe.tokenizer, 0, IF_TOKENS - 1)]
     clip = (pipe.tokenizer, 1, pipe.tokenizer.model_max_length - 2)
     if kind == UNET:
         return [clip]

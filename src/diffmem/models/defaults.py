@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 from diffmem.errors import ModelLoadError, UnsupportedModelError
 from diffmem.io.durable import replace_file
 from diffmem.models.families import FAMILIES, NAMES
-from diffmem.models.folders import read_metadata, resolve_model
+from diffmem.models.folders import PIXEL_PIPELINES, read_metadata, resolve_model
 
 DEFAULTS_FILE = "diffmem.json"
 """The file beside model_index.json with the model's own defaults (e.g. {"guidance_scale": 3.0})."""
@@ -28,7 +28,7 @@ SD_GUIDANCE_SCALE = 7.5
 """Stable Diffusion's guidance scale (diffusers' default): that of a model that names neither its own nor a family."""
 FAMILY_GUIDANCE = {"StableDiffusionPipeline": SD_GUIDANCE_SCALE, "StableDiffusionXLPipeline": 5.0,
                    "StableDiffusion3Pipeline": 7.0, "PixArtSigmaPipeline": 4.5, "PixArtAlphaPipeline": 4.5,
-                   "FluxPipeline": 1.0}
+                   "FluxPipeline": 1.0, "IFPipeline": 7.0}
 """Each pipeline class's default guidance scale (diffusers' `__call__` defaults). Flux's is its `true_cfg_scale`
 (1: true CFG off, the distilled model samples its conditional branch alone); see DISTILLED_GUIDANCE."""
 DISTILLED_GUIDANCE = {"FluxPipeline": 3.5}
@@ -245,11 +245,13 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _from_configs(pipeline: Any, sched: dict[str, Any], unet: dict[str, Any], channels: Any) -> dict[str, Any]:
-    """The fields that diffusers configs give (the scheduler's, the UNet's and the VAE's block widths)."""
+    """The fields that diffusers configs give (the scheduler's, the UNet's and the VAE's block widths; a pixel-space
+    pipeline has no VAE)."""
     size = unet.get("sample_size")
     if isinstance(size, list | tuple) and size:
         size = size[0]
     factor = 2 ** (len(channels) - 1) if isinstance(channels, list | tuple) and channels else 8
+    factor = 1 if pipeline in PIXEL_PIPELINES else factor  # a pixel-space denoiser's sample is the image
     return {"pipeline": pipeline, "guidance_scale": FAMILY_GUIDANCE.get(pipeline, SD_GUIDANCE_SCALE),
             "scheduler": sched.get("_class_name"),
             "prediction_type": prediction_type_of(sched.get("_class_name"), sched.get("prediction_type")),

@@ -2,24 +2,48 @@
 input they start from, and conversions between what it predicts and the noise or the clean sample (METHOD.md).
 
 `Denoiser(pipe)` is the single place where diffmem calls the denoiser network with a `Conditioning`: `pipe.unet`
-for SD 1.x/2.x and SDXL, `pipe.transformer` for SD3, PixArt (its epsilon half: the learned variance is dropped)
-and Flux (packed latents, image and text position ids, the distilled guidance input), so detection, explanation
-and mitigation start from the same `x_T` and see the same predictions. `Parameterization` reads the prediction
+for SD 1.x/2.x and SDXL, and for DeepFloyd IF (pixels, its epsilon half: the learned variance is dropped),
+`pipe.transformer` for SD3, PixArt (its epsilon half) and Flux (packed latents, image and text position ids, the
+distilled guidance input), so detection, explanation and mitigation start from the same `x_T` and see the same
+predictions. `Parameterization` reads the prediction
 type (epsilon, v_prediction, sample, or rectified flow's velocity `v = eps - x0` for a FlowMatch scheduler, with
 `x_t = (1 - s) x0 + s eps` and `s = t / num_train_timesteps`) and the noise tables off a scheduler.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from diffmem.errors import InputError, UnsupportedModelError
 from diffmem.models.conditioning import Conditioning, empty
 from diffmem.models.defaults import PARAMETERIZATIONS, PREDICTION_TYPES, ModelDefaults, prediction_type_of  # noqa: F401 (re-exported)
-from diffmem.models.families import FLOW, FLUX, PIXART, SD3, UNET, family, network
+from diffmem.models.families import (
+    DEEPFLOYD,
+    FLOW,
+    FLUX,
+    LEARNED_VARIANCE,
+    NAMES,
+    PIXART,
+    SD3,
+    UNET,
+    family,
+    network,
+    scale_factor,
+)
+
+
+def own_steps_refusal(model: str) -> str:
+    """Why diffmem does not follow `model`'s trajectory past the first step in its own loop (one line): its
+    scheduler samples a learned variance (DeepFloyd IF's DDPM)."""
+    return (f"{model}'s scheduler samples a learned variance: diffmem scores its first step (--steps first, the "
+            "paper's setting) and, through the monitor, every step of a plain pipeline call, not later steps of its "
+            "own loop")
 
 
 def initial_noise(pipe: Any, generations: int, seed: int, height: int | None = None,
@@ -40,15 +64,15 @@ def initial_noise(pipe: Any, generations: int, seed: int, height: int | None = N
 
 def default_size(pipe: Any) -> int:
     """The image side in pixels a plain `pipe(prompt)` call generates: the denoiser's sample size times the VAE
-    factor (Flux: the pipeline's `default_sample_size`, its transformer has no sample size)."""
+    factor (Flux: the pipeline's `default_sample_size`, its transformer has no sample size; IF: no VAE)."""
     if family(pipe) == FLUX:
         return int(pipe.default_sample_size * pipe.vae_scale_factor)
-    return int(network(pipe).config.sample_size * pipe.vae_scale_factor)
+    return int(network(pipe).config.sample_size * scale_factor(pipe))
 
 
 def latent_shape(pipe: Any, height: int, width: int) -> tuple[int, int, int]:
     """Channels, height and width of the (unpacked) latent of an image of `height` x `width` pixels."""
-    factor = pipe.vae_scale_factor
+    factor = scale_factor(pipe)
     if family(pipe) == FLUX:  # 2x2 patches: the latent side is even
         return network(pipe).config.in_channels // 4, 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
     return network(pipe).config.in_channels, height // factor, width // factor
@@ -296,14 +320,79 @@ class Denoiser:
                 options["negative_prompt"] = None
         return options
 
+    @contextlib.contextmanager
+    def starting_from(self, noise: torch.Tensor, seeds: Sequence[int]) -> Iterator[dict[str, Any]]:
+        """Within the block, the arguments that make a plain `pipe(...)` call start from `noise` (one row per image,
+        drawn as `initial_noise` draws them from `seeds`, one per row): `latents=noise`, except for DeepFloyd IF.
+        Its call takes no latents and samples DDPM noise at every step: it gets one generator per row, seeded as
+        the row's noise was, and draws its first images in `prepare_intermediate_images`, which the block
+        replaces on the pipeline object by one that draws them as usual (so each generator moves on as in a
+        plain call) and returns `noise` instead. A call from `initial_noise(pipe, n, seed)` is then bit for bit a
+        plain call with generators seeded seed..seed+n-1."""
+        if self.family != DEEPFLOYD:
+            yield {"latents": noise}
+            return
+        if len(seeds) != noise.shape[0]:
+            raise ValueError(f"{len(seeds)} seeds for {noise.shape[0]} rows of noise")
+        pipe, drawn = self.pipe, type(self.pipe).prepare_intermediate_images
+
+        def prepare(batch_size: int, num_channels: int, height: int, width: int, dtype: torch.dtype,
+                    device: torch.device, generator: Any) -> torch.Tensor:
+            usual = drawn(pipe, batch_size, num_channels, height, width, dtype, device, generator)
+            if usual.shape != noise.shape:
+                raise InputError(f"noise of shape {tuple(noise.shape)} does not start a call of {batch_size} "
+                                 f"{num_channels}x{height}x{width} images")
+            return noise.to(device, dtype) * pipe.scheduler.init_noise_sigma
+
+        shadowed = vars(pipe).get("prepare_intermediate_images")
+        pipe.prepare_intermediate_images = prepare
+        try:
+            yield {"generator": [torch.Generator().manual_seed(int(s)) for s in seeds]}
+        finally:
+            if shadowed is None:
+                del pipe.prepare_intermediate_images
+            else:
+                pipe.prepare_intermediate_images = shadowed
+
+    @contextlib.contextmanager
+    def forward_mode(self) -> Iterator[None]:
+        """Within the block, the network can be differentiated in forward mode (`torch.func.jvp`): attention by
+        the math kernel (the fused ones have no forward-mode rule) and every group norm's input made contiguous
+        (its forward-mode rule views the input, which IF's attention blocks hand over strided). Values do not
+        change."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def contiguous(module: Any, args: tuple) -> tuple:
+            return (args[0].contiguous(), *args[1:])
+
+        norms = [m for m in self.model.modules() if isinstance(m, torch.nn.GroupNorm)]
+        handles = [m.register_forward_pre_hook(contiguous) for m in norms]
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def check_steps(self, n_steps: int) -> None:
+        """Refuse to follow a trajectory for `n_steps` > 1 of diffmem's own steps (`step`) where it cannot: a
+        scheduler that samples a learned variance (DeepFloyd IF's DDPM) needs that variance and its own noise."""
+        if n_steps > 1 and self.pipe.scheduler.config.get("variance_type") in ("learned", "learned_range"):
+            raise UnsupportedModelError(own_steps_refusal(NAMES[self.family]))
+
+    def step(self, scheduler: Any, guided: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The latents after one step of `scheduler` from the guided prediction `guided` (diffmem's own loops)."""
+        self.check_steps(2)
+        return scheduler.step(guided, t, latents, return_dict=False)[0]
+
     def predict(self, sample: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                 model: Any = None) -> torch.Tensor:
         """The raw output for input rows `sample` and conditioning rows `cond` (one each) at `t` (the scheduler's
         timestep), called as the family's pipeline calls it; PixArt's is its epsilon half (`prediction`). `model`
         replaces the pipeline's network (e.g. the same one wrapped for data-parallel training)."""
         net = self.model if model is None else model
-        if self.family == UNET:
-            return net(sample, t, **cond.unet_kwargs(), return_dict=False)[0]
+        if self.family in (UNET, DEEPFLOYD):
+            return self.prediction(net(sample, t, **cond.unet_kwargs(), return_dict=False)[0])
         rows = sample.shape[0]
         steps = torch.as_tensor(t, device=sample.device).reshape(-1)
         steps = steps.expand(rows) if steps.numel() == 1 else steps
@@ -323,10 +412,10 @@ class Denoiser:
                    img_ids=self._image_ids(sample, cond.prompt_embeds.dtype), return_dict=False)[0]
 
     def prediction(self, output: torch.Tensor) -> torch.Tensor:
-        """The prediction in a raw network output: PixArt's first `in_channels` channels when it also predicts
-        its variance (learned sigma), else the output itself."""
+        """The prediction in a raw network output: PixArt's and IF's first `in_channels` channels when it also
+        predicts its variance (learned sigma), else the output itself."""
         channels = self.model.config.in_channels
-        if self.family == PIXART and output.dim() == 4 and output.shape[1] == 2 * channels:
+        if self.family in LEARNED_VARIANCE and output.dim() == 4 and output.shape[1] == 2 * channels:
             return output[:, :channels]
         return output
 

@@ -3,8 +3,10 @@
 `unet`: Stable Diffusion 1.x/2.x and SDXL (a UNet with cross-attention, epsilon or v prediction). `sd3`: Stable
 Diffusion 3/3.5 (MMDiT, rectified flow, three text encoders). `pixart`: PixArt-alpha/sigma (DiT with
 cross-attention to T5, epsilon with learned variance). `flux`: Flux.1 (MMDiT, rectified flow, guidance-distilled).
-The transformer families attend jointly (`sd3`, `flux`) or without UNet blocks (`pixart`): the methods that read
-UNet cross-attention maps do not apply to them (`require_unet`).
+`deepfloyd`: DeepFloyd IF stage I (a pixel-space UNet with cross-attention to T5, epsilon with learned variance,
+no VAE). The transformer families attend jointly (`sd3`, `flux`) or without UNet blocks (`pixart`), and IF's UNet
+attends to T5 tokens: the methods that read SD's CLIP-token cross-attention maps apply to none of them
+(`require_unet`).
 """
 
 from __future__ import annotations
@@ -14,14 +16,19 @@ from typing import Any
 
 from diffmem.errors import InputError
 
-UNET, SD3, PIXART, FLUX = "unet", "sd3", "pixart", "flux"
+UNET, SD3, PIXART, FLUX, DEEPFLOYD = "unet", "sd3", "pixart", "flux", "deepfloyd"
 FAMILIES = {"StableDiffusionPipeline": UNET, "StableDiffusionXLPipeline": UNET,
             "StableDiffusion3Pipeline": SD3, "PixArtSigmaPipeline": PIXART, "PixArtAlphaPipeline": PIXART,
-            "FluxPipeline": FLUX}
+            "FluxPipeline": FLUX, "IFPipeline": DEEPFLOYD}
 """The family of each pipeline class diffmem loads (model_index.json `_class_name`)."""
 FLOW = frozenset({SD3, FLUX})
 """Families trained by rectified flow (`x_t = (1 - s) x0 + s eps`, the network predicts `v = eps - x0`)."""
-NAMES = {UNET: "Stable Diffusion 1.x/2.x/XL", SD3: "Stable Diffusion 3", PIXART: "PixArt", FLUX: "Flux"}
+PIXEL = frozenset({DEEPFLOYD})
+"""Families that denoise pixels: no VAE, the denoiser's sample is the image."""
+LEARNED_VARIANCE = frozenset({PIXART, DEEPFLOYD})
+"""Families whose denoiser also predicts its variance (twice the input's channels): the prediction is the first half."""
+NAMES = {UNET: "Stable Diffusion 1.x/2.x/XL", SD3: "Stable Diffusion 3", PIXART: "PixArt", FLUX: "Flux",
+         DEEPFLOYD: "DeepFloyd IF"}
 
 
 def family(pipe: Any) -> str:
@@ -35,8 +42,14 @@ def family(pipe: Any) -> str:
 
 
 def network(pipe: Any) -> Any:
-    """The denoiser network of `pipe`: `pipe.unet` for the UNet family, `pipe.transformer` for the others."""
-    return pipe.unet if family(pipe) == UNET else pipe.transformer
+    """The denoiser network of `pipe`: `pipe.unet` for the UNet families (SD, DeepFloyd IF), `pipe.transformer` for
+    the others."""
+    return pipe.unet if family(pipe) in (UNET, DEEPFLOYD) else pipe.transformer
+
+
+def scale_factor(pipe: Any) -> int:
+    """Image pixels per denoiser sample pixel: the VAE's scale factor, 1 for a pixel-space family."""
+    return 1 if family(pipe) in PIXEL else int(pipe.vae_scale_factor)
 
 
 def call_default(pipe: Any, name: str) -> Any:
@@ -50,8 +63,10 @@ def unet_only(pipe: Any, method: str) -> str | None:
     if kind == UNET:
         return None
     why = ("joint attention has no cross-attention map" if kind in FLOW
+           else "its UNet attends to T5 tokens, not the CLIP tokens the method reads" if kind == DEEPFLOYD
            else "its DiT blocks are not the UNet cross-attention layers it reads")
-    return f"{method} reads UNet cross-attention maps; {NAMES[kind]} has no UNet: {why}"
+    has = "is not Stable Diffusion's UNet" if kind == DEEPFLOYD else "has no UNet"
+    return f"{method} reads UNet cross-attention maps; {NAMES[kind]} {has}: {why}"
 
 
 def require_unet(pipe: Any, method: str) -> None:

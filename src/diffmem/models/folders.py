@@ -21,12 +21,15 @@ DENOISERS = {"StableDiffusionPipeline": ("unet", "UNet2DConditionModel"),
              "StableDiffusion3Pipeline": ("transformer", "SD3Transformer2DModel"),
              "PixArtSigmaPipeline": ("transformer", "PixArtTransformer2DModel"),
              "PixArtAlphaPipeline": ("transformer", "PixArtTransformer2DModel"),
-             "FluxPipeline": ("transformer", "FluxTransformer2DModel")}
+             "FluxPipeline": ("transformer", "FluxTransformer2DModel"),
+             "IFPipeline": ("unet", "UNet2DConditionModel")}
 """Each pipeline class diffmem loads: its denoiser component and that component's class."""
 PIPELINE_NAMES = tuple(DENOISERS)
 """The pipeline classes (model_index.json `_class_name`) diffmem loads."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REQUIRED = ("vae", "text_encoder", "tokenizer", "scheduler")
+PIXEL_PIPELINES = ("IFPipeline",)
+"""Pipeline classes that denoise pixels: their folders have no VAE."""
 _COMPONENTS = tuple(dict.fromkeys((*(part for part, _ in DENOISERS.values()), *_REQUIRED, "text_encoder_2",
                                    "tokenizer_2", "text_encoder_3", "tokenizer_3")))
 
@@ -154,7 +157,8 @@ def _check_folder(path: Path) -> None:
     if kind not in DENOISERS and spec.get("transformer"):  # another task's transformer pipeline (img2img, ...)
         check_pipeline_name(kind, path)
     part, part_class = DENOISERS.get(kind, ("unet", "UNet2DConditionModel"))
-    missing = [name for name in (part, *_REQUIRED) if not spec.get(name) or spec[name][0] is None]
+    required = [name for name in (part, *_REQUIRED) if not (name == "vae" and kind in PIXEL_PIPELINES)]
+    missing = [name for name in required if not spec.get(name) or spec[name][0] is None]
     if missing:
         raise ModelLoadError(
             f"{path} holds a {kind}, not a text-to-image pipeline diffmem loads (missing {', '.join(missing)})"

@@ -1,5 +1,5 @@
-"""Load a text-to-image pipeline (SD 1.x/2.x, SDXL, SD3, PixArt, Flux) from a local diffusers folder, a hub id or
-`"testbed"`."""
+"""Load a text-to-image pipeline (SD 1.x/2.x, SDXL, SD3, PixArt, Flux, DeepFloyd IF stage I) from a local diffusers
+folder, a hub id or `"testbed"`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 from diffmem.errors import DiffmemError, InputError, ModelLoadError
 from diffmem.models.defaults import ModelDefaults, prediction_type_of
-from diffmem.models.families import FLOW, FLUX, NAMES, SD3, UNET, family, network
+from diffmem.models.families import DEEPFLOYD, FLOW, FLUX, NAMES, SD3, UNET, family, network
 from diffmem.models.folders import PIPELINE_NAMES, check_pipeline_name
 from diffmem.models.folders import resolve_model as resolve_model  # public here since before folders.py
 from diffmem.models.weights import check_weights
@@ -146,8 +146,8 @@ def check_scheduler(pipe: Any) -> None:
 
 
 def _check_transformer_guidance(pipe: Any) -> None:
-    """`check_guidance` for SD3, PixArt and Flux: the text encoders CFG needs, their widths, and for Flux a
-    pipeline that runs true CFG against a negative prompt."""
+    """`check_guidance` for SD3, PixArt, Flux and DeepFloyd IF: the text encoders CFG needs, their widths, and for
+    Flux a pipeline that runs true CFG against a negative prompt."""
     kind, name = family(pipe), type(pipe).__name__
     needed = {SD3: ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
               FLUX: ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}.get(kind, ("text_encoder",
@@ -164,9 +164,11 @@ def _check_transformer_guidance(pipe: Any) -> None:
     t5 = {SD3: "text_encoder_3", FLUX: "text_encoder_2"}.get(kind, "text_encoder")
     encoder, cfg = getattr(pipe, t5, None), network(pipe).config
     width = None if encoder is None else getattr(encoder.config, "d_model", None)
-    wanted = cfg.get("caption_channels") or cfg.get("joint_attention_dim")
+    wanted = cfg.get("caption_channels") or cfg.get("joint_attention_dim") or (
+        cfg.get("encoder_hid_dim") or cfg.get("cross_attention_dim") if kind == DEEPFLOYD else None)
     if width is not None and isinstance(wanted, int) and width != wanted:
-        raise ModelLoadError(f"the T5 text encoder's width {width} does not match the transformer's {wanted}")
+        denoiser = "UNet" if kind == DEEPFLOYD else "transformer"
+        raise ModelLoadError(f"the T5 text encoder's width {width} does not match the {denoiser}'s {wanted}")
 
 
 def load_pipeline(
@@ -175,8 +177,8 @@ def load_pipeline(
     dtype: torch.dtype | str | None = None,
     allow_pickle: bool = False,
 ) -> Any:
-    """Load a Stable Diffusion 1.x/2.x (epsilon or v-prediction), SDXL, SD3, PixArt-alpha/sigma or Flux pipeline
-    ready for scoring.
+    """Load a Stable Diffusion 1.x/2.x (epsilon or v-prediction), SDXL, SD3, PixArt-alpha/sigma, Flux or DeepFloyd IF
+    (stage I) pipeline ready for scoring.
 
     `model` is a local diffusers folder, a hub id (downloaded only when online) or a registered name such as
     `"testbed"` (`diffmem.register_model`).
@@ -204,12 +206,11 @@ def load_pipeline(
     try:
         index = _model_index(source)
         cls = pipeline_class(index.get("_class_name"), model)
-        sd_only = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe: Any = cls.from_pretrained(
             source,
             **dtype_kwarg(dtype),
             use_safetensors=None if allow_pickle else True,
-            **_saved_without(index) | (sd_only if cls is StableDiffusionPipeline else {}),
+            **_saved_without(index) | _without_checkers(cls),
         )
     except ModelLoadError:
         raise
@@ -243,6 +244,20 @@ def _saved_without(index: dict[str, Any]) -> dict[str, None]:
     """The components a folder was saved without (`[null, null]` in its index, e.g. SD3 without T5): passed as
     None, as diffusers asks of a pipeline whose class lists them as required."""
     return {name: None for name, entry in index.items() if isinstance(entry, list) and entry == [None, None]}
+
+
+CHECKERS = ("safety_checker", "feature_extractor", "watermarker")
+"""Optional components that filter or mark a pipeline's output images (SD's safety checker, IF's watermarker):
+diffmem measures what the denoiser makes, so it loads without them."""
+
+
+def _without_checkers(cls: Any) -> dict[str, Any]:
+    """`from_pretrained` arguments that leave out the `CHECKERS` the pipeline class takes (and its warning)."""
+    params = inspect.signature(cls.__init__).parameters
+    values: dict[str, Any] = {name: None for name in CHECKERS if name in params}
+    if "requires_safety_checker" in params:
+        values["requires_safety_checker"] = False
+    return values
 
 
 def _untyped(obj: Any) -> Any:

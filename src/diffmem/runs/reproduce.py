@@ -529,6 +529,17 @@ def _measures(settings: ReproduceSettings, mitigation_prompts: list[str], device
     return PaperMeasures(sscd, clip, refs, aesthetic, templates), notes
 
 
+def _check_steps(settings: ReproduceSettings, defaults: Any) -> None:
+    """Refuse, before any work, scored steps past the first on a pixel-space model whose folder says so (IF)."""
+    from diffmem.detectors.base import parse_steps
+    from diffmem.models.denoiser import own_steps_refusal
+    from diffmem.models.folders import PIXEL_PIPELINES
+
+    if defaults.pipeline in PIXEL_PIPELINES and any(parse_steps(s, settings.num_inference_steps) > 1
+                                                    for s in settings.steps):
+        raise InputError(own_steps_refusal(defaults.pipeline))
+
+
 def reproduce(settings: ReproduceSettings, log: Log = print, progress: Progress | None = None) -> Report:
     """Run (or resume) every scan and generation, then measure and write the report; returns it."""
     import torch
@@ -544,6 +555,7 @@ def reproduce(settings: ReproduceSettings, log: Log = print, progress: Progress 
     mitigation_prompts = mem[:limit]
     device = parse_device(settings.device)
     defaults = ModelDefaults.for_model(settings.model)
+    _check_steps(settings, defaults)
     guidance = defaults.resolve_guidance(settings.guidance_scale)
     measures, notes = _measures(settings, mitigation_prompts, device)
 
