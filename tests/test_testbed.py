@@ -68,31 +68,37 @@ def test_oracle_bound_grows_with_nuisance_energy(testbed, one_thread):
 
 def test_mitigation_and_explain_eval_commands_write_reports(cli, tmp_path, one_thread):
     res = cli("testbed", "mitigation", "--out", str(tmp_path / "m"), "--limit", "1", "--num-inference-steps", "2",
-              "--generations", "1", "--sweep", "0.5")
+              "--generations", "1", "--sweep", "0.5", "--no-strengths", "--strength", "gni=0.1,3")
     assert res.exit_code == 0, res.stderr
     rep = json.loads((tmp_path / "m" / "mitigation.json").read_text())
-    assert [r["method"] for r in rep["methods"]] == ["none", "embedding", "rta", "rna", "cwr", "gni"]
-    assert rep["tradeoff"]["embedding"][0]["strength"] == 0.5
-    assert [c["strength"] for c in rep["tradeoff"]["gni"]] == [0.1, 0.3, 1.0, 3.0]  # each baseline's strength
+    rows = rep["frontier"]
+    assert list(dict.fromkeys(r["method"] for r in rows)) == ["none", "embedding", "rta", "rna", "cwr", "gni"]
+    assert [r["strength"] for r in rows if r["method"] == "embedding"] == [0.5, rep["target_loss"]]
+    assert [r["strength"] for r in rows if r["method"] == "gni"] == [0.1, 3.0]  # given values, the default among
+    assert all(r["cost"] > 0 and r["heldout_aligned"] is not None for r in rows) and not rep["missing_parts"]
+    assert rep["n_heldout"] == 4 and rows[0]["cost"] == 1.0  # 4x --limit held-out prompts; cost over plain
     guard = rep["guard"]
     assert guard["memorized"]["n"] == 1 and guard["heldout"]["n"] == 4 and 0 <= guard["heldout"]["flagged"] <= 1
     assert guard["heldout"].get("unflagged_bit_identical", True) is True
-    assert (tmp_path / "m" / "tradeoff.png").is_file() and (tmp_path / "m" / "mitigation.png").is_file()
+    for name in ("frontier.png", "frontier.md", "mitigation.png"):
+        assert (tmp_path / "m" / name).is_file()
     # A rerun with the same settings resumes from out/parts (a marked part shows it was reused, not remeasured);
     # other settings are refused in one line.
-    part = tmp_path / "m" / "parts" / "rta.json"
+    part = tmp_path / "m" / "parts" / "memorized-rta-k-4.json"
     part.write_text(json.dumps({**json.loads(part.read_text()), "memorization_rate": 0.123}))
     (tmp_path / "m" / "mitigation.json").unlink()
     args = ["testbed", "mitigation", "--out", str(tmp_path / "m"), "--limit", "1", "--num-inference-steps", "2",
-            "--sweep", "0.5"]
+            "--sweep", "0.5", "--no-strengths", "--strength", "gni=0.1,3"]
     assert cli(*args, "--generations", "1").exit_code == 0
     again = json.loads((tmp_path / "m" / "mitigation.json").read_text())
-    assert [r["memorization_rate"] for r in again["methods"] if r["method"] == "rta"] == [0.123]
-    assert again["guard"] == guard and again["tradeoff"]["gni"] == rep["tradeoff"]["gni"]
+    assert [r["memorization_rate"] for r in again["frontier"] if r["method"] == "rta"] == [0.123]
+    assert again["guard"] == guard and [r for r in again["frontier"] if r["method"] == "gni"] == [
+        r for r in rows if r["method"] == "gni"]
+    assert "| rta | k 4 (default) | 12.3 % |" in (tmp_path / "m" / "frontier.md").read_text()
     res = cli(*args, "--generations", "2")
     assert res.exit_code == 2 and "other settings" in res.stderr.strip().splitlines()[-1]
     res = cli("testbed", "mitigation", "--out", str(tmp_path / "m"), "--sweep", "a,b")
-    assert res.exit_code == 2 and "--sweep" in res.stderr
+    assert res.exit_code == 2 and "--strength embedding=" in res.stderr
 
     res = cli("testbed", "explain-eval", "--out", str(tmp_path / "e"), "--limit", "2", "--generations", "1")
     assert res.exit_code == 0, res.stderr
@@ -251,11 +257,12 @@ def test_testbed_steps_is_the_deprecated_spelling(command, new, stub, args, cli,
 def test_mitigation_command_runs_the_methods_it_is_given(cli, tmp_path, one_thread):
     """`--methods` picks registered mitigations (PRSS with the grammar's paraphrases); an unknown name is one line."""
     res = cli("testbed", "mitigation", "--out", str(tmp_path / "m"), "--limit", "1", "--num-inference-steps", "2",
-              "--generations", "1", "--sweep", "0.5", "--no-strengths", "--no-guard",
+              "--generations", "1", "--heldout", "0", "--no-strengths", "--no-guard",
               "--methods", "none,delayed-guidance,prss")
     assert res.exit_code == 0, res.stderr
     rep = json.loads((tmp_path / "m" / "mitigation.json").read_text())
-    assert [r["method"] for r in rep["methods"]] == ["none", "delayed-guidance", "prss"]
+    assert [r["method"] for r in rep["frontier"]] == ["none", "delayed-guidance", "prss"]
+    assert rep["n_heldout"] == 0 and "aligned" in rep["frontier"][0] and "heldout_aligned" not in rep["frontier"][0]
     assert (tmp_path / "m" / "paraphrases.json").is_file()
     res = cli("testbed", "mitigation", "--out", str(tmp_path / "x"), "--methods", "none,nonsense")
     assert res.exit_code == 2 and "--methods must be one of" in res.stderr.strip().splitlines()[-1]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from diffmem import load_pipeline
 from diffmem.models.defaults import ModelDefaults
-from diffmem.testbed.mitigation_eval import Parts, _public, measure, mitigation_report
+from diffmem.testbed.mitigation_eval import Parts, _public, frontier_report, measure
 from diffmem.testbed.recipe import shipped_recipe
 from diffmem.testbed.scenes import render_many
 
@@ -18,13 +18,13 @@ items = shipped_recipe().splits().planted[:8]
 target = ModelDefaults.of(pipe).target_loss
 common = dict(generations=2, seed=0, steps=50)
 parts = Parts(out, {"prompts": [i.caption for i in items], "target_loss": target, **common})
-rep = mitigation_report(pipe, items, out, target, [], methods=("none", "embedding", "delayed-guidance",
-                        "initial-noise", "prss"), strengths={}, progress=print, parts=parts, **common)
+rep = frontier_report(pipe, items, [], out, target, methods=("none", "embedding", "delayed-guidance",
+                      "initial-noise", "prss"), sweep=False, progress=print, parts=parts, **common)
 own = render_many([i.scene for i in items], [i.seed for i in items])
 row = parts.row("initial-noise_sample", partial(measure, pipe, items, "initial-noise", own, generations=2, seed=0,
                 num_inference_steps=50, method_options={"variant": "sample"}))
-rep["methods"].append({**_public(row), "method": "initial-noise --variant sample"})
-for r in rep["methods"]:
-    print(json.dumps({k: r[k] for k in ("method", "memorization_rate", "memorized_any_seed", "aligned",
-                                        "seconds_per_prompt", "mean_final_loss")}))
+rep["frontier"].append({**_public(row), "method": "initial-noise --variant sample"})
+for r in rep["frontier"]:
+    print(json.dumps({k: r.get(k) for k in ("method", "memorization_rate", "memorized_any_seed", "aligned",
+                                            "seconds_per_prompt", "mean_final_loss")}))
 (out / "first_look.json").write_text(json.dumps(rep, indent=2))

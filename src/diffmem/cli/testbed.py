@@ -186,13 +186,21 @@ def explain_eval(
 
 @app.command()
 def mitigation(
-    out: Path = typer.Option(Path("out/mitigation"), help="Output folder: mitigation.json, tradeoff.png, picture."),
+    out: Path = typer.Option(Path("out/mitigation"), help="Output folder: frontier.md, frontier.png, "
+                             "mitigation.json, picture; parts/ (a rerun with the same options resumes)."),
     target_loss: float = typer.Option(None, help="Target loss of the embedding method (default: the model's "
                                                  "own, derived from its held-out scores)."),
-    sweep: str = typer.Option("", help="Comma-separated target losses for the trade-off curve (default: 5 "
-                                       "quantiles of the held-out scores)."),
+    sweep: str = typer.Option("", help="Comma-separated target losses of the embedding method (the same as "
+                                       "--strength embedding=...)."),
+    strength: list[str] = typer.Option([], "--strength", help="METHOD=V[,V...]: sweep METHOD over these values "
+                                       "of its strength option instead of multiples of its default (repeatable; "
+                                       "`--strength none=0` lists each method's option)."),
     strengths: bool = typer.Option(True, "--strengths/--no-strengths",
-                                   help="Also sweep each baseline's strength for the trade-off figure."),
+                                   help="Sweep each method's strength (default: 3-4 multiples of its default); "
+                                        "without, only the methods given --strength are swept."),
+    heldout: Annotated[int | None, typer.Option(
+        "--heldout", min=0, help="Also measure each configuration on the first N held-out prompts (default: 128, "
+                                 "or 4x --limit; 0: none); the next N (at most 64) calibrate SAIL and NeMo.")] = None,
     guard: bool = typer.Option(True, "--guard/--no-guard", help="Also run the guard end to end (threshold at "
                                "1% FPR on the held-out prompts) on memorized and held-out prompts."),
     generations: int = typer.Option(4, help="Seeds per prompt."),
@@ -205,57 +213,60 @@ def mitigation(
     device: str = typer.Option(None, help="cpu, cuda, cuda:N or mps (default: cpu)."),
     model: TestbedModelOpt = "testbed",
 ) -> None:
-    """Compare inference-time mitigations on the memorized prompts: memorization rate, alignment, time; the
-    trade-off as each one's strength moves; the guard end to end."""
+    """The mitigation frontier: memorization rate, alignment (memorized and held-out prompts) and cost over plain
+    generation of each method as its strength moves; the table and figure from whatever parts finished; the guard."""
     import numpy as np
 
-    from diffmem.detectors.calibration import calibrate_detection
-    from diffmem.detectors.magnitude import MagnitudeDetector
     from diffmem.errors import InputError
+    from diffmem.mitigate.base import table_methods
     from diffmem.mitigate.embedding import EmbeddingConfig
     from diffmem.models.defaults import ModelDefaults
     from diffmem.models.loading import quiet_diffusers
     from diffmem.testbed.mitigation_eval import (
-        BASELINE_STRENGTHS,
         Parts,
+        frontier_report,
         guard_report,
-        mitigation_report,
         parse_methods,
+        parse_strengths,
     )
     from diffmem.testbed.recipe import shipped_recipe
 
     steps = renamed(num_inference_steps, steps, "--steps", "--num-inference-steps", 50)
     quiet_diffusers()
-    try:
-        targets = [float(v) for v in sweep.split(",") if v.strip()]
-    except ValueError as exc:
-        raise InputError(f"--sweep must be comma-separated numbers, not {sweep!r}") from exc
-    chosen = parse_methods(methods)
-    budget = EmbeddingConfig() if iters is None else EmbeddingConfig(iters=iters)  # checked before any run
+    chosen = parse_methods(methods)  # every check before any model loads
+    given = parse_strengths([*strength, *([f"embedding={sweep}"] if sweep.strip() else [])])
+    unused = sorted(set(given) - set(chosen or table_methods(paper=True)))
+    if unused:
+        raise InputError(f"--strength {unused[0]}: not among --methods")
+    budget = EmbeddingConfig() if iters is None else EmbeddingConfig(iters=iters)
     pipe = _testbed_pipeline(device, model)
     splits = shipped_recipe().splits()
     memorized = splits.planted[:limit] if limit else splits.planted
-    heldout = splits.heldout[: 4 * limit] if limit else splits.heldout
-    cal = calibrate_detection(MagnitudeDetector(pipe, generations=generations, batch_size=256),
-                              [i.caption for i in splits.heldout])  # 1% FPR on the held-out prompts
-    held = np.array(cal.scores)
+    n_held = heldout if heldout is not None else 4 * limit if limit else 128
+    held = splits.heldout[:n_held]
+    calibration = splits.heldout[n_held: n_held + min(max(n_held, 2), 64)]
     target = ModelDefaults.of(pipe).resolve_target_loss(target_loss)
-    targets = targets or [float(np.quantile(held, q)) for q in (0.1, 0.3, 0.5, 0.7, 0.9)]
-    stamp = {"prompts": [i.caption for i in memorized], "heldout": len(heldout), "target_loss": target,
+    stamp = {"prompts": [i.caption for i in memorized], "heldout": len(held), "target_loss": target,
              "generations": generations, "steps": steps, **({} if iters is None else {"iters": iters})}
     parts = Parts(out, stamp)  # a rerun resumes from these
-    rep = mitigation_report(pipe, memorized, out, target, targets, methods=chosen, generations=generations,
-                            steps=steps, iters=budget.iters, strengths=BASELINE_STRENGTHS if strengths else {},
-                            progress=typer.echo, parts=parts)
-    rep["heldout_score_quantiles"] = {q: float(np.quantile(held, q)) for q in (0.1, 0.5, 0.9, 0.99)}
+    rep = frontier_report(pipe, memorized, held, out, target, methods=chosen, strengths=given, sweep=strengths,
+                          calibration_prompts=calibration, generations=generations, steps=steps,
+                          iters=budget.iters, progress=typer.echo, parts=parts)
     if guard:
-        rep["guard"] = guard_report(pipe, memorized, heldout, cal.threshold, target, generations=generations,
+        from diffmem.detectors.calibration import calibrate_detection
+        from diffmem.detectors.magnitude import MagnitudeDetector
+
+        cal = calibrate_detection(MagnitudeDetector(pipe, generations=generations, batch_size=256),
+                                  [i.caption for i in splits.heldout])  # 1% FPR on the held-out prompts
+        scores = np.array(cal.scores)
+        rep["heldout_score_quantiles"] = {q: float(np.quantile(scores, q)) for q in (0.1, 0.5, 0.9, 0.99)}
+        rep["guard"] = guard_report(pipe, memorized, held, cal.threshold, target, generations=generations,
                                     steps=steps, iters=budget.iters, progress=typer.echo, parts=parts)
     from diffmem.io.durable import write_atomic
 
     write_atomic(out / "mitigation.json", json.dumps(rep, indent=2))
-    typer.echo(json.dumps(rep, indent=2))
-    typer.echo(f"wrote {out / 'mitigation.json'}, tradeoff.png, mitigation.png")
+    typer.echo((out / "frontier.md").read_text())
+    typer.echo(f"wrote {out / 'mitigation.json'}, frontier.md, frontier.png, mitigation.png")
 
 
 @app.command()
