@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -39,14 +40,17 @@ def _images(result_images: list[Any]) -> np.ndarray:
 
 
 def _generate(pipe, items: Sequence[Item], method: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Generate `items` with one method: the images, their alignment, time per prompt, final losses, targets."""
+    """Generate `items` with one method: the images, their alignment, time per prompt (wall and this process's
+    CPU, which other jobs on a shared machine leave alone), final losses, targets."""
+    cpu = time.process_time()
     res = generate(pipe, [i.caption for i in items], method, **settings)
+    cpu = (time.process_time() - cpu) / max(len(items), 1)
     imgs = _images(res.images)
     ok = alignment(imgs, list(items))
     losses = [d.final_loss for d in res.decisions if d.final_loss is not None]
     reached = [bool(d.reached) for d in res.decisions if d.reached is not None]
     return {"method": method, "n": len(items), "aligned": None if ok is None else float(ok.mean()),
-            "seconds_per_prompt": float(np.mean([d.seconds for d in res.decisions])),
+            "seconds_per_prompt": float(np.mean([d.seconds for d in res.decisions])), "cpu_seconds_per_prompt": cpu,
             "mean_final_loss": float(np.mean(losses)) if losses else None,
             "target_reached": float(np.mean(reached)) if reached else None, "_images": imgs}
 
@@ -344,18 +348,26 @@ def frontier_rows(points: Sequence[Point], parts: Parts) -> tuple[list[dict[str,
         got = stored[p.key]
         if got is None:
             continue
-        plain = stored.get(Point(p.set, "none").key)
-        ratio = (got["seconds_per_prompt"] / plain["seconds_per_prompt"]
-                 if plain and plain["seconds_per_prompt"] > 0 else None)
+        ratio = _cost(got, stored.get(Point(p.set, "none").key))
         if p.set == "memorized":
             row |= {k: got.get(k) for k in ("memorization_rate", "memorized_any_seed", "mean_copy_similarity",
-                                            "aligned", "seconds_per_prompt", "mean_final_loss", "target_reached")}
+                                            "aligned", "seconds_per_prompt", "cpu_seconds_per_prompt",
+                                            "mean_final_loss", "target_reached")}
             row["cost"] = ratio
         else:
             row |= {"heldout_aligned": got.get("aligned"), "heldout_copies_memorized": got.get("copies_memorized"),
-                    "heldout_seconds_per_prompt": got["seconds_per_prompt"], "heldout_cost": ratio}
+                    "heldout_seconds_per_prompt": got["seconds_per_prompt"],
+                    "heldout_cpu_seconds_per_prompt": got.get("cpu_seconds_per_prompt"), "heldout_cost": ratio}
     order = {method: n for n, method in enumerate(dict.fromkeys(p.method for p in points))}
     return sorted(rows.values(), key=lambda r: (order[r["method"]], _strength_order(r))), missing
+
+
+def _cost(row: Mapping[str, Any], plain: Mapping[str, Any] | None) -> float | None:
+    """A part's cost over plain sampling of the same set: the ratio of CPU seconds per prompt (wall seconds for
+    parts that lack them), None without a plain part."""
+    unit = "cpu_seconds_per_prompt" if plain and plain.get("cpu_seconds_per_prompt") and row.get(
+        "cpu_seconds_per_prompt") else "seconds_per_prompt"
+    return row[unit] / plain[unit] if plain and plain.get(unit) else None
 
 
 def _strength_order(row: Mapping[str, Any]) -> float:
