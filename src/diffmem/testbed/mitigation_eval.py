@@ -122,9 +122,9 @@ SWEEPS: dict[str, Sweep] = {
     "rna": Sweep("k", (0.25, 0.5, 1.0, 2.0)),
     "cwr": Sweep("k", (0.25, 0.5, 1.0, 2.0)),
     "gni": Sweep("sigma", (1.0, 3.0, 10.0, 30.0)),  # embedding noise: 0.1, 0.3, 1, 3
-    "attention": Sweep("c1", (0.88, 1.0, 1.2, 1.6)),  # Ren et al.'s 1.25: 1.1, 1.25, 1.5, 2
+    "attention": Sweep("c1", (0.84, 0.92, 1.0, 1.2)),  # Ren et al.'s 1.25: 1.05, 1.15, 1.25, 1.5 (1: no change)
     "sail": Sweep("sail_threshold", (0.8, 0.9, 1.0)),  # lower accepts fewer noises: stronger
-    "nemo": Sweep("nemo_threshold", (0.8, 0.9, 1.0)),  # lower takes more prompts as memorized: stronger
+    "nemo": Sweep("nemo_threshold", (0.7, 0.8, 0.9, 1.0)),  # lower takes more prompts as memorized: stronger
     "delayed-guidance": Sweep("early_guidance", (1.0, 0.0, -2.0)),  # conditional alone, unconditional, opposite
     "initial-noise": Sweep("apply_cfg_step", (1.0, 2.0, 3.0)),  # unguided steps 0-4, 0-8, 0-12
     "prss": Sweep("search_target", (0.5, 1.0, 2.0)),  # 1/6, 1/3, 2/3 of the target loss
