@@ -185,6 +185,15 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+def redefault(owner: type[Config], name: str, default: Any) -> Any:
+    """Setting `name` of `owner` (its option and range) with another default: for a class that reuses another's
+    setting, so the rule is declared once."""
+    for f in dataclasses.fields(owner):
+        if f.name == name:
+            return dataclasses.field(default=default, metadata=f.metadata)
+    raise KeyError(name)
+
+
 def config_of(owner: type, config: Config | None, settings: Mapping[str, Any]) -> Any:
     """A method's settings: `config` (default: its class `owner.Config` built from `settings`) with `settings` on
     top, checked as built; a config of another class is a TypeError (a caller's bug, not a user's value)."""

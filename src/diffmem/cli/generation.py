@@ -60,12 +60,16 @@ NemoThresholdOpt = Annotated[
     float | None, typer.Option("--nemo-threshold", help="nemo: MS-SSIM threshold of the residuals (0.428, SD v1.4).")]
 NemoGenerationsOpt = Annotated[int | None, typer.Option("--nemo-generations", help="nemo: seeds compared (10).")]
 EarlyGuidanceOpt = Annotated[
-    float | None, typer.Option("--early-guidance", help="delayed-guidance: guidance scale before the transition, "
-                               "-10 to 1 (1: the conditional prediction alone, 0: unconditional, negative: opposite "
-                               "guidance; default 1).")]
+    float | None, typer.Option("--early-guidance", help="delayed-guidance, embedding-delayed: guidance scale "
+                               "before the transition, -10 to 1 (1: the conditional prediction alone, 0: "
+                               "unconditional, negative: opposite guidance; default 1, embedding-delayed 0).")]
+TargetSlackOpt = Annotated[
+    float | None, typer.Option("--target-slack", help="embedding-delayed: stop the optimisation at this times "
+                               "--target-loss (1.25).")]
 TransitionOpt = Annotated[
-    float | None, typer.Option("--transition-timestep", help="delayed-guidance: full guidance from the first "
-                               "timestep <= this (static rule; default: the first local minimum of d_t).")]
+    float | None, typer.Option("--transition-timestep", help="delayed-guidance, embedding-delayed: full guidance "
+                               "from the first timestep <= this (static rule; default: the first local minimum of "
+                               "d_t, embedding-delayed 800).")]
 VariantOpt = Annotated[
     str | None, typer.Option("--variant", help="initial-noise: batch (adjust the noises, CFG after "
                              "--apply-cfg-step; default) or sample (AdamW per generation to --target-loss).")]
@@ -206,6 +210,7 @@ def mitigate(
     nemo_generations: NemoGenerationsOpt = None,
     early_guidance: EarlyGuidanceOpt = None,
     transition_timestep: TransitionOpt = None,
+    target_slack: TargetSlackOpt = None,
     variant: VariantOpt = None,
     rho: RhoOpt = None,
     gamma: GammaOpt = None,
@@ -236,7 +241,8 @@ def mitigate(
     options = dict(c1=c1, sail_threshold=sail_threshold, sail_weight=sail_weight,
                    nemo_stats=None if nemo_stats is None else str(nemo_stats.resolve()),
                    nemo_threshold=nemo_threshold, nemo_generations=nemo_generations,
-                   early_guidance=early_guidance, transition_timestep=transition_timestep, variant=variant, rho=rho,
+                   early_guidance=early_guidance, transition_timestep=transition_timestep,
+                   target_slack=target_slack, variant=variant, rho=rho,
                    gamma=gamma, adj_iters=adj_iters, apply_cfg_step=apply_cfg_step, noise_iters=noise_iters,
                    noise_lr=noise_lr, paraphrases=None if paraphrases is None else str(paraphrases.resolve()),
                    search_target=search_target, anchor_target=anchor_target, anchor_full=anchor_full)
