@@ -128,6 +128,7 @@ SWEEPS: dict[str, Sweep] = {
     "delayed-guidance": Sweep("early_guidance", (1.0, 0.0, -2.0)),  # conditional alone, unconditional, opposite
     "initial-noise": Sweep("apply_cfg_step", (1.0, 2.0, 3.0)),  # unguided steps 0-4, 0-8, 0-12
     "prss": Sweep("search_target", (0.5, 1.0, 2.0)),  # 1/6, 1/3, 2/3 of the target loss
+    "embedding-delayed": Sweep("target_slack", (0.8, 0.9, 1.0, 1.1)),  # stop at 1, 1.125, 1.25, 1.375x the target
 }
 """Each mitigation's strength sweep for the frontier (plain sampling has none); the one table of them."""
 
