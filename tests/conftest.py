@@ -23,6 +23,16 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 KINDS = ("sd1", "sd2-v")
 
 
+def save_tiny(tmp_path_factory: pytest.TempPathFactory, build: Callable[[], object], where: str, name: str) -> Path:
+    """`build()`'s pipeline saved as a diffusers folder `where/name`, as a user's model is (diffusers quiet)."""
+    from diffmem.models.loading import quiet_diffusers
+
+    quiet_diffusers()
+    folder = tmp_path_factory.mktemp(where) / name
+    build().save_pretrained(folder)  # type: ignore[attr-defined]
+    return folder
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Run a test on one torch thread: the tiny models gain nothing from more, and on a small shared CPU

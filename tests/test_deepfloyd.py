@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, IFPipeline, UNet2DConditionModel
 
+from conftest import save_tiny
 from diffmem.detectors.attention_entropy import AttentionEntropyDetector
 from diffmem.detectors.magnitude import MagnitudeDetector, detect
 from diffmem.detectors.monitor import Monitor
@@ -55,12 +56,7 @@ def tiny_if() -> IFPipeline:
 
 @pytest.fixture(scope="module")
 def if_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from diffmem.models.loading import quiet_diffusers
-
-    quiet_diffusers()
-    folder = tmp_path_factory.mktemp("deepfloyd") / "if"
-    tiny_if().save_pretrained(folder)
-    return folder
+    return save_tiny(tmp_path_factory, tiny_if, "deepfloyd", "if")
 
 
 @pytest.fixture(scope="module")

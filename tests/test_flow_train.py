@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import save_tiny
 from diffmem.errors import UnsupportedModelError
 from diffmem.models.conditioning import empty, encode
 from diffmem.models.denoiser import Denoiser, Parameterization
@@ -31,12 +32,7 @@ class Crash(Exception):
 
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from diffmem.models.loading import quiet_diffusers
-
-    quiet_diffusers()
-    folder = tmp_path_factory.mktemp("flow-train") / "sd3"
-    tiny_sd3().save_pretrained(folder)
-    return folder
+    return save_tiny(tmp_path_factory, tiny_sd3, "flow-train", "sd3")
 
 
 @pytest.fixture(scope="module")
