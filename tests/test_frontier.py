@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from diffmem.errors import InputError
 from diffmem.mitigate.base import MITIGATIONS
 from diffmem.testbed.mitigation_eval import (
     SWEEPS,
@@ -13,6 +17,7 @@ from diffmem.testbed.mitigation_eval import (
     Point,
     check_strength,
     parse_methods,
+    parse_strengths,
     plan,
     write_frontier,
 )
@@ -101,3 +106,21 @@ def test_a_run_without_any_plain_part_still_reports(tmp_path):
     result = write_frontier(tmp_path, [Point("memorized", "none"), Point("heldout", "none")], parts)
     assert result["reference_heldout_aligned"] is None and len(result["missing_parts"]) == 2
     assert "not measured yet" in (tmp_path / "frontier.md").read_text()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(
+    st.text(max_size=30),
+    st.builds(lambda m, v: f"{m}={v}", st.sampled_from([*SWEEPS, "none", "nope", ""]),
+              st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(str), st.text(max_size=6)),
+                       max_size=4).map(",".join))), max_size=3))
+def test_any_strength_text_is_checked_values_or_one_error_line(texts: list[str]) -> None:
+    """Whatever a user types after --strength: finite values each method's Config accepts, or one InputError line."""
+    try:
+        parsed = parse_strengths(texts)
+    except InputError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    for method, values in parsed.items():
+        for value in values:
+            assert math.isfinite(value) and check_strength(method, value) == value
