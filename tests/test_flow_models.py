@@ -669,6 +669,8 @@ def test_guard_passes_unflagged_prompts_bit_identical(flow_pipes: dict[str, Any]
                                **settings)
     assert [d.flagged for d in guarded.decisions] == [i != low for i in range(2)]
     assert [d.mitigated for d in guarded.decisions] == [i != low for i in range(2)]
+    default = "embedding" if kind == "flux" else "embedding-delayed"  # Flux: no CFG batch to delay
+    assert [d.method for d in guarded.decisions] == [default] * 2
     assert torch.equal(guarded.images[low], plain.images[low])
     assert not torch.equal(guarded.images[1 - low], plain.images[1 - low])
 
@@ -741,11 +743,12 @@ def test_a_flux_run_without_true_cfg_is_one_line(flow_dirs: dict[str, Path], tmp
 def test_generate_and_mitigate_commands_on_sd3(flow_dirs: dict[str, Path], tmp_path: Path, cli: Callable) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    for command, extra in (("generate", ["--guard", "--threshold", "-inf"]), ("mitigate", ["--method", "embedding"])):
+    for command, extra, method in (("generate", ["--guard", "--threshold", "-inf"], "embedding-delayed"),
+                                   ("mitigate", ["--method", "embedding"], "embedding")):
         out = tmp_path / command
         result = cli(command, "--model", flow_dirs["sd3"], "--prompts", prompts, "--out", out,
                      "--num-inference-steps", STEPS, "--iters", 1, "--target-loss", 0, *extra)
         assert result.exit_code == 0, result.output
         rows = read_results(out / "results.jsonl")
-        assert [(r["method"], r["mitigated"], r["iters"]) for r in rows] == [("embedding", True, 1)] * 2
+        assert [(r["method"], r["mitigated"], r["iters"]) for r in rows] == [(method, True, 1)] * 2
         assert sorted(p.name for p in (out / "images").iterdir()) == ["0_0.png", "1_0.png"]

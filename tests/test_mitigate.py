@@ -26,6 +26,7 @@ from diffmem.mitigate import (
     rna,
     rta,
 )
+from diffmem.registry import DEFAULT_MITIGATION
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,8 +122,19 @@ def test_unflagged_prompts_give_the_plain_images_bit_for_bit(pipe, reference) ->
         assert d.final_loss == d.score and d.score is not None and d.seconds > 0
 
 
+def test_the_guard_uses_the_default_mitigation(sd1_pipe) -> None:
+    settings = dict(num_inference_steps=STEPS, target_loss=0.0, iters=2, generations=2)
+    scores = [d.score for d in generate(sd1_pipe, [PROMPT, OTHER], "none", **settings).decisions]
+    out = guarded_generate(sd1_pipe, [PROMPT, OTHER], threshold=sum(scores) / 2, **settings)
+    hi = int(np.argmax(scores))
+    assert [d.method for d in out.decisions] == [DEFAULT_MITIGATION] * 2 == ["embedding-delayed"] * 2
+    alone = generate(sd1_pipe, [out.decisions[hi].prompt], DEFAULT_MITIGATION, **settings)
+    assert np.array_equal(out.images[hi], alone.images[0]) and out.decisions[hi].mitigated
+    assert np.array_equal(out.images[1 - hi], plain(sd1_pipe, out.decisions[1 - hi].prompt, 2))
+
+
 def test_flagged_prompts_are_sampled_from_the_optimised_embedding(pipe) -> None:
-    settings = dict(num_inference_steps=STEPS, target_loss=0.0, iters=2)
+    settings = dict(num_inference_steps=STEPS, target_loss=0.0, iters=2, method="embedding")
     scores = [d.score for d in guarded_generate(pipe, [PROMPT, OTHER], threshold=math.inf, **settings).decisions]
     threshold = sum(scores) / 2  # flags exactly the higher-scoring prompt
     out = guarded_generate(pipe, [PROMPT, OTHER], threshold=threshold, **settings)

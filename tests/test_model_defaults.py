@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.loading import load_pipeline
@@ -110,6 +113,8 @@ BAD = {
     "sail threshold a bool": ("diffmem.json", {"sail_threshold": True}, "sail_threshold"),
     "detection threshold null": ("diffmem.json", {"detection_threshold": None}, "detection_threshold"),
     "unknown field": ("diffmem.json", {"target-loss": 2.0}, "target-loss"),
+    "curve of one point": ("diffmem.json", {"transition_curve": [[981, 0.5]]}, "transition_curve"),
+    "curve rising": ("diffmem.json", {"transition_curve": [[1, 0.5], [981, 0.6]]}, "transition_curve"),
     "prediction type": ("scheduler/scheduler_config.json", {"prediction_type": "flow"}, "prediction_type"),
     "timesteps": ("scheduler/scheduler_config.json", {"num_train_timesteps": 0}, "num_train_timesteps"),
 }
@@ -169,3 +174,28 @@ def test_serve_takes_the_models_own_detection_threshold() -> None:
     given = threshold_from_options("/some/model", threshold=2.0, defaults=own)
     assert given == Threshold(2.0, "the --threshold option")
     assert threshold_from_options("testbed", defaults=ModelDefaults()) is None  # none of its own: calibrated
+
+
+SCALARS = st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers(-2000, 2000) | st.text(max_size=3)
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(JSON)
+def test_any_transition_curve_is_read_or_refused_in_one_line(value: object) -> None:
+    """Whatever diffmem.json holds as the curve: a checked tuple of falling (timestep, d_t) pairs whose
+    interpolation is finite, or one ModelLoadError line naming the field."""
+    from diffmem.errors import ModelLoadError
+
+    try:
+        got = ModelDefaults(transition_curve=value, own=frozenset({"transition_curve"}))  # type: ignore[arg-type]
+    except ModelLoadError as exc:
+        assert "transition_curve" in str(exc) and "\n" not in str(exc)
+        return
+    curve = got.transition_curve
+    if curve is None:
+        assert value is None
+        return
+    steps = [t for t, _ in curve]
+    assert len(curve) >= 2 and all(a > b >= 0 for a, b in zip(steps, steps[1:], strict=False)) and steps[0] <= 1000
+    assert all(math.isfinite(got.transition_threshold(t)) for t in (-5.0, 0.0, 500.0, 2000.0))

@@ -179,14 +179,17 @@ def own_target_dir(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPat
 @pytest.mark.parametrize("kind", ["family target", "own target"])
 def test_the_page_and_the_cli_give_the_same_mitigated_image(kind: str, model_dirs: dict[str, Path],
                                                             own_target_dir: Path, tmp_path: Path, cli) -> None:
-    """`generate_pair` and `diffmem mitigate --method embedding` with the same prompt, seed, steps and model give
-    the same pixels, both at the model's target loss. The page's threshold (0.1) is below every score of the tiny
-    model: were it still the page's fallback target, the page would optimise where the CLI stops at once."""
+    """`generate_pair` and `diffmem mitigate --method embedding-delayed` (the default mitigation) with the same
+    prompt, seed, steps and model give the same pixels, both stopping at the slack times the model's target loss.
+    The page's threshold (0.1) is below every score of the tiny model: were it still the page's fallback target,
+    the page would optimise where the CLI stops at once."""
     from PIL import Image
 
     from diffmem.app.service import Service, Settings, Threshold
+    from diffmem.mitigate.embedding_delayed import SLACK
     from diffmem.models.defaults import ModelDefaults
     from diffmem.models.loading import load_pipeline
+    from diffmem.registry import DEFAULT_MITIGATION
 
     model = model_dirs["sd1"] if kind == "family target" else own_target_dir
     prompt, seed, steps, iters = "a red circle on a blue square", 3, 4, 3
@@ -196,13 +199,16 @@ def test_the_page_and_the_cli_give_the_same_mitigated_image(kind: str, model_dir
     page = service.generate_pair(prompt)
     prompts = tmp_path / "p.txt"
     prompts.write_text(prompt + "\n")
-    res = cli("mitigate", "--method", "embedding", "--model", model, "--prompts", prompts, "--out", tmp_path / "out",
-              "--seed", seed, "--num-inference-steps", steps, "--iters", iters, "--device", "cpu")
+    res = cli("mitigate", "--method", DEFAULT_MITIGATION, "--model", model, "--prompts", prompts,
+              "--out", tmp_path / "out", "--seed", seed, "--num-inference-steps", steps, "--iters", iters,
+              "--device", "cpu")
     assert res.exit_code == 0, res.stderr
     row = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[0])
     target = ModelDefaults.for_model(model).target_loss
     assert target == (3.0 if kind == "family target" else 0.3)
-    assert page["mitigation"]["target_loss"] == row["target_loss"] == target
+    assert row["target_loss"] == target and page["mitigation"]["target_loss"] == pytest.approx(target * SLACK)
+    assert page["mitigation"]["method"] == row["method"] == "embedding-delayed"
+    assert page["mitigation"]["guidance_from_step"] == row["details"]["guidance_from_step"][0] > 0
     assert page["mitigation"]["iters"] == row["iters"] and (row["iters"] == 0) == (kind == "family target")
     cli_pixels = np.asarray(Image.open(tmp_path / "out" / row["images"][0]).convert("RGB"))
     page_pixels = (np.clip(page["mitigated"], 0, 1) * 255).round().astype(np.uint8)

@@ -20,6 +20,12 @@ T = TypeVar("T")
 
 NOT_VERIFIED = "no figure verified here (see the paper)"
 """A method's `published` figure when none was checked against its paper."""
+DEFAULT_MITIGATION = "embedding-delayed"
+"""The mitigation the guard, the page and `generate` use unless told: the one that meets issue #32's target on testbed
+v2 (docs/results.md, "A default that meets the target"); Wen et al.'s method stays available as `embedding`."""
+DEFAULT_WITHOUT_CFG_BATCH = "embedding"
+"""The default on a model whose guidance branches are two calls (Flux's true CFG): no CFG batch, no schedule to
+delay, so Wen et al.'s method alone (`diffmem.mitigate.base.default_mitigation`)."""
 
 
 @dataclass(frozen=True)

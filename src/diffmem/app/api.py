@@ -144,14 +144,17 @@ class GenerateRequest(_Strict):
 
 
 class MitigationOut(BaseModel):
-    """How the mitigated conditioning embedding was found."""
+    """How the mitigated image was made: the conditioning embedding found, and the guidance schedule."""
 
     score: float = Field(description="Detection score of the mitigated embedding.")
     initial_loss: float = Field(description="First-step loss of the prompt's own embedding.")
     final_loss: float
     iters: int
     reached: bool
-    target_loss: float
+    target_loss: float = Field(description="The first-step loss at which the optimisation stops.")
+    method: str = Field(description="The mitigation (the model's default: embedding-delayed; on Flux, embedding).")
+    guidance_from_step: int | None = Field(
+        description="embedding-delayed: the sampling step from which guidance was on (None: never, or embedding).")
 
 
 class CopyOut(BaseModel):

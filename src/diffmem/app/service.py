@@ -393,12 +393,24 @@ class Service:
         return np.asarray(out.images[0], dtype=np.float32)
 
     def _generate(self, prompt: str) -> dict[str, Any]:
+        """The default mitigation (`default_mitigation`): the embedding optimised to the method's stopping loss,
+        then one image sampled under its guidance schedule (Flux: the optimisation alone, Wen et al.'s method)."""
         from diffmem.mitigate import mitigate_embedding
+        from diffmem.mitigate.base import default_mitigation
+        from diffmem.mitigate.embedding_delayed import EmbeddingDelayed, EmbeddingDelayedConfig
         from diffmem.models.conditioning import as_conditioning
+        from diffmem.models.defaults import ModelDefaults
+        from diffmem.models.families import family
         from diffmem.runs.generation import finite_images
 
         s = self.settings
-        target = s.target_loss  # resolved in __init__: the model's own unless given, as `diffmem mitigate`'s
+        assert s.guidance_scale is not None  # resolved in __init__
+        method = default_mitigation(family(self.pipe))
+        delayed = method == EmbeddingDelayed.name
+        config = EmbeddingDelayedConfig(target_loss=s.target_loss, iters=s.mitigate_iters).resolved(
+            ModelDefaults.of(self.pipe))  # the target: the model's own unless given, as `diffmem mitigate`'s
+        assert config.target_loss is not None  # resolved
+        target = config.stop_at if delayed else config.target_loss
         start = time.perf_counter()
         plain = self._sample(prompt=prompt)
         result = mitigate_embedding(self.pipe, prompt, generations=s.generations, seed=s.seed,
@@ -406,7 +418,13 @@ class Service:
                                     guidance_scale=s.guidance_scale, num_inference_steps=s.num_inference_steps)
         cond = result.conditioning if result.conditioning is not None else as_conditioning(self.pipe,
                                                                                           result.embedding)
-        mitigated = self._sample(cond=cond)
+        switched: int | None = None
+        if delayed:
+            with config.schedule(self.pipe, s.guidance_scale) as schedule:
+                mitigated = self._sample(cond=cond)
+            switched = schedule.switched_at[0]
+        else:
+            mitigated = self._sample(cond=cond)
         plain, plain_error = finite_images(plain)  # NaN/inf pixels: black and said, as in `diffmem generate`'s rows
         mitigated, mitigated_error = finite_images(mitigated)
         out: dict[str, Any] = {
@@ -422,6 +440,8 @@ class Service:
                 "iters": int(result.iters),
                 "reached": bool(result.reached),
                 "target_loss": target,
+                "method": method,
+                "guidance_from_step": switched,
             },
             "training": None,
             "copy_similarity": None,

@@ -201,14 +201,20 @@ def images_html(out: dict[str, Any]) -> str:
     if out.get("training") is not None and sims:
         figs.append(figure("training", out["training"],
                            f"<b>training image</b><br>(copy at ≥ {sims['copy_threshold']:.2f})"))
+    delayed = mit.get("method") == "embedding-delayed"
     if mit["iters"] == 0 and mit["reached"]:
-        how = (f"none needed (first-step loss {_fmt(mit['initial_loss'])} is already at or below the target "
-               f"{_fmt(mit['target_loss'])}, so both images are the same)")
+        same = "" if delayed else ", so both images are the same"
+        how = (f"no optimisation needed (first-step loss {_fmt(mit['initial_loss'])} is already at or below the "
+               f"target {_fmt(mit['target_loss'])}{same})")
     else:
         iters = f"{mit['iters']} iteration" + ("" if mit["iters"] == 1 else "s")
         reached = "reached" if mit["reached"] else "did not reach"
         how = (f"{iters} on the prompt embedding, loss {_fmt(mit['initial_loss'])} → {_fmt(mit['final_loss'])} "
                f"({reached} the target {_fmt(mit['target_loss'])})")
+    if delayed:
+        step = mit.get("guidance_from_step")
+        how += ("; then sampled unguided until step " + str(step) + " (where its d_t met the model's transition "
+                "curve or the latest timestep), guided after" if step is not None else "; then sampled unguided")
     note = (f"Same initial noise (seed {out['seed']}), DDIM {out['num_inference_steps']} steps. Mitigation: {how}. "
             f"{out['seconds']:.1f} s.")
     return (f'<div id="images-box" data-prompt="{html.escape(out["prompt"])}"><div class="dm-images">'

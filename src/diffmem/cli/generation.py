@@ -14,6 +14,7 @@ import typer
 
 from diffmem.cli.common import AllowPickleOpt, ItersOpt, ModelOpt, deprecated_option, renamed
 from diffmem.errors import InputError
+from diffmem.registry import DEFAULT_MITIGATION, DEFAULT_WITHOUT_CFG_BATCH
 from diffmem.runs.generation import run as run_generation
 
 PromptsOpt = Annotated[
@@ -65,11 +66,15 @@ EarlyGuidanceOpt = Annotated[
                                "unconditional, negative: opposite guidance; default 1, embedding-delayed 0).")]
 TargetSlackOpt = Annotated[
     float | None, typer.Option("--target-slack", help="embedding-delayed: stop the optimisation at this times "
-                               "--target-loss (1.25).")]
+                               "--target-loss (1.5).")]
 TransitionOpt = Annotated[
     float | None, typer.Option("--transition-timestep", help="delayed-guidance, embedding-delayed: full guidance "
                                "from the first timestep <= this (static rule; default: the first local minimum of "
-                               "d_t, embedding-delayed 800).")]
+                               "d_t); embedding-delayed: the earliest (800), each generation from where its d_t "
+                               "meets the model's transition curve.")]
+LatestOpt = Annotated[
+    float | None, typer.Option("--latest-timestep", help="embedding-delayed: full guidance from this timestep at "
+                               "the latest, and for every generation when the model has no transition curve (680).")]
 VariantOpt = Annotated[
     str | None, typer.Option("--variant", help="initial-noise: batch (adjust the noises, CFG after "
                              "--apply-cfg-step; default) or sample (AdamW per generation to --target-loss).")]
@@ -150,8 +155,9 @@ def generate(
         bool, typer.Option("--guard", help="Mitigate (with --method) prompts scoring >= --threshold.")
     ] = False,
     method: Annotated[
-        str, typer.Option("--method", help="The guard's mitigation (`diffmem methods` lists them).")
-    ] = "embedding",
+        str | None, typer.Option("--method", help=f"The guard's mitigation (`diffmem methods` lists them; default "
+                                 f"{DEFAULT_MITIGATION}, on Flux {DEFAULT_WITHOUT_CFG_BATCH}).")
+    ] = None,
     threshold: Annotated[
         str | None,
         typer.Option("--threshold", help="Detection threshold (see `diffmem evaluate`); --guard without it uses "
@@ -171,8 +177,9 @@ def generate(
     dtype: DTypeOpt = None,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
-    """Generate images for every prompt; with --guard, prompts whose first-step score is >= --threshold get their
-    text embedding optimised first (the others cost no extra denoiser call and give the plain images)."""
+    """Generate images for every prompt; with --guard, prompts whose first-step score is >= --threshold are
+    mitigated (by default their text embedding optimised, then guidance delayed: embedding-delayed); the others
+    cost no extra denoiser call and give the plain images."""
     from diffmem.mitigate.base import MITIGATIONS
 
     num_inference_steps = renamed(num_inference_steps, steps, "--steps", "--num-inference-steps", 50)
@@ -180,10 +187,16 @@ def generate(
     if guard and flag_at is None:
         flag_at = _own_threshold(model)
     guarding = [name for name, kind in MITIGATIONS.items() if not kind.plain]
-    if method not in guarding:
+    if method is not None and method not in guarding:
         raise InputError(f"--method must be one of {', '.join(guarding)}, not {method!r}")
-    if method != "embedding" and not guard:
+    if method is not None and not guard:
         raise InputError("--method chooses the guard's mitigation: give --guard too")
+    if method is None:
+        from diffmem.mitigate.base import default_mitigation
+        from diffmem.models.defaults import ModelDefaults
+        from diffmem.models.families import FAMILIES
+
+        method = default_mitigation(FAMILIES.get(ModelDefaults.for_model(model).pipeline or ""))
     generation = dict(threshold=flag_at, generations=generations, seed=seed,
                       num_inference_steps=num_inference_steps, guidance_scale=guidance)
     settings = _settings(model, method, generation, dict(target_loss=target_loss, iters=iters, lr=lr), {})
@@ -210,6 +223,7 @@ def mitigate(
     nemo_generations: NemoGenerationsOpt = None,
     early_guidance: EarlyGuidanceOpt = None,
     transition_timestep: TransitionOpt = None,
+    latest_timestep: LatestOpt = None,
     target_slack: TargetSlackOpt = None,
     variant: VariantOpt = None,
     rho: RhoOpt = None,
@@ -242,7 +256,7 @@ def mitigate(
                    nemo_stats=None if nemo_stats is None else str(nemo_stats.resolve()),
                    nemo_threshold=nemo_threshold, nemo_generations=nemo_generations,
                    early_guidance=early_guidance, transition_timestep=transition_timestep,
-                   target_slack=target_slack, variant=variant, rho=rho,
+                   latest_timestep=latest_timestep, target_slack=target_slack, variant=variant, rho=rho,
                    gamma=gamma, adj_iters=adj_iters, apply_cfg_step=apply_cfg_step, noise_iters=noise_iters,
                    noise_lr=noise_lr, paraphrases=None if paraphrases is None else str(paraphrases.resolve()),
                    search_target=search_target, anchor_target=anchor_target, anchor_full=anchor_full)

@@ -27,7 +27,7 @@ from diffmem.models.conditioning import Conditioning, empty
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import Denoiser
 from diffmem.models.families import FLUX, UNET, family, unet_only
-from diffmem.registry import MethodRegistry
+from diffmem.registry import DEFAULT_MITIGATION, DEFAULT_WITHOUT_CFG_BATCH, MethodRegistry
 
 MAX_ITERS = 10_000
 """Most optimisation steps of a mitigation (the papers take 10)."""
@@ -167,6 +167,12 @@ defined (`diffmem.mitigate` imports every module of the package)."""
 KEYWORDS = ("target_loss", "iters", "lr", "k", "sigma")
 """The options `generate` takes as keywords (every other one in `method_options`); rows record them for every
 method."""
+
+
+def default_mitigation(model_family: str | None) -> str:
+    """The mitigation used unless one is named, for a model of `model_family` (`families.family`): diffmem's
+    default, or on Flux, whose CFG branches are two calls, Wen et al.'s method alone."""
+    return DEFAULT_WITHOUT_CFG_BATCH if model_family == FLUX else DEFAULT_MITIGATION
 
 
 class Mitigation:

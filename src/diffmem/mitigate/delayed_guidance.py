@@ -14,15 +14,24 @@ epsilon models), with the run's scheduler (the authors': DPM-Solver multistep, 5
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 from diffmem.config import MAX_STEPS, setting
-from diffmem.mitigate.base import Mitigation, NoOptions, Outcome, Sampler
+from diffmem.mitigate.base import GenerationConfig, Mitigation, NoOptions, Outcome, Sampler
 from diffmem.mitigate.guidance import ScheduledGuidance
+from diffmem.models.defaults import ModelDefaults
+from diffmem.models.denoiser import initial_noise
 from diffmem.registry import NOT_VERIFIED
 
 JAIN_EARLY = 1.0
 """The authors' scale before the transition: the conditional prediction alone."""
+TRANSITION_QUANTILE = 0.4
+"""The share of ordinary prompts' `d_t` a generation must fall to before guidance starts (`transition_curve`):
+chosen on testbed v2 (docs/results.md, "A default that meets the target")."""
 MOST_OPPOSITE = -10.0
 """The most negative scale before the transition (opposite guidance; the authors use -2 and minus the scale)."""
 
@@ -55,3 +64,34 @@ class DelayedGuidance(Mitigation):
         with ScheduledGuidance(self.pipe, g.guidance_scale, c.early_guidance, c.transition_timestep) as edit:
             images, _ = sampler(prompt=prompt)
         return Outcome(images, edit.first_score, prompt, details={"guidance_from_step": edit.switched_at})
+
+
+def transition_curve(pipe, prompts: Sequence[str], *, generations: int = 4, seed: int = 0,
+                     num_inference_steps: int = 50,
+                     quantile: float = TRANSITION_QUANTILE) -> tuple[tuple[float, float], ...]:
+    """A model's transition curve (`ModelDefaults.transition_curve`): at each timestep of an unguided generation
+    (the unconditional prediction alone, from the run's initial noises), the `quantile` of ordinary `prompts`' `d_t`
+    over every prompt and generation. Calibrate it on prompts the model did not memorize.
+
+        >>> from diffmem import load_pipeline
+        >>> from diffmem.testbed.recipe import shipped_recipe
+        >>> pipe = load_pipeline("testbed", device="cpu")
+        >>> ordinary = [item.caption for item in shipped_recipe().splits().heldout[128:130]]
+        >>> curve = transition_curve(pipe, ordinary, num_inference_steps=10)
+        >>> len(curve), curve[0][0], curve[-1][0]  # one point per step, timesteps falling
+        (10, 901.0, 1.0)
+    """
+    if not prompts or not 0 <= quantile <= 1:
+        raise ValueError("a transition curve needs prompts and a quantile from 0 to 1")
+    generation = GenerationConfig(generations=generations, seed=seed, num_inference_steps=num_inference_steps,
+                                  output_type="latent").resolved(ModelDefaults.of(pipe))
+    assert generation.guidance_scale is not None  # resolved
+    sampler = Sampler(pipe, generation, initial_noise(pipe, generations, seed))
+    traces = []
+    for prompt in prompts:
+        with torch.no_grad(), ScheduledGuidance(pipe, generation.guidance_scale, 0.0, -1.0) as edit:  # never on
+            sampler(prompt=prompt)
+        traces.append(torch.stack([d.double() for _, d in edit.trace]))
+    steps = [t for t, _ in edit.trace]
+    values = np.quantile(torch.cat(traces, dim=1).numpy(), quantile, axis=1)
+    return tuple((float(t), float(v)) for t, v in zip(steps, values, strict=True))

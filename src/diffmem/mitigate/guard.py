@@ -30,11 +30,12 @@ from diffmem.mitigate.base import (
     Flagged,
     GenerationConfig,
     Sampler,
+    default_mitigation,
     finite_or_none,
     prompt_seed,
 )
 from diffmem.models.defaults import ModelDefaults
-from diffmem.models.families import network
+from diffmem.models.families import family, network
 
 __all__ = ["Decision", "GuardResult", "generate", "guarded_generate", "iter_generate", "prompt_seed"]
 
@@ -77,7 +78,7 @@ class GuardResult:
 def iter_generate(
     pipe,
     prompts: Sequence[str],
-    method: str = "embedding",
+    method: str | None = None,
     *,
     threshold: float | None = None,
     generations: int = 1,
@@ -105,6 +106,7 @@ def iter_generate(
         True True (1, 32, 32, 3)
         False False (1, 32, 32, 3)
     """
+    method = default_mitigation(family(pipe)) if method is None else method
     kind = MITIGATIONS.lookup(method, "--method")
     values = dict(zip(KEYWORDS, (target_loss, iters, lr, k, sigma), strict=True))
     mitigation = kind(pipe, kind.configure(values, method_options))  # first: it refuses a model it cannot run on
@@ -134,8 +136,9 @@ def iter_generate(
                                n_iters, reached, time.perf_counter() - start, text, details)
 
 
-def generate(pipe, prompts: Sequence[str], method: str = "embedding", **settings: Any) -> GuardResult:
-    """Generate every prompt with one mitigation method (a name of `MITIGATIONS`; "none" samples plainly) applied
+def generate(pipe, prompts: Sequence[str], method: str | None = None, **settings: Any) -> GuardResult:
+    """Generate every prompt with one mitigation method (a name of `MITIGATIONS`; "none" samples plainly; None: the
+    model's default, `default_mitigation`) applied
     to every prompt, or, with `threshold=T`, only to prompts whose first-step score is >= T (the guard).
 
     Settings: threshold, generations, seed, num_inference_steps, guidance_scale, output_type (`GenerationConfig`),
@@ -174,11 +177,12 @@ def guarded_generate(
     iters: int = 10,
     lr: float = 0.05,
     output_type: str = "np",
-    method: str = "embedding",
+    method: str | None = None,
     method_options: dict[str, Any] | None = None,
 ) -> GuardResult:
-    """Generate `prompts`, mitigating (by default with the embedding optimisation) those whose first-step score
-    is >= `threshold`; unflagged prompts cost no extra denoiser call and give the plain pipeline's images.
+    """Generate `prompts`, mitigating (by default with `default_mitigation`: embedding-delayed) those whose
+    first-step score is >= `threshold`; unflagged prompts cost no extra denoiser call and give the plain pipeline's
+    images.
 
         >>> from diffmem import load_pipeline
         >>> from diffmem.testbed.recipe import shipped_recipe

@@ -12,6 +12,7 @@ refused.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Self
 
 import torch
@@ -24,7 +25,7 @@ from diffmem.models.families import FLUX, family, network
 class GuidanceEdit:
     """Rewrite the conditional half of every CFG batch of the pipeline calls made while it is entered; subclasses
     say how (`conditional`). `first` holds the first call's `d_t` per generation (the first-step score of what is
-    sampled) and `calls` the CFG calls seen."""
+    sampled), `trace` each call's scheduler timestep and `d_t`, and `calls` the CFG calls seen."""
 
     def __init__(self, pipe: Any, guidance_scale: float) -> None:
         if family(pipe) == FLUX:
@@ -33,6 +34,7 @@ class GuidanceEdit:
         self.pipe, self.scale = pipe, float(guidance_scale)
         self.denoiser = Denoiser(pipe)
         self.first: torch.Tensor | None = None
+        self.trace: list[tuple[float, torch.Tensor]] = []
         self.calls = 0
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._busy = False
@@ -89,6 +91,7 @@ class GuidanceEdit:
             d = (param.to_score(pred_c, latents, t) - param.to_score(pred_u, latents, t)).flatten(1).norm(dim=1)
             if self.first is None:
                 self.first = d
+            self.trace.append((float(torch.as_tensor(t).reshape(-1)[0]), d))
             cond = self.conditional(pred_u, pred_c, latents, net_t, d)
             self.calls += 1
             new = raw.clone()
@@ -105,12 +108,17 @@ class ScheduledGuidance(GuidanceEdit):
     """Guidance `early` until a transition, then the pipeline's own scale, per generation. The transition is the
     first call whose timestep is <= `boundary` (Jain et al.'s static rule: early while `t > boundary`), or, with no
     boundary, the first local minimum of `d_t` (their dynamic rule: the first call where `d_t > d_(t-1)` and
-    `d_(t-2) > d_(t-1)`, that call included). `switched_at`: each generation's first call at full guidance (-1:
-    never)."""
+    `d_(t-2) > d_(t-1)`, that call included). With a `curve` (timestep -> threshold) and a boundary, a generation
+    switches at the first call with `t <= boundary` where its `d_t <= curve(t)` (its trajectory is no more
+    text-driven than an ordinary prompt's there), and at the latest at the first call with `t <= latest`.
+    `switched_at`: each generation's first call at full guidance (-1: never)."""
 
-    def __init__(self, pipe: Any, guidance_scale: float, early: float, boundary: float | None = None) -> None:
+    def __init__(self, pipe: Any, guidance_scale: float, early: float, boundary: float | None = None,
+                 curve: Callable[[float], float] | None = None, latest: float | None = None) -> None:
         super().__init__(pipe, guidance_scale)
-        self.early, self.boundary = float(early), boundary
+        if curve is not None and (boundary is None or latest is None or latest > boundary):
+            raise ValueError("a curve needs a boundary and a latest timestep at or below it")
+        self.early, self.boundary, self.curve, self.latest = float(early), boundary, curve, latest
         self._later: torch.Tensor | None = None
         self._prev: torch.Tensor | None = None
         self._prev2: torch.Tensor | None = None
@@ -127,7 +135,11 @@ class ScheduledGuidance(GuidanceEdit):
             now = ~self._later & (d > self._prev) & (self._prev2 > self._prev)
         else:
             t = float(torch.as_tensor(self.denoiser.scheduler_timestep(timestep)).reshape(-1)[0])
-            now = ~self._later & (t <= self.boundary)
+            due: torch.Tensor | bool = t <= self.boundary
+            if self.curve is not None and due:
+                assert self.latest is not None  # checked in __init__
+                due = (d <= self.curve(t)) | (t <= self.latest)
+            now = ~self._later & due
         self._switched_at[now] = self.calls
         self._later = self._later | now
         self._prev2, self._prev = self._prev, d

@@ -1,11 +1,12 @@
 """A model's defaults, read and checked once: `ModelDefaults`, the one place that reads a model's diffmem.json.
 
 A model folder may carry `diffmem.json` beside model_index.json with its own guidance scale, mitigation target
-loss, SAIL threshold and calibrated detection threshold; what it leaves out comes from the family's defaults
-(diffusers' guidance: SD 7.5, SDXL 5.0) and the published ones (Wen et al.'s target loss, SAIL's threshold, both
-for SD v1.4). The diffusers configs add what the methods need to know about the model (prediction type,
-resolution, scheduler). `load_pipeline` attaches the object to the pipeline; commands read it before loading
-(`ModelDefaults.for_model`) to record their settings, and every method resolves an option left at None with it.
+loss, SAIL threshold, calibrated detection threshold and guidance transition curve; what it leaves out comes from
+the family's defaults (diffusers' guidance: SD 7.5, SDXL 5.0) and the published ones (Wen et al.'s target loss,
+SAIL's threshold, both for SD v1.4). The diffusers configs add what the methods need to know about the model
+(prediction type, resolution, scheduler). `load_pipeline` attaches the object to the pipeline; commands read it
+before loading (`ModelDefaults.for_model`) to record their settings, and every method resolves an option left at
+None with it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
+
+import numpy as np
 
 from diffmem.errors import ModelLoadError, UnsupportedModelError
 from diffmem.io.durable import replace_file
@@ -40,7 +43,7 @@ size and depends on the model, so a model should carry its own, calibrated on it
 median first-step score: `negatives_median` of `diffmem evaluate --json`)."""
 SAIL_THRESHOLD = 8.2
 """SAIL's `l_thres` for SD v1.4 (Jeon et al.'s code); the loss grows with the latent size: calibrate per model."""
-OWN_FIELDS = ("guidance_scale", "target_loss", "sail_threshold", "detection_threshold")
+OWN_FIELDS = ("guidance_scale", "target_loss", "sail_threshold", "detection_threshold", "transition_curve")
 """What a model's diffmem.json may set."""
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 """The diffusion schedulers' prediction types diffmem converts to epsilon (`models.denoiser.Parameterization`)."""
@@ -60,13 +63,16 @@ class ModelDefaults:
 
     `own` names the fields the model's diffmem.json sets; the others are its family's or the published defaults.
     `detection_threshold` (flag `score >= threshold`, calibrated at 1% FPR) is None unless the model names one.
-    `resolution` is the image side in pixels (denoiser sample size x VAE scale factor), None when the configs do not
-    say. `folder` is where it was read (None: a pipeline's in-memory configs, or a hub id not downloaded).
+    `transition_curve` ((timestep, d_t) pairs, timesteps falling; None unless the model names one) is where ordinary
+    prompts' `d_t` lies along an unguided trajectory (`diffmem.mitigate.delayed_guidance.transition_curve`): the
+    default mitigation starts guidance per generation once its own `d_t` falls to it. `resolution` is the image
+    side in pixels (denoiser sample size x VAE scale factor), None when the configs do not say. `folder` is where
+    it was read (None: a pipeline's in-memory configs, or a hub id not downloaded).
 
         >>> from diffmem.models.defaults import ModelDefaults
         >>> defaults = ModelDefaults.for_model("testbed")  # read before loading; `ModelDefaults.of(pipe)` after
         >>> defaults.guidance_scale, defaults.prediction_type, defaults.resolution, sorted(defaults.own)
-        (2.5, 'v_prediction', 32, ['guidance_scale', 'target_loss'])
+        (2.5, 'v_prediction', 32, ['guidance_scale', 'target_loss', 'transition_curve'])
         >>> defaults.resolve_guidance(None), defaults.resolve_guidance(4.0)  # an option left at None: the model's
         (2.5, 4.0)
         >>> defaults.override(detection_threshold=0.6).own_values()["detection_threshold"]  # what `save` would write
@@ -77,6 +83,7 @@ class ModelDefaults:
     target_loss: float = WEN_TARGET_LOSS
     sail_threshold: float = SAIL_THRESHOLD
     detection_threshold: float | None = None
+    transition_curve: tuple[tuple[float, float], ...] | None = None
     prediction_type: str = "epsilon"
     resolution: int | None = None
     scheduler: str | None = None
@@ -103,6 +110,7 @@ class ModelDefaults:
             ("flow",) if prediction_type_of(self.scheduler, None) == "flow" else PREDICTION_TYPES)
         if self.prediction_type not in allowed:  # a diffusion scheduler cannot sample a flow model, nor the reverse
             self._fail("prediction_type", f"one of {', '.join(allowed)}")
+        self._check_curve()
         for name in ("resolution", "num_train_timesteps"):
             value = getattr(self, name)
             if (value is not None or name == "num_train_timesteps") and (
@@ -117,13 +125,37 @@ class ModelDefaults:
                                  f"{', '.join(OWN_FIELDS)})")
         object.__setattr__(self, "own", frozenset(self.own))
 
+    def _check_curve(self) -> None:
+        """`transition_curve`: None, or at least two [timestep, d_t] pairs of finite numbers, timesteps falling within
+        the schedule and d_t 0 or more; stored as a tuple of float pairs."""
+        curve = self.transition_curve
+        if curve is None:
+            return
+        what = (f"a list of at least two [timestep, d_t] pairs, timesteps falling from {self.num_train_timesteps} "
+                "or less to 0 or more and each d_t 0 or more")
+        if isinstance(curve, str | bytes) or not isinstance(curve, list | tuple) or len(curve) < 2:
+            self._fail("transition_curve", what)
+        pairs = []
+        for pair in curve:
+            if (isinstance(pair, str | bytes) or not isinstance(pair, list | tuple) or len(pair) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+                           or v < 0 for v in pair)):
+                self._fail("transition_curve", what)
+            pairs.append((float(pair[0]), float(pair[1])))
+        steps = [t for t, _ in pairs]
+        if steps[0] > self.num_train_timesteps or any(a <= b for a, b in zip(steps, steps[1:], strict=False)):
+            self._fail("transition_curve", what)
+        object.__setattr__(self, "transition_curve", tuple(pairs))
+
     def where(self, name: str) -> str:
         """The file a field comes from, for messages."""
         file = _FILES.get(name, DEFAULTS_FILE)
         return str(self.folder / file) if self.folder is not None else f"the model's {file}"
 
     def _fail(self, name: str, what: str) -> NoReturn:
-        raise ModelLoadError(f"{self.where(name)}: {name} must be {what}, not {getattr(self, name)!r}")
+        shown = repr(getattr(self, name))
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ModelLoadError(f"{self.where(name)}: {name} must be {what}, not {shown}")
 
     # ------------------------------------------------------------------------------------------- reading
 
@@ -171,7 +203,7 @@ class ModelDefaults:
 
     # ------------------------------------------------------------------------------------------- writing
 
-    def override(self, **values: float | None) -> ModelDefaults:
+    def override(self, **values: Any) -> ModelDefaults:
         """A copy with `values` as the model's own (what `save` writes), checked like the rest."""
         unknown = sorted(set(values) - set(OWN_FIELDS))
         if unknown:
@@ -179,9 +211,12 @@ class ModelDefaults:
         changes: dict[str, Any] = {**values, "own": self.own | set(values)}
         return dataclasses.replace(self, **changes)
 
-    def own_values(self) -> dict[str, float]:
-        """The values the model names itself, as its diffmem.json holds them."""
-        return {name: getattr(self, name) for name in OWN_FIELDS if name in self.own}
+    def own_values(self) -> dict[str, Any]:
+        """The values the model names itself, as its diffmem.json holds them (the curve as a list of pairs)."""
+        values = {name: getattr(self, name) for name in OWN_FIELDS if name in self.own}
+        if values.get("transition_curve") is not None:
+            values["transition_curve"] = [list(pair) for pair in values["transition_curve"]]
+        return values
 
     def save(self, folder: str | Path) -> Path:
         """Write the model's own values to `folder`'s diffmem.json (read back by `from_folder`); returns it."""
@@ -233,6 +268,14 @@ class ModelDefaults:
     def resolve_sail_threshold(self, value: float | None) -> float:
         """`value` when given, else the model's SAIL threshold."""
         return self.sail_threshold if value is None else float(value)
+
+    def transition_threshold(self, timestep: float) -> float:
+        """The model's transition curve at `timestep`, linear between its points and flat beyond them (a model
+        without one: ValueError, a caller's bug; read `transition_curve` first)."""
+        if self.transition_curve is None:
+            raise ValueError("this model has no transition curve")
+        steps, values = zip(*reversed(self.transition_curve), strict=True)  # rising timesteps, as np.interp takes
+        return float(np.interp(float(timestep), steps, values))
 
     def resolve_detection_threshold(self, value: float | None) -> float | None:
         """`value` when given, else the model's calibrated detection threshold (None if it has none)."""

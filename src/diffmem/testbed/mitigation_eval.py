@@ -27,7 +27,8 @@ from diffmem.errors import InputError
 from diffmem.io.durable import replace_file, save_figure, write_atomic
 from diffmem.io.files import read_json_object, read_user_json
 from diffmem.mitigate import generate
-from diffmem.mitigate.base import KEYWORDS, MITIGATIONS, Calibrating, table_methods
+from diffmem.mitigate.base import KEYWORDS, MITIGATIONS, Calibrating, default_mitigation, table_methods
+from diffmem.models.families import family
 from diffmem.testbed.figures import copy_grid
 from diffmem.testbed.quality import alignment, best_copy
 from diffmem.testbed.scenes import Item, paraphrases, render_many
@@ -128,7 +129,7 @@ SWEEPS: dict[str, Sweep] = {
     "delayed-guidance": Sweep("early_guidance", (1.0, 0.0, -2.0)),  # conditional alone, unconditional, opposite
     "initial-noise": Sweep("apply_cfg_step", (1.0, 2.0, 3.0)),  # unguided steps 0-4, 0-8, 0-12
     "prss": Sweep("search_target", (0.5, 1.0, 2.0)),  # 1/6, 1/3, 2/3 of the target loss
-    "embedding-delayed": Sweep("target_slack", (0.8, 0.9, 1.0, 1.1)),  # stop at 1, 1.125, 1.25, 1.375x the target
+    "embedding-delayed": Sweep("target_slack", (0.8, 0.9, 1.0, 1.1)),  # stop at 1.2, 1.35, 1.5, 1.65x the target
 }
 """Each mitigation's strength sweep for the frontier (plain sampling has none); the one table of them."""
 
@@ -486,26 +487,26 @@ def guard_report(pipe, memorized: Sequence[Item], heldout: Sequence[Item], thres
                  generations: int = 4, seed: int = 0, steps: int = 50, iters: int = 10, lr: float = 0.05,
                  identical_check: int = 64, progress: Callable[[str], None] | None = None,
                  parts: Parts | None = None) -> dict[str, Any]:
-    """The guard end to end (`generate --guard`): memorized and held-out prompts generated with the embedding
-    mitigation applied to those scoring >= `threshold`. Memorization rate, flagged shares (false flags on the
-    held-out prompts), alignment, and whether unflagged prompts gave the plain pipeline's images bit for bit
-    (checked on the first `identical_check` prompts of each set against a plain generation)."""
+    """The guard end to end (`generate --guard`): memorized and held-out prompts generated with the default
+    mitigation (`default_mitigation`) applied to those scoring >= `threshold`. Memorization rate, flagged shares
+    (false flags on the held-out prompts), alignment, and whether unflagged prompts gave the plain pipeline's
+    images bit for bit (checked on the first `identical_check` prompts of each set against a plain generation)."""
     say = progress or (lambda msg: None)
     common = dict(generations=generations, seed=seed, num_inference_steps=steps, iters=iters, lr=lr,
                   target_loss=target_loss)
-    result: dict[str, Any] = {"threshold": threshold, "target_loss": target_loss}
+    method = default_mitigation(family(pipe))
+    result: dict[str, Any] = {"threshold": threshold, "target_loss": target_loss, "method": method}
     for name, items in (("memorized", list(memorized)), ("heldout", list(heldout))):
-        say(f"guard, {name} prompts")
-
-        run = partial(_guard_part, pipe, name, items, threshold, common, identical_check, say)
-        result[name] = run() if parts is None else parts.row(f"guard_{name}_{threshold:.6g}", run)
+        say(f"guard ({method}), {name} prompts")
+        run = partial(_guard_part, pipe, method, name, items, threshold, common, identical_check, say)
+        result[name] = run() if parts is None else parts.row(f"guard_{method}_{name}_{threshold:.6g}", run)
     return result
 
 
-def _guard_part(pipe, name: str, items: list[Item], threshold: float, common: dict[str, Any], identical_check: int,
-                say: Callable[[str], None]) -> dict[str, Any]:
+def _guard_part(pipe, method: str, name: str, items: list[Item], threshold: float, common: dict[str, Any],
+                identical_check: int, say: Callable[[str], None]) -> dict[str, Any]:
     """The guard on one prompt set (`guard_report`'s row for it)."""
-    guarded = generate(pipe, [i.caption for i in items], "embedding", threshold=threshold, **common)
+    guarded = generate(pipe, [i.caption for i in items], method, threshold=threshold, **common)
     imgs = _images(guarded.images)
     flagged = np.array([bool(d.flagged) for d in guarded.decisions])
     ok = alignment(imgs, items)

@@ -80,6 +80,9 @@ class RecipeConfig:
 
 
 ARCHITECTURES = ("unet", "sd3")
+CALIBRATION = slice(128, 192)
+"""The held-out prompts the testbed's transition curve is calibrated on: those after the frontier's 128 evaluated
+ones, where it calibrates SAIL and NeMo (`diffmem testbed mitigation --heldout 128`)."""
 
 
 def sd3_recipe(seed: int = 0) -> RecipeConfig:
@@ -512,13 +515,19 @@ def _run_sd3(cfg: RecipeConfig, splits: Splits, work: Path, dest: Path | None, d
 
 
 def model_defaults(pipe: Any, splits: Splits, cfg: RecipeConfig) -> ModelDefaults:
-    """What the testbed's folder tells every command (diffmem.json): its guidance scale and its mitigation target,
-    the median first-step score (n=4) of its held-out prompts, a typical non-memorized score."""
+    """What the testbed's folder tells every command (diffmem.json): its guidance scale, its mitigation target (the
+    median first-step score, n=4, of its held-out prompts, a typical non-memorized score) and its transition curve
+    (`transition_curve` on held-out prompts 129-192, those the frontier calibrates on, never evaluated)."""
     from diffmem.detectors.magnitude import MagnitudeDetector
+    from diffmem.mitigate.delayed_guidance import transition_curve
 
     rows = MagnitudeDetector(pipe, generations=4, batch_size=256).score([i.caption for i in splits.heldout])
     scores = [r.score for r in rows if r.score is not None]
-    return ModelDefaults.of(pipe).override(guidance_scale=cfg.guidance_scale, target_loss=float(np.median(scores)))
+    defaults = ModelDefaults.of(pipe).override(guidance_scale=cfg.guidance_scale,
+                                               target_loss=float(np.median(scores)))
+    defaults.attach(pipe)  # the curve is sampled at the testbed's own guidance
+    curve = transition_curve(pipe, [i.caption for i in splits.heldout[CALIBRATION]])
+    return defaults.override(transition_curve=curve)
 
 
 def write_defaults(pipe: Any, folder: Path, cfg: RecipeConfig) -> ModelDefaults:
