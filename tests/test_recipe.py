@@ -42,6 +42,8 @@ def test_recipe_writes_a_loadable_sd_pipeline(tiny_run):
     # and so does its mitigation target: a typical first-step score of its held-out prompts
     defaults = ModelDefaults.of(pipe)
     assert 0 < defaults.resolve_target_loss(None) == defaults.target_loss and defaults.own_target_loss
+    curve = defaults.transition_curve  # the default mitigation's, calibrated on the recipe's held-out prompts
+    assert curve is not None and len(curve) == 50 and all(v > 0 for _, v in curve)
     assert ModelDefaults.for_model(str(work / "dest" / "pipeline")).resolve_guidance(None) == 2.5
     assert ModelDefaults.for_model(str(work / "dest" / "pipeline")).resolve_guidance(4.0) == 4.0
 

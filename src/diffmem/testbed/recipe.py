@@ -517,7 +517,8 @@ def _run_sd3(cfg: RecipeConfig, splits: Splits, work: Path, dest: Path | None, d
 def model_defaults(pipe: Any, splits: Splits, cfg: RecipeConfig) -> ModelDefaults:
     """What the testbed's folder tells every command (diffmem.json): its guidance scale, its mitigation target (the
     median first-step score, n=4, of its held-out prompts, a typical non-memorized score) and its transition curve
-    (`transition_curve` on held-out prompts 129-192, those the frontier calibrates on, never evaluated)."""
+    (`transition_curve` on held-out prompts 129-192, those the frontier calibrates on, never evaluated; all of them
+    in a recipe with fewer)."""
     from diffmem.detectors.magnitude import MagnitudeDetector
     from diffmem.mitigate.delayed_guidance import transition_curve
 
@@ -526,7 +527,8 @@ def model_defaults(pipe: Any, splits: Splits, cfg: RecipeConfig) -> ModelDefault
     defaults = ModelDefaults.of(pipe).override(guidance_scale=cfg.guidance_scale,
                                                target_loss=float(np.median(scores)))
     defaults.attach(pipe)  # the curve is sampled at the testbed's own guidance
-    curve = transition_curve(pipe, [i.caption for i in splits.heldout[CALIBRATION]])
+    ordinary = splits.heldout[CALIBRATION] or splits.heldout  # a small recipe (tests) has fewer than 129
+    curve = transition_curve(pipe, [i.caption for i in ordinary])
     return defaults.override(transition_curve=curve)
 
 
