@@ -25,6 +25,7 @@ from diffmem.mitigate.base import GenerationConfig, Mitigation, NoOptions, Outco
 from diffmem.mitigate.guidance import ScheduledGuidance
 from diffmem.models.defaults import ModelDefaults
 from diffmem.models.denoiser import initial_noise
+from diffmem.models.families import network
 from diffmem.registry import NOT_VERIFIED
 
 JAIN_EARLY = 1.0
@@ -86,7 +87,8 @@ def transition_curve(pipe, prompts: Sequence[str], *, generations: int = 4, seed
     generation = GenerationConfig(generations=generations, seed=seed, num_inference_steps=num_inference_steps,
                                   output_type="latent").resolved(ModelDefaults.of(pipe))
     assert generation.guidance_scale is not None  # resolved
-    sampler = Sampler(pipe, generation, initial_noise(pipe, generations, seed))
+    net = network(pipe)
+    sampler = Sampler(pipe, generation, initial_noise(pipe, generations, seed).to(net.device, net.dtype))
     traces = []
     for prompt in prompts:
         with torch.no_grad(), ScheduledGuidance(pipe, generation.guidance_scale, 0.0, -1.0) as edit:  # never on
