@@ -118,6 +118,8 @@ def test_quality_command_writes_its_report(cli, tmp_path, one_thread):
     assert rep["heldout_denoising_items"] == 512 and rep["heldout_denoising_loss"] > 0  # cheap: always all items
     assert 20 < rep["vae_psnr_db"] < 40 and 0 <= rep["memorized_reproduced_2of4"] <= 1
     assert set(rep["detection"]) == {"first_step_n1", "first_step_n4", "all_steps_n4"}
+    per_step = rep["detection_auc_per_step_n4"]  # one AUC per sampling step; the first is the first-step figure
+    assert len(per_step) == 2 and per_step[0] == rep["detection"]["first_step_n1"]["auc"]
     assert set(rep["detection_vs_seen_once"]) == {"first_step_n1", "first_step_n4"}
     assert rep["guidance"] == json.loads((WEIGHTS / "pipeline" / "diffmem.json").read_text())["guidance_scale"]
     assert set(rep["memorized_at_other_guidance"]) == {"7.5"}  # memorization is also reported at SD's 7.5

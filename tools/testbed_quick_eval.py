@@ -6,7 +6,7 @@ memorized generations that copy (triggered / untriggered apart), triggered promp
 prompts one attribute from a planted caption ("near") and the rest ("far") that copy any training image, and
 held-out alignment. Results: DATA.md, "Recipe v2". Usage:
 
-    python tools/testbed_quick_eval.py PIPELINE_DIR --recipe runs/testbed/recipe.json \
+    python tools/testbed_quick_eval.py PIPELINE_DIR [--recipe runs/testbed/recipe.json] \
         [--set n_planted=64 ...] [--guidance 1.5,2.5,4,7.5] [--seeds 2] [--steps 25]
 """
 
@@ -25,7 +25,7 @@ from diffmem.measures.detection import roc_auc, tpr_at_fpr
 from diffmem.models.loading import load_pipeline, quiet_diffusers
 from diffmem.testbed.alignment import aligned, attribute_accuracy
 from diffmem.testbed.quality import best_copy, generate
-from diffmem.testbed.recipe import RecipeConfig
+from diffmem.testbed.recipe import RecipeConfig, shipped_recipe
 from diffmem.testbed.scenes import Item, render_items
 from diffmem.testbed.similarity import COPY_THRESHOLD, own_similarity
 
@@ -33,14 +33,14 @@ from diffmem.testbed.similarity import COPY_THRESHOLD, own_similarity
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pipeline")
-    ap.add_argument("--recipe", required=True, help="recipe.json of the run's work folder")
+    ap.add_argument("--recipe", default=None, help="recipe.json of the run's work folder (default: the shipped one)")
     ap.add_argument("--set", nargs="*", default=[], help="recipe overrides the candidate was trained with")
     ap.add_argument("--guidance", default="1.5,2.5,4,7.5")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=25)
     args = ap.parse_args()
     quiet_diffusers()
-    cfg = RecipeConfig(**json.loads(Path(args.recipe).read_text()))
+    cfg = RecipeConfig(**json.loads(Path(args.recipe).read_text())) if args.recipe else shipped_recipe()
     over = dict(kv.split("=") for kv in args.set)
     cfg = replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in over.items()})
     sp = cfg.splits()

@@ -203,6 +203,8 @@ def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generatio
         "heldout_attribute_accuracy": _attribute_accuracy(held_imgs, heldout),
         "memorized_aligned": None if mem_ok is None else float(mem_ok.mean()),
         "detection": detection_table(mem_mags, held_mags),
+        "detection_auc_per_step_n4": [roc_auc(mem_mags[:, :4, s].mean(axis=1), held_mags[:, :4, s].mean(axis=1))
+                                      for s in range(mem_mags.shape[2])],
         "detection_vs_seen_once": detection_table(mem_mags[:, :, :1], once_mags),
         "memorized_at_other_guidance": at_other,
         "_arrays": {"mem_imgs": mem_imgs, "held_imgs": held_imgs, "mem_mags": mem_mags, "held_mags": held_mags,

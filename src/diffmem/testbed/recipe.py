@@ -11,7 +11,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -280,8 +280,10 @@ class _Stage2:
                                   objective=self.objective).double().numpy()
 
 
-def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None, architecture: str = "unet") -> _Stage2:
-    """The shipped testbed of `architecture` (`steps` overrides its stage-2 length) ready to rerun stage 2."""
+def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None, architecture: str = "unet",
+                  changes: Mapping[str, Any] | None = None) -> _Stage2:
+    """The shipped testbed of `architecture` ready to rerun stage 2; `steps` overrides its stage-2 length and
+    `changes` other recipe fields of stage 2's mix (rows per batch, learning rate)."""
     from dataclasses import replace
 
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
@@ -290,7 +292,7 @@ def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None, archi
     from diffmem.testbed import weights_dir, weights_root
     from diffmem.training.loop import FlowObjective
 
-    cfg = shipped_recipe(weights_root(architecture))
+    cfg = replace(shipped_recipe(weights_root(architecture)), **(changes or {}))
     if steps is not None:
         cfg = replace(cfg, stage2_steps=steps)
     work.mkdir(parents=True, exist_ok=True)
