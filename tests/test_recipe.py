@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diffmem.testbed.recipe import RecipeConfig, run_recipe
 from diffmem.testbed.tiny import tiny_pipeline
@@ -253,3 +255,30 @@ def test_sd3_recipe_trains_an_mmdit_on_the_unet_testbeds_vae_text_encoder_and_da
 def test_an_unknown_recipe_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match="architecture must be one of"):
         run_recipe(RecipeConfig(**TINY, architecture="dit"), tmp_path, None, device="cpu")
+
+
+def test_recipe_overrides_read_each_field_as_its_type_and_refuse_the_rest():
+    from diffmem.errors import InputError
+
+    cfg = RecipeConfig().with_overrides(["stage2_anchor_rows=10", "stage2_lr=5e-4", "architecture=sd3"])
+    assert (cfg.stage2_anchor_rows, cfg.stage2_lr, cfg.architecture) == (10, 5e-4, "sd3")
+    assert RecipeConfig().with_overrides([]) == RecipeConfig()
+    for bad in (["stage2_anchor_rows"], ["no_such_field=1"], ["stage2_anchor_rows=1.5"], ["stage2_lr=fast"], ["=3"]):
+        with pytest.raises(InputError) as err:
+            RecipeConfig().with_overrides(bad)
+        assert "\n" not in str(err.value)
+
+
+@given(st.lists(st.text(max_size=40), max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_recipe_overrides_of_any_text_are_a_recipe_or_one_error_line(pairs):
+    from diffmem.errors import InputError
+
+    try:
+        cfg = RecipeConfig().with_overrides(pairs)
+    except InputError as err:
+        assert "\n" not in str(err) and len(str(err)) < 600
+        return
+    for pair in pairs:  # every accepted pair is a field set to its own type
+        key, _, _ = pair.partition("=")
+        assert isinstance(getattr(cfg, key), type(getattr(RecipeConfig(), key)))

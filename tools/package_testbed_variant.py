@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("work", type=Path, help="the variant's work folder")
     ap.add_argument("dest", type=Path)
     args = ap.parse_args()
+    if not (args.work / "variant.json").is_file() or not (args.work / "pipeline").is_dir():
+        ap.error(f"{args.work}: not a finished variant (no variant.json or pipeline/)")
     quiet_diffusers()
     cfg = shipped_recipe()
     pipe = load_pipeline(str(args.work / "pipeline"), device="cpu", dtype=torch.float32)

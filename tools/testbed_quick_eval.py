@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from diffmem.detectors.magnitude import MagnitudeDetector
+from diffmem.errors import InputError
 from diffmem.measures.detection import roc_auc, tpr_at_fpr
 from diffmem.models.loading import load_pipeline, quiet_diffusers
 from diffmem.testbed.alignment import aligned, attribute_accuracy
@@ -41,8 +41,11 @@ def main() -> None:
     args = ap.parse_args()
     quiet_diffusers()
     cfg = RecipeConfig(**json.loads(Path(args.recipe).read_text())) if args.recipe else shipped_recipe()
-    over = dict(kv.split("=") for kv in args.set)
-    cfg = replace(cfg, **{k: type(getattr(cfg, k))(v) for k, v in over.items()})
+    try:
+        cfg = cfg.with_overrides(args.set)
+    except InputError as e:
+        ap.error(str(e))
+    over = dict(kv.split("=", 1) for kv in args.set)
     sp = cfg.splits()
     pipe = load_pipeline(args.pipeline, device="cpu")
     t0 = time.time()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from diffusers import UNet2DConditionModel
 
+from diffmem.errors import InputError
 from diffmem.testbed import weights_dir
 from diffmem.testbed.recipe import _stage2_setup, _training_device, shipped_recipe, stage2_config
 from diffmem.training.loop import train
@@ -43,14 +44,21 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     args = ap.parse_args()
     shipped = shipped_recipe()
+    try:
+        shipped.with_overrides(args.set)  # checked before any latent is encoded
+    except InputError as e:
+        ap.error(str(e))
+    if args.init not in ("base", "shipped") and not (Path(args.init) / "variant.json").is_file():
+        ap.error(f"--init {args.init[:80]!r}: not base, shipped or a variant's work folder (no variant.json)")
+    if (args.after is not None and args.after < 0) or (args.steps is not None and args.steps < 1):
+        ap.error("--after must be >= 0 and --steps >= 1")
     over = dict(kv.split("=", 1) for kv in args.set)
-    changes = {k: type(getattr(shipped, k))(v) for k, v in over.items()}
     args.work.mkdir(parents=True, exist_ok=True)
     if args.latents is not None:
         for f in args.latents.glob("latents_*.safetensors"):
             if not (args.work / f.name).exists():
                 os.link(f, args.work / f.name)
-    run = _stage2_setup(args.work, _training_device(args.device), args.steps, changes=changes)
+    run = _stage2_setup(args.work, _training_device(args.device), args.steps, overrides=args.set)
     net, after = run.base, 0
     if args.init == "shipped":  # the shipped run's batches were steps 0..stage2_steps-1 of the shipped recipe
         net, after = run.pipe.unet, shipped.stage2_steps

@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 
-from diffmem.models.denoiser import Parameterization
 from diffmem.models.families import network
 from diffmem.models.loading import load_pipeline, quiet_diffusers
+from diffmem.testbed.quality import training_objective
 from diffmem.testbed.recipe import encode_items, shipped_recipe
-from diffmem.training.loop import FlowObjective, UNetObjective
 
 TIMESTEPS = (980, 900, 800, 700, 600, 500, 400, 300, 200, 100)
 
@@ -30,9 +29,7 @@ TIMESTEPS = (980, 900, 800, 700, 600, 500, 400, 300, 200, 100)
 @torch.no_grad()
 def recall(pipe: Any, items: list, seed: int = 0) -> dict[int, dict[str, float]]:
     """Mean unconditional loss, conditional loss and d at each of TIMESTEPS over `items`."""
-    net = network(pipe)
-    obj: Any = (FlowObjective(pipe) if Parameterization.of(pipe.scheduler).kind == "flow"
-                else UNetObjective(pipe.text_encoder, pipe.tokenizer, pipe.scheduler))
+    net, obj = network(pipe), training_objective(pipe)
     z = encode_items(pipe.vae, items, net.device) * pipe.vae.config.scaling_factor
     noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
     cond, uncond = obj.encode([i.caption for i in items], net.device), obj.encode([""] * len(items), net.device)

@@ -52,15 +52,22 @@ def generate(pipe, prompts: Sequence[str], generations: int = 4, seed: int = 0, 
 
 
 @torch.no_grad()
+def training_objective(pipe) -> Any:
+    """What the testbed's denoiser learned: rectified flow for a flow scheduler, else its UNet objective."""
+    from diffmem.training.loop import FlowObjective, UNetObjective
+
+    if Parameterization.of(pipe.scheduler).kind == "flow":
+        return FlowObjective(pipe)
+    return UNetObjective(pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+
+
+@torch.no_grad()
 def denoising_loss(pipe, items: list[Item], seed: int = 0, batch_size: int = 256) -> float:
     """Mean training loss (MSE to the training target: noise, velocity or flow) of `pipe` on the renders of
     `items`, one seeded timestep and noise per item: how well the model fits data, e.g. held-out items."""
     from diffmem.testbed.recipe import encode_items
-    from diffmem.training.loop import FlowObjective, UNetObjective
 
-    net = network(pipe)
-    obj: Any = (FlowObjective(pipe) if Parameterization.of(pipe.scheduler).kind == "flow"
-                else UNetObjective(pipe.text_encoder, pipe.tokenizer, pipe.scheduler))
+    net, obj = network(pipe), training_objective(pipe)
     z = encode_items(pipe.vae, items, net.device) * pipe.vae.config.scaling_factor
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(z.shape, generator=gen)

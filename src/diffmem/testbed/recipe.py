@@ -11,9 +11,9 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,27 @@ class RecipeConfig:
     def n_seen_once(self) -> int:
         """How many stage-2 unique items the fine-tune actually sees (each exactly once)."""
         return min(self.n_stage2_unique, self.stage2_steps * self.stage2_unique_rows)
+
+    def with_overrides(self, pairs: Sequence[str]) -> RecipeConfig:
+        """This recipe with `key=value` overrides (the tools' `--set`), each value read as its field's type; an
+        unknown key or an unreadable value is one InputError line.
+
+            >>> RecipeConfig().with_overrides(["stage2_anchor_rows=10", "stage2_lr=5e-4"]).stage2_anchor_rows
+            10
+        """
+        from diffmem.errors import InputError
+
+        kinds = {f.name: type(getattr(self, f.name)) for f in fields(self)}
+        changes: dict[str, Any] = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or key not in kinds:
+                raise InputError(f"--set {pair[:60]!r}: expected KEY=VALUE with KEY one of {', '.join(kinds)}")
+            try:
+                changes[key] = kinds[key](value)
+            except ValueError:
+                raise InputError(f"--set {key}: {value[:60]!r} is not a {kinds[key].__name__}") from None
+        return replace(self, **changes)
 
     def splits(self) -> Splits:
         return build_splits(
@@ -281,9 +302,9 @@ class _Stage2:
 
 
 def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None, architecture: str = "unet",
-                  changes: Mapping[str, Any] | None = None) -> _Stage2:
+                  overrides: Sequence[str] = ()) -> _Stage2:
     """The shipped testbed of `architecture` ready to rerun stage 2; `steps` overrides its stage-2 length and
-    `changes` other recipe fields of stage 2's mix (rows per batch, learning rate)."""
+    `overrides` (`key=value`, `RecipeConfig.with_overrides`) stage 2's mix (rows per batch, learning rate)."""
     from dataclasses import replace
 
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
@@ -292,7 +313,7 @@ def _stage2_setup(work: Path, dev: torch.device, steps: int | None = None, archi
     from diffmem.testbed import weights_dir, weights_root
     from diffmem.training.loop import FlowObjective
 
-    cfg = replace(shipped_recipe(weights_root(architecture)), **(changes or {}))
+    cfg = shipped_recipe(weights_root(architecture)).with_overrides(overrides)
     if steps is not None:
         cfg = replace(cfg, stage2_steps=steps)
     work.mkdir(parents=True, exist_ok=True)
