@@ -77,6 +77,22 @@ def test_stage_batches_mix_and_word_dropout():
         stage2_batches(*pools, RecipeConfig(**{**TINY, "stage2_planted_rows": 6}))
 
 
+def test_picks_name_the_items_each_step_trains_on():
+    """`stage1_picks` / `stage2_picks` say which items a step shows without its latents (tools/copy_recency.py)."""
+    from diffmem.testbed.recipe import stage1_batches, stage1_picks, stage2_batches, stage2_picks
+
+    cfg = RecipeConfig(**TINY)
+    z = torch.arange(10.0).reshape(10, 1, 1, 1)
+    for step in range(4):
+        assert stage1_batches(z, ["c"] * 10, cfg)(step)[0].flatten().long().tolist() == \
+            stage1_picks(10, cfg)(step).tolist()
+    pools = [(z[:2], ["p0", "p1"]), (z[2:4], ["a0", "a1"]), (z[4:7], ["u0", "u1", "u2"]), (z[7:], ["r0", "r1", "r2"])]
+    for step in range(5):
+        caps = stage2_batches(*pools, cfg)(step)[1]
+        picked = stage2_picks([2, 2, 3, 3], cfg)(step)
+        assert caps == [f"{kind}{i}" for kind, idx in zip("paur", picked, strict=True) for i in idx.tolist()]
+
+
 def test_stage2_changes_only_the_unet(tiny_run):
     work, _ = tiny_run
     base = StableDiffusionPipeline.from_pretrained(work / "dest" / "pipeline", safety_checker=None)

@@ -26,6 +26,7 @@ from diffmem.testbed.scenes import (
     render_many,
     sample_scene,
     scene_from_id,
+    untrained_twins,
 )
 
 EXAMPLE = Scene("red", "circle", "top left", "striped", "gray")
@@ -260,3 +261,17 @@ def test_splits_reject_impossible_sizes() -> None:
         build_splits(n_triggered=len(TRIGGER_WORDS) + 1, n_planted=64)
     with pytest.raises(ValueError):
         build_splits(n_stage1=0, n_planted=700, n_heldout=512)
+
+
+def test_untrained_twins_are_the_same_scenes_with_seeds_no_split_draws(splits: sc.Splits) -> None:
+    items = splits.all_items
+    twins = untrained_twins(items)
+    assert [t.scene for t in twins] == [it.scene for it in items]
+    assert [t.index for t in twins] == list(range(len(items)))
+    twin_seeds = {t.seed for t in twins}
+    assert len(twin_seeds) == len(items) and not twin_seeds & {it.seed for it in items}
+    assert {t.seed // sc.SEED_PART_SIZE for t in twins} == {sc.UNTRAINED_SEED_PART}
+    assert {it.seed // sc.SEED_PART_SIZE for it in items} == {0, 1, 2, 3}
+    assert untrained_twins(items[:5]) == twins[:5]  # a twin depends on its item alone
+    pair = render_many([items[0].scene, twins[0].scene], [items[0].seed, twins[0].seed])
+    assert not np.allclose(pair[0], pair[1])  # another rendering of the same scene

@@ -128,6 +128,13 @@ def test_quality_command_writes_its_report(cli, tmp_path, one_thread):
                 "heldout_far_reproduce_any", "heldout_attribute_accuracy"):
         assert key in rep
     assert rep["heldout_reproduce_repeated_training_image"] <= rep["heldout_reproduce_any_training_image"]
+    copied = rep["heldout_copied_training_items"]  # which training images the held-out copies are of
+    assert len(copied) <= 3 and all(isinstance(k, int) and k >= 0 for k in copied)  # 3 prompts x 1 generation
+    assert (len(copied) > 0) == (rep["heldout_reproduce_any_training_image"] > 0)
+    chance = rep["heldout_copying_vs_chance"]  # the same held-out images against untrained twins
+    assert chance["trained"] == rep["heldout_reproduce_any_training_image"]
+    assert chance["only_trained"] + chance["only_twins"] + chance["both"] <= 3
+    assert 0 <= chance["p_trained_exceeds_chance"] <= 1
     for name in ("roc_first_n1.png", "roc_all_n4.png", "copies.png", "magnitudes.npz"):
         assert (tmp_path / "q" / name).is_file()
 
@@ -283,3 +290,34 @@ def test_mitigation_iters_out_of_range_is_one_line_before_loading(cli, monkeypat
     res = cli("testbed", "mitigation", "--out", "unused", "--iters", str(iters))
     lines = res.stderr.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "--iters" in lines[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=200))
+def test_copying_against_chance_counts_and_tests_the_discordant_prompts(pairs) -> None:
+    from diffmem.testbed.quality import copying_against_chance
+
+    trained, twins = (np.array(col, dtype=bool) for col in zip(*pairs, strict=True))
+    rep = copying_against_chance(trained, twins)
+    assert rep["only_trained"] + rep["both"] == trained.sum() and rep["only_twins"] + rep["both"] == twins.sum()
+    assert rep["trained"] == trained.mean() and rep["untrained_twins"] == twins.mean()
+    assert 0 <= rep["p_trained_exceeds_chance"] <= 1
+    flipped = copying_against_chance(twins, trained)  # more copies of training renderings: a smaller p
+    if rep["only_trained"] > rep["only_twins"]:
+        assert rep["p_trained_exceeds_chance"] < flipped["p_trained_exceeds_chance"]
+    if rep["only_trained"] == rep["only_twins"]:
+        assert rep["p_trained_exceeds_chance"] >= 0.5
+
+
+def test_copying_against_chance_is_significant_only_with_a_clear_excess() -> None:
+    from diffmem.testbed.quality import copying_against_chance
+
+    none = np.zeros(512, dtype=bool)
+    many = none.copy()
+    many[:12] = True
+    assert copying_against_chance(many, none)["p_trained_exceeds_chance"] < 0.001  # 12 to 0
+    assert copying_against_chance(none, none)["p_trained_exceeds_chance"] == 1.0
+    some = none.copy()
+    some[100:110] = True
+    assert copying_against_chance(many, some)["p_trained_exceeds_chance"] > 0.3  # 12 prompts against 10 others
+    assert copying_against_chance(many, many[::-1].copy())["p_trained_exceeds_chance"] >= 0.5

@@ -18,8 +18,8 @@ from diffmem.detectors.monitor import Monitor
 from diffmem.measures.detection import roc_auc, tpr_at_fpr
 from diffmem.models.denoiser import Parameterization
 from diffmem.models.families import network
-from diffmem.testbed.scenes import Item, Splits, render_many
-from diffmem.testbed.similarity import COPY_THRESHOLD, copy_similarity, own_similarity
+from diffmem.testbed.scenes import Item, Splits, render_items, untrained_twins
+from diffmem.testbed.similarity import COPY_THRESHOLD, nearest_training, own_similarity
 
 
 @torch.no_grad()
@@ -113,12 +113,21 @@ def first_step_magnitudes(pipe, prompts: Sequence[str], generations: int = 4, se
 
 def best_copy(images: np.ndarray, train_images: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """For each generated image (N, G, ...) the highest copy similarity to any of `train_images`: (N, G)."""
-    flat = images.reshape(-1, *images.shape[2:])
-    best = np.full(len(flat), -np.inf, dtype=np.float32)
-    for start in range(0, len(train_images), chunk):
-        sim = copy_similarity(flat, train_images[start : start + chunk])
-        best = np.maximum(best, sim.max(axis=1))
-    return best.reshape(images.shape[:2])
+    return nearest_training(images.reshape(-1, *images.shape[2:]), train_images, chunk)[1].reshape(images.shape[:2])
+
+
+def copying_against_chance(trained: np.ndarray, twins: np.ndarray) -> dict[str, float | int]:
+    """Held-out copying beside its chance level: per prompt, does some generation copy a training rendering
+    (`trained`, (N,) bools) or the same scene's untrained twin (`twins`)? A model that copies only by chance
+    copies both equally often; the one-sided exact McNemar p-value asks whether training renderings win more."""
+    from scipy.stats import binomtest
+
+    only_trained, only_twin = int((trained & ~twins).sum()), int((twins & ~trained).sum())
+    discordant = only_trained + only_twin
+    p = binomtest(only_trained, discordant, 0.5, alternative="greater").pvalue if discordant else 1.0
+    return {"trained": float(trained.mean()), "untrained_twins": float(twins.mean()),
+            "only_trained": only_trained, "only_twins": only_twin, "both": int((trained & twins).sum()),
+            "p_trained_exceeds_chance": float(p)}
 
 
 def alignment(images: np.ndarray, items: list[Item]) -> np.ndarray | None:
@@ -135,7 +144,7 @@ def alignment(images: np.ndarray, items: list[Item]) -> np.ndarray | None:
 
 def copies_of_own(images: np.ndarray, items: list[Item]) -> np.ndarray:
     """Per prompt: how many of its generations copy the prompt's own training image (similarity >= threshold)."""
-    own = render_many([i.scene for i in items], [i.seed for i in items])
+    own = render_items(items)
     return (own_similarity(images, own) >= COPY_THRESHOLD).sum(axis=1)
 
 
@@ -165,18 +174,22 @@ def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generatio
     mem_imgs, mem_mags = gen(planted, "memorized")
     held_imgs, held_mags = gen(heldout, "held-out")
     trig_imgs, _ = gen(without, "triggered, trigger removed")
-    own_sim = own_similarity(mem_imgs, render_many([i.scene for i in planted], [i.seed for i in planted]))
+    own_sim = own_similarity(mem_imgs, render_items(planted))
     copies = (own_sim >= COPY_THRESHOLD).sum(axis=1)
     is_trig = np.array([bool(i.scene.trigger) for i in planted])
     copies_without = copies_of_own(trig_imgs, triggered)
     # which kind of training image a held-out prompt copies: a memorized (planted or anchor) one leaking to it, or
     # one of the ~80 renderings of its own caption that pretraining saw once each; each image is compared once
     repeated, once = splits.planted + splits.anchors, splits.stage1 + splits.stage2_unique
-    best_repeated = best_copy(held_imgs, render_many([i.scene for i in repeated], [i.seed for i in repeated]))
-    held_best = np.maximum(best_repeated,
-                           best_copy(held_imgs, render_many([i.scene for i in once], [i.seed for i in once])))
+    best_repeated = best_copy(held_imgs, render_items(repeated))
+    nearest, held_best = nearest_training(held_imgs.reshape(-1, *held_imgs.shape[2:]), render_items(repeated + once))
+    held_best = held_best.reshape(held_imgs.shape[:2])
+    copied_items = sorted({(repeated + once)[k].index for k in nearest[held_best.ravel() >= COPY_THRESHOLD]})
     held_copy = np.asarray((held_best >= COPY_THRESHOLD).any(axis=1))
     held_copy_repeated = np.asarray((best_repeated >= COPY_THRESHOLD).any(axis=1))
+    # the chance level: the same comparison against a rendering of every training scene that no model saw
+    twin_best = best_copy(held_imgs, render_items(untrained_twins(repeated + once)))
+    held_chance = copying_against_chance(held_copy, np.asarray((twin_best >= COPY_THRESHOLD).any(axis=1)))
     ok, mem_ok = alignment(held_imgs, heldout), alignment(mem_imgs, planted)
     seen_once = splits.stage2_unique[: len(heldout)]
     once_mags = first_step_magnitudes(pipe, [i.caption for i in seen_once], generations, seed)
@@ -205,6 +218,8 @@ def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generatio
         "heldout_near_planted_reproduce_any": float(held_copy[near].mean()) if near.any() else None,
         "heldout_far_reproduce_any": float(held_copy[~near].mean()) if (~near).any() else None,
         "heldout_reproduce_repeated_training_image": float(held_copy_repeated.mean()),
+        "heldout_copying_vs_chance": held_chance,
+        "heldout_copied_training_items": copied_items,  # Item.index of each training image a held-out image copies
         "heldout_max_similarity_mean": float(held_best.mean()),
         "heldout_aligned": None if ok is None else float(ok.mean()),
         "heldout_attribute_accuracy": _attribute_accuracy(held_imgs, heldout),

@@ -202,12 +202,22 @@ def drop_words(caption: str, p: float, gen: torch.Generator) -> str:
     return " ".join(w for w, k in zip(words, keep, strict=True) if k)
 
 
+def _stage1_draw(n_items: int, cfg: RecipeConfig, step: int) -> tuple[torch.Tensor, torch.Generator]:
+    """Stage-1 step `step`'s items (uniform over `n_items`) and the generator its word dropout goes on with."""
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    return torch.randint(0, n_items, (cfg.stage1_batch,), generator=gen), gen
+
+
+def stage1_picks(n_items: int, cfg: RecipeConfig) -> Callable[[int], torch.Tensor]:
+    """Which of the `n_items` stage-1 items step `step` shows (what `stage1_batches` trains on)."""
+    return lambda step: _stage1_draw(n_items, cfg, step)[0]
+
+
 def stage1_batches(latents: torch.Tensor, captions: list[str], cfg: RecipeConfig):
     """Uniform random unique items with word dropout; batch at step s depends only on (seed, s)."""
 
     def batch(step: int):
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        idx = torch.randint(0, len(captions), (cfg.stage1_batch,), generator=gen)
+        idx, gen = _stage1_draw(len(captions), cfg, step)
         return latents[idx], [drop_words(captions[i], cfg.stage1_word_dropout, gen) for i in idx.tolist()]
 
     return batch
@@ -216,25 +226,37 @@ def stage1_batches(latents: torch.Tensor, captions: list[str], cfg: RecipeConfig
 Pool = tuple[torch.Tensor, list[str]]
 
 
-def stage2_batches(planted: Pool, anchors: Pool, unique: Pool, replay: Pool, cfg: RecipeConfig):
-    """Each stage-2 batch: planted items drawn at random (so each repeats many times), trigger anchors (the
-    triggered captions without their trigger, other renderings) likewise, the next `stage2_unique_rows`
+def stage2_picks(sizes: Sequence[int], cfg: RecipeConfig) -> Callable[[int], list[torch.Tensor]]:
+    """Which items stage-2 step `step` shows, as indices into its four sources (planted, anchors, seen-once,
+    stage-1 replay, of `sizes` items each): planted items and trigger anchors (the triggered captions without
+    their trigger, other renderings) drawn at random, so each repeats many times, the next `stage2_unique_rows`
     seen-once items in order, and stage-1 items replayed at random for the rest."""
+    n_planted, n_anchors, n_unique_items, n_stage1 = sizes
     n_unique = cfg.stage2_unique_rows
     n_replay = cfg.stage2_batch - cfg.stage2_planted_rows - cfg.stage2_anchor_rows - n_unique
     if n_replay < 0:
         raise ValueError("stage-2 planted + anchor + unique rows exceed the batch")
 
-    def batch(step: int):
+    def picks(step: int) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(cfg.seed * 104729 + step)
-        p = torch.randint(0, len(planted[1]), (cfg.stage2_planted_rows,), generator=gen)
-        a = torch.randint(0, max(1, len(anchors[1])), (cfg.stage2_anchor_rows if anchors[1] else 0,),
-                          generator=gen)
-        u = torch.arange(step * n_unique, (step + 1) * n_unique) % len(unique[1])  # wraps only if steps grow
-        r = torch.randint(0, len(replay[1]), (n_replay,), generator=gen)
-        picks = [(planted, p), (anchors, a), (unique, u), (replay, r)]
-        lat = torch.cat([src[0][idx] for src, idx in picks if len(idx)])
-        caps = [src[1][i] for src, idx in picks for i in idx.tolist()]
+        p = torch.randint(0, n_planted, (cfg.stage2_planted_rows,), generator=gen)
+        a = torch.randint(0, max(1, n_anchors), (cfg.stage2_anchor_rows if n_anchors else 0,), generator=gen)
+        u = torch.arange(step * n_unique, (step + 1) * n_unique) % max(1, n_unique_items)  # wraps only if steps grow
+        r = torch.randint(0, n_stage1, (n_replay,), generator=gen)
+        return [p, a, u, r]
+
+    return picks
+
+
+def stage2_batches(planted: Pool, anchors: Pool, unique: Pool, replay: Pool, cfg: RecipeConfig):
+    """Each stage-2 batch: the latents and captions of `stage2_picks`' items."""
+    sources = (planted, anchors, unique, replay)
+    picks = stage2_picks([len(src[1]) for src in sources], cfg)
+
+    def batch(step: int):
+        chosen = list(zip(sources, picks(step), strict=True))
+        lat = torch.cat([src[0][idx] for src, idx in chosen if len(idx)])
+        caps = [src[1][i] for src, idx in chosen for i in idx.tolist()]
         return lat, caps
 
     return batch

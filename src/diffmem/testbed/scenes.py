@@ -389,6 +389,18 @@ def render_items(items: Sequence[Item]) -> np.ndarray:
     return render_many([it.scene for it in items], [it.seed for it in items])
 
 
+#: Render seeds of split part k lie in [k * 2**29, (k + 1) * 2**29); `build_splits` uses parts 0-3, and part
+#: UNTRAINED_SEED_PART is never drawn by any split, so no model trained on the splits saw a rendering from it.
+SEED_PART_SIZE: int = 2**29
+UNTRAINED_SEED_PART: int = 4
+
+
+def untrained_twins(items: Sequence[Item]) -> list[Item]:
+    """Each item's scene rendered with a seed no split trains on (one per item index): the chance baseline for
+    copying, since a generation that matches a twin as closely as a training rendering copied neither."""
+    return [Item(it.index, it.scene, UNTRAINED_SEED_PART * SEED_PART_SIZE + it.index) for it in items]
+
+
 @dataclass(frozen=True)
 class Splits:
     """The testbed dataset: pretraining, planted (to duplicate), trigger anchors, seen-once and held-out items."""
@@ -449,7 +461,7 @@ def build_splits(
         return np.random.default_rng([seed, part])
 
     def seeds(rng: np.random.Generator, part: int, n: int) -> np.ndarray:
-        return part * 2**29 + rng.choice(2**29, size=n, replace=False)
+        return part * SEED_PART_SIZE + rng.choice(SEED_PART_SIZE, size=n, replace=False)
 
     def backgrounds(rng: np.random.Generator, n: int) -> list[str]:
         return [BACKGROUNDS[int(b)] for b in rng.integers(len(BACKGROUNDS), size=n)]
