@@ -298,3 +298,22 @@ def test_recipe_overrides_of_any_text_are_a_recipe_or_one_error_line(pairs):
     for pair in pairs:  # every accepted pair is a field set to its own type
         key, _, _ = pair.partition("=")
         assert isinstance(getattr(cfg, key), type(getattr(RecipeConfig(), key)))
+
+
+@pytest.mark.parametrize("change", [{"stage2_batch": 0}, {"stage2_lr": float("nan")}, {"n_stage1": -1},
+                                    {"stage2_planted_rows": 60}, {"stage1_word_dropout": 1.0},
+                                    {"prediction_type": "sample"}, {"architecture": "dit"}, {"vae_lr": float("inf")}])
+def test_a_recipe_is_checked_once_wherever_it_comes_from(tmp_path, change):
+    """In code, from `--set` and from recipe.json alike: one line, before any work."""
+    from diffmem.errors import InputError, ModelLoadError
+    from diffmem.testbed.recipe import shipped_recipe
+
+    with pytest.raises(ValueError) as err:
+        RecipeConfig(**{**TINY, **change})
+    assert "\n" not in str(err.value)
+    assert next(iter(change)) in str(err.value) or "rows exceed the batch" in str(err.value)  # names what is wrong
+    with pytest.raises(InputError):
+        RecipeConfig().with_overrides([f"{k}={v}" for k, v in change.items()])
+    (tmp_path / "recipe.json").write_text(json.dumps({"recipe": {**TINY, **change}}))
+    with pytest.raises(ModelLoadError, match="not a testbed recipe"):
+        shipped_recipe(tmp_path)

@@ -63,7 +63,7 @@ def _testbed_pipeline(device: str | None, model: str = "testbed") -> Any:
 def train(
     work: Path = typer.Option(Path("runs/testbed"), help="Working folder: checkpoints, caches, logs (resumable)."),
     dest: Path = typer.Option(None, help="Where to write the trained testbed (default: the package's weights)."),
-    seed: int = typer.Option(0, help="Seed of the data splits, initialisation and training order."),
+    seed: int = typer.Option(0, min=0, help="Seed of the data splits, initialisation and training order."),
     device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
     architecture: Architecture = typer.Option(Architecture.unet, help="unet: the SD 1/2 testbed (VAE, UNet, "
                                               "DDIM); sd3: the SD3 testbed (MMDiT, rectified flow) on the UNet "

@@ -62,6 +62,24 @@ class RecipeConfig:
     guidance_scale: float = 2.5  # the testbed's default guidance, chosen by measurement after training
     architecture: str = "unet"  # "unet" (SD 1/2: UNet, DDIM) or "sd3" (MMDiT, rectified flow; `sd3_recipe`)
 
+    def __post_init__(self) -> None:
+        """Check the recipe once, whoever builds it (code, recipe.json or `--set`): ValueError, one line."""
+        numbers = {k: v for k, v in asdict(self).items() if isinstance(v, (int, float))}
+        bad = [k for k, v in numbers.items() if not (v >= 0 and (isinstance(v, int) or math.isfinite(v)))]
+        bad += [name for name in ("stage1_batch", "stage2_batch", "checkpoint_every", "stage1_lr", "stage2_lr",
+                                  "vae_batch", "vae_lr", "vae_crop") if not getattr(self, name) > 0]
+        if bad:
+            raise ValueError(f"recipe: {', '.join(dict.fromkeys(bad))} must be finite and non-negative (batches, "
+                             "learning rates and checkpoint_every positive)")
+        if not self.stage1_word_dropout < 1:
+            raise ValueError(f"recipe: stage1_word_dropout must be below 1, not {self.stage1_word_dropout}")
+        if self.stage2_planted_rows + self.stage2_anchor_rows + self.stage2_unique_rows > self.stage2_batch:
+            raise ValueError(f"recipe: stage-2 planted + anchor + unique rows exceed the batch ({self.stage2_batch})")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, not {self.architecture!r}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"recipe: prediction_type must be epsilon or v_prediction, not {self.prediction_type!r}")
+
     @property
     def n_seen_once(self) -> int:
         """How many stage-2 unique items the fine-tune actually sees (each exactly once)."""
@@ -86,7 +104,10 @@ class RecipeConfig:
                 changes[key] = kinds[key](value)
             except ValueError:
                 raise InputError(f"--set {key}: {value[:60]!r} is not a {kinds[key].__name__}") from None
-        return replace(self, **changes)
+        try:
+            return replace(self, **changes)
+        except ValueError as e:
+            raise InputError(f"--set: {str(e)[:300]}") from None
 
     def splits(self) -> Splits:
         return build_splits(
@@ -483,8 +504,6 @@ def run_recipe(cfg: RecipeConfig, work: Path, dest: Path | None, device: str | N
                progress: Progress | None = None) -> dict:
     """Run all stages in `work` (resumable), then save the pipeline and base network to `dest` in diffusers
     format."""
-    if cfg.architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {ARCHITECTURES}, not {cfg.architecture!r}")
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(asdict(cfg), indent=2))
     dev = _training_device(device)
@@ -619,4 +638,7 @@ def shipped_recipe(dest: Path | None = None) -> RecipeConfig:
     recipe = read_json_object(path, "testbed recipe", ModelLoadError).get("recipe")
     if not isinstance(recipe, dict):
         raise ModelLoadError(f"{path} has no 'recipe' object: run `diffmem testbed train`")
-    return RecipeConfig(**recipe)
+    try:
+        return RecipeConfig(**recipe)
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: not a testbed recipe ({str(e)[:200]})") from None
