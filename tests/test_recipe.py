@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import pytest
 import torch
@@ -317,3 +318,31 @@ def test_a_recipe_is_checked_once_wherever_it_comes_from(tmp_path, change):
     (tmp_path / "recipe.json").write_text(json.dumps({"recipe": {**TINY, **change}}))
     with pytest.raises(ModelLoadError, match="not a testbed recipe"):
         shipped_recipe(tmp_path)
+
+
+_FIELD_VALUES = st.none() | st.booleans() | st.integers(-10**30, 10**30) | st.floats() | st.text(max_size=12) | \
+    st.lists(st.integers(), max_size=2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from([f.name for f in fields(RecipeConfig)] + ["extra"]), _FIELD_VALUES,
+                       max_size=5))
+def test_a_recipe_json_of_any_values_is_a_checked_recipe_or_one_error_line(changes):
+    """recipe.json is outside data: every field is checked by type and range, or the load is one line."""
+    import tempfile
+    from pathlib import Path
+
+    from diffmem.errors import ModelLoadError
+    from diffmem.testbed.recipe import shipped_recipe
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "recipe.json").write_text(json.dumps({"recipe": {**TINY, **changes}}))
+        try:
+            cfg = shipped_recipe(Path(folder))
+        except ModelLoadError as e:
+            assert "\n" not in str(e)
+            return
+    for f in fields(RecipeConfig):  # accepted: each field of its type, and the batch has room for its rows
+        value = getattr(cfg, f.name)
+        assert not isinstance(value, bool) and isinstance(value, (int, float) if f.type == "float" else type(f.default))
+    assert cfg.stage2_replay_rows >= 0 and cfg.stage2_batch > 0 and cfg.stage2_lr > 0

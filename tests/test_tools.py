@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from diffmem.testbed import WEIGHTS
 from diffmem.testbed.recipe import shipped_recipe, stage1_picks, stage2_picks
@@ -73,3 +75,32 @@ def test_stage2_variant_refuses_bad_settings_before_any_work(tmp_path, capsys, a
         run_tool("testbed_stage2_variant.py", "--work", str(tmp_path / "w"), *args)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "error:" in err and not (tmp_path / "w").exists()
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=12),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                 max_size=4), max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(copied=JSON | st.lists(st.integers(-5, 10**6), max_size=5), runs=JSON | st.lists(
+    st.fixed_dictionaries({"set": st.dictionaries(st.sampled_from(["stage2_batch", "stage2_lr", "x"]), JSON,
+                                                   max_size=2), "after": JSON, "steps": JSON}), max_size=2))
+def test_copy_recency_reads_any_report_and_recipe_or_says_why_in_one_line(tmp_path, copied, runs) -> None:
+    """Whatever quality.json and recipe.json hold, the tool's reader returns checked inputs or one DiffmemError."""
+    from diffmem.errors import DiffmemError
+
+    read_inputs = runpy.run_path(str(TOOLS / "copy_recency.py"))["read_inputs"]
+    folder = tmp_path / "variant"
+    (folder / "pipeline").mkdir(parents=True, exist_ok=True)
+    recipe = json.loads((WEIGHTS / "recipe.json").read_text())
+    (folder / "recipe.json").write_text(json.dumps({**recipe, "stage2_runs": runs}))
+    (tmp_path / "q.json").write_text(json.dumps({"model": str(folder / "pipeline"),
+                                                  "heldout_copied_training_items": copied}))
+    try:
+        cfg, items, chain, _ = read_inputs(tmp_path / "q.json")
+    except DiffmemError as e:
+        assert "\n" not in str(e)
+        return
+    assert all(type(k) is int and k >= 0 for k in items) and cfg == shipped_recipe()
+    assert all(after >= 0 and steps >= 1 and run.stage2_replay_rows >= 0 for run, after, steps in chain)

@@ -181,14 +181,15 @@ def quality_report(pipe, splits: Splits, n_heldout: int | None = None, generatio
     # which kind of training image a held-out prompt copies: a memorized (planted or anchor) one leaking to it, or
     # one of the ~80 renderings of its own caption that pretraining saw once each; each image is compared once
     repeated, once = splits.planted + splits.anchors, splits.stage1 + splits.stage2_unique
+    training = repeated + once
     best_repeated = best_copy(held_imgs, render_items(repeated))
-    nearest, held_best = nearest_training(held_imgs.reshape(-1, *held_imgs.shape[2:]), render_items(repeated + once))
+    nearest, held_best = nearest_training(held_imgs.reshape(-1, *held_imgs.shape[2:]), render_items(training))
     held_best = held_best.reshape(held_imgs.shape[:2])
-    copied_items = sorted({(repeated + once)[k].index for k in nearest[held_best.ravel() >= COPY_THRESHOLD]})
+    copied_items = sorted({training[k].index for k in nearest[held_best.ravel() >= COPY_THRESHOLD]})
     held_copy = np.asarray((held_best >= COPY_THRESHOLD).any(axis=1))
     held_copy_repeated = np.asarray((best_repeated >= COPY_THRESHOLD).any(axis=1))
     # the chance level: the same comparison against a rendering of every training scene that no model saw
-    twin_best = best_copy(held_imgs, render_items(untrained_twins(repeated + once)))
+    twin_best = best_copy(held_imgs, render_items(untrained_twins(training)))
     held_chance = copying_against_chance(held_copy, np.asarray((twin_best >= COPY_THRESHOLD).any(axis=1)))
     ok, mem_ok = alignment(held_imgs, heldout), alignment(mem_imgs, planted)
     seen_once = splits.stage2_unique[: len(heldout)]

@@ -64,6 +64,10 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         """Check the recipe once, whoever builds it (code, recipe.json or `--set`): ValueError, one line."""
+        for f in fields(self):  # each field holds its default's type (an int is a float too, a bool is neither)
+            value, kind = getattr(self, f.name), type(f.default)
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+                raise ValueError(f"recipe: {f.name} must be a {kind.__name__}, not {type(value).__name__}")
         numbers = {k: v for k, v in asdict(self).items() if isinstance(v, (int, float))}
         bad = [k for k, v in numbers.items() if not (v >= 0 and (isinstance(v, int) or math.isfinite(v)))]
         bad += [name for name in ("stage1_batch", "stage2_batch", "checkpoint_every", "stage1_lr", "stage2_lr",
@@ -73,12 +77,17 @@ class RecipeConfig:
                              "learning rates and checkpoint_every positive)")
         if not self.stage1_word_dropout < 1:
             raise ValueError(f"recipe: stage1_word_dropout must be below 1, not {self.stage1_word_dropout}")
-        if self.stage2_planted_rows + self.stage2_anchor_rows + self.stage2_unique_rows > self.stage2_batch:
+        if self.stage2_replay_rows < 0:
             raise ValueError(f"recipe: stage-2 planted + anchor + unique rows exceed the batch ({self.stage2_batch})")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, not {self.architecture!r}")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"recipe: prediction_type must be epsilon or v_prediction, not {self.prediction_type!r}")
+
+    @property
+    def stage2_replay_rows(self) -> int:
+        """Rows of each stage-2 batch left for stage-1 replay (the batch less planted, anchor and unique rows)."""
+        return self.stage2_batch - self.stage2_planted_rows - self.stage2_anchor_rows - self.stage2_unique_rows
 
     @property
     def n_seen_once(self) -> int:
@@ -253,10 +262,7 @@ def stage2_picks(sizes: Sequence[int], cfg: RecipeConfig) -> Callable[[int], lis
     their trigger, other renderings) drawn at random, so each repeats many times, the next `stage2_unique_rows`
     seen-once items in order, and stage-1 items replayed at random for the rest."""
     n_planted, n_anchors, n_unique_items, n_stage1 = sizes
-    n_unique = cfg.stage2_unique_rows
-    n_replay = cfg.stage2_batch - cfg.stage2_planted_rows - cfg.stage2_anchor_rows - n_unique
-    if n_replay < 0:
-        raise ValueError("stage-2 planted + anchor + unique rows exceed the batch")
+    n_unique, n_replay = cfg.stage2_unique_rows, cfg.stage2_replay_rows
 
     def picks(step: int) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(cfg.seed * 104729 + step)
@@ -398,10 +404,8 @@ def calibrate_stage2(work: Path, batches: int = 32, device: str | None = None, f
 
 def stage2_row_kinds(cfg: RecipeConfig) -> list[str]:
     """What each row of a stage-2 batch is, in `stage2_batches`' order: planted, anchor, unique, replay."""
-    n_unique = cfg.stage2_unique_rows
-    n_replay = cfg.stage2_batch - cfg.stage2_planted_rows - cfg.stage2_anchor_rows - n_unique
-    return (["planted"] * cfg.stage2_planted_rows + ["anchor"] * cfg.stage2_anchor_rows + ["unique"] * n_unique
-            + ["replay"] * n_replay)
+    return (["planted"] * cfg.stage2_planted_rows + ["anchor"] * cfg.stage2_anchor_rows
+            + ["unique"] * cfg.stage2_unique_rows + ["replay"] * cfg.stage2_replay_rows)
 
 
 def stage2_separation(work: Path, batches: int = 16, device: str | None = None,
