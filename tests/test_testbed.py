@@ -150,6 +150,14 @@ def test_testbed_commands_refuse_a_bad_device_in_one_line(cli, tmp_path, command
     assert not (tmp_path / "o").exists()  # refused before any work
 
 
+@pytest.mark.parametrize("seed", ["-1", "-99999999999", "1.5", "x"])
+def test_testbed_train_refuses_a_seed_the_recipe_cannot_take_before_any_work(cli, tmp_path, seed):
+    res = cli("testbed", "train", "--work", str(tmp_path / "w"), "--dest", str(tmp_path / "d"), "--seed", seed)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "--seed" in res.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "w").exists() and not (tmp_path / "d").exists()
+
+
 def test_stage2_without_dest_is_a_one_line_error(cli, tmp_path):
     res = cli("testbed", "stage2", "--work", str(tmp_path / "w"))
     assert res.exit_code == 2 and "Traceback" not in res.output
